@@ -1,0 +1,3 @@
+from matquant.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,3 @@
+from matquant.eval.perplexity import PerplexityResult, perplexity
+
+__all__ = ["PerplexityResult", "perplexity"]

@@ -1,0 +1,80 @@
+"""The `quantization_config` block of a matquant checkpoint's config.json, with strict validation."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from matquant.quant.minmax import check_bits
+from matquant.quant.slicing import check_slicing
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "matquant"
+PARAM_DTYPES = ("float16", "bfloat16", "float32")
+
+
+class CheckpointError(ValueError):
+    """A matquant checkpoint is missing, malformed or inconsistent."""
+
+
+@dataclass
+class QuantConfig:
+    master_bits: int = 8
+    group_size: int = 64  # -1: per output channel
+    symmetric: bool = False
+    slicing: str = "paper"  # default slicing mode at load time
+    scope: str = "ffn"
+    modules: list[str] = field(default_factory=list)  # the quantized module names
+    default_bits: int = 8  # precision a loaded model starts at
+    bits_map: dict[str, int] | None = None  # optional Mix'n'Match map applied at load (after default_bits)
+    method: str = "rtn"
+    method_args: dict[str, Any] = field(default_factory=dict)
+    param_dtype: str = "float16"
+    quant_method: str = QUANT_METHOD
+    format_version: int = FORMAT_VERSION
+
+    def validate(self) -> "QuantConfig":
+        def fail(msg):
+            raise CheckpointError(f"invalid quantization_config: {msg}")
+
+        if self.quant_method != QUANT_METHOD:
+            fail(f"quant_method is {self.quant_method!r}, expected {QUANT_METHOD!r}")
+        if self.format_version != FORMAT_VERSION:
+            fail(f"format_version {self.format_version} is not supported by this matquant "
+                 f"(supports {FORMAT_VERSION}); upgrade matquant or re-export the checkpoint")
+        try:
+            check_bits(self.master_bits, "master_bits")
+            check_bits(self.default_bits, "default_bits")
+            check_slicing(self.slicing)
+            for k, b in (self.bits_map or {}).items():
+                check_bits(b, f"bits_map[{k!r}]")
+        except ValueError as e:
+            fail(str(e))
+        if self.default_bits > self.master_bits:
+            fail(f"default_bits {self.default_bits} exceeds master_bits {self.master_bits}")
+        if any(b > self.master_bits for b in (self.bits_map or {}).values()):
+            fail(f"bits_map asks for more than master_bits {self.master_bits}")
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or \
+                (self.group_size <= 0 and self.group_size != -1):
+            fail(f"group_size must be a positive integer or -1 (per channel), got {self.group_size!r}")
+        if self.param_dtype not in PARAM_DTYPES:
+            fail(f"param_dtype {self.param_dtype!r} not in {PARAM_DTYPES}")
+        if not self.modules or not all(isinstance(m, str) for m in self.modules):
+            fail("modules must be a non-empty list of module names")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        if not isinstance(d, dict):
+            raise CheckpointError("quantization_config must be a JSON object")
+        known = set(cls.__dataclass_fields__)
+        required = {"quant_method", "format_version", "master_bits", "group_size", "modules"}
+        missing = sorted(required - set(d))
+        if missing:
+            raise CheckpointError(f"quantization_config is missing required key(s) {missing}")
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CheckpointError(f"quantization_config has unknown key(s) {unknown}; written by a newer matquant?")
+        return cls(**d).validate()

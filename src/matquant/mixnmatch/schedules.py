@@ -1,0 +1,100 @@
+"""Mix'n'Match fixed schedules: per-layer bits with a target average, shaped by layer position.
+
+Every schedule picks, for each transformer block, a precision from `ladder` so that the weight-count-weighted
+average bits is as close as possible to (never above) `target`:
+
+- uniform         every block the same (two adjacent ladder values spread evenly when target is between them)
+- pyramid         highest bits in the middle blocks, lowest at the first and last (the paper's best fixed schedule)
+- reverse_pyramid lowest bits in the middle, highest at both ends
+- increasing      bits grow with depth
+- decreasing      bits shrink with depth
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+SCHEDULES = ("uniform", "pyramid", "reverse_pyramid", "increasing", "decreasing")
+DEFAULT_LADDER = (2, 3, 4, 6, 8)
+
+
+def _priority(n: int, schedule: str) -> list[float]:
+    """Higher = gets more bits. Ties broken by index for determinism."""
+    if n == 1:
+        return [1.0]
+    pos = [i / (n - 1) for i in range(n)]
+    if schedule == "pyramid":
+        return [1 - abs(2 * p - 1) for p in pos]
+    if schedule == "reverse_pyramid":
+        return [abs(2 * p - 1) for p in pos]
+    if schedule == "increasing":
+        return pos
+    if schedule == "decreasing":
+        return [1 - p for p in pos]
+    if schedule == "uniform":
+        # spread upgrades evenly: a low-discrepancy order over the blocks
+        order = sorted(range(n), key=lambda i: ((i * 0.6180339887) % 1.0))
+        return [1 - order.index(i) / n for i in range(n)]
+    raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+
+
+def schedule_bits(n_blocks: int, target: float, schedule: str = "pyramid",
+                  ladder: Sequence[int] = DEFAULT_LADDER, weights: Sequence[float] | None = None) -> list[int]:
+    """Per-block bits. `weights` are the blocks' quantized weight counts (default equal).
+
+    The schedule's profile p_i in [0, 1] is scaled: block i gets the largest ladder value <= lo + t·p_i·(hi − lo),
+    with t the largest scale whose weighted average stays <= target (bisection). Budget left over raises single
+    blocks one ladder step, highest profile first. The result has the schedule's shape at the requested average.
+    """
+    ladder = sorted(set(ladder))
+    if n_blocks < 1:
+        raise ValueError("need at least one block")
+    w = list(weights) if weights is not None else [1.0] * n_blocks
+    total = sum(w)
+    lo, hi = ladder[0], ladder[-1]
+    if not lo - 1e-9 <= target <= hi + 1e-9:
+        raise ValueError(f"target {target} bits is outside what the ladder {ladder} can reach [{lo}, {hi}].")
+    prio = _priority(n_blocks, schedule)
+    if schedule == "uniform":
+        prio_shape = [1.0] * n_blocks
+    else:
+        prio_shape = prio
+
+    def levels(t):
+        out = []
+        for p in prio_shape:
+            v = lo + t * p * (hi - lo)
+            out.append(max(k for k, b in enumerate(ladder) if b <= v + 1e-9))
+        return out
+
+    def avg(lv):
+        return sum(ladder[l] * wi for l, wi in zip(lv, w)) / total
+
+    a, b = 0.0, 1.0
+    while avg(levels(b)) <= target + 1e-9 and b < 1e6:
+        a, b = b, b * 2
+    for _ in range(60):
+        m = (a + b) / 2
+        a, b = (m, b) if avg(levels(m)) <= target + 1e-9 else (a, m)
+    level = levels(a)
+    budget = (target - avg(level)) * total
+    order = sorted(range(n_blocks), key=lambda i: (-prio[i], i))
+    moved = True
+    while moved:
+        moved = False
+        for i in order:
+            if level[i] < len(ladder) - 1:
+                cost = (ladder[level[i] + 1] - ladder[level[i]]) * w[i]
+                if cost <= budget + 1e-9:
+                    budget -= cost
+                    level[i] += 1
+                    moved = True  # one step per block per pass keeps the shape
+    return [ladder[l] for l in level]
+
+
+def bits_map_for_schedule(layer_modules: dict[int, list[str]], target: float, schedule: str,
+                          ladder: Sequence[int] = DEFAULT_LADDER, numels: dict[str, int] | None = None) -> dict[str, int]:
+    """{module name: bits} for the quantized modules grouped by block index."""
+    blocks = sorted(layer_modules)
+    weights = [sum((numels or {}).get(m, 1) for m in layer_modules[b]) for b in blocks]
+    per_block = schedule_bits(len(blocks), target, schedule, ladder, weights)
+    return {m: b for blk, b in zip(blocks, per_block) for m in layer_modules[blk]}

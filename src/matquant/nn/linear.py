@@ -1,0 +1,116 @@
+"""MatQuantLinear: one int-c master weight (uint8 codes + group-wise α, z) that runs at any sliced precision."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from matquant.kernels import torch_ref
+from matquant.quant.minmax import QuantizedWeight, check_bits
+from matquant.quant.slicing import check_slicing, effective_code_bits
+
+
+class MatQuantLinear(nn.Module):
+    """Drop-in replacement for nn.Linear holding MatQuant master codes.
+
+    Buffers (saved in checkpoints): ``qweight`` uint8 [out, in], ``scales`` and ``zeros`` [out, in/group].
+    ``set_bits(r)`` switches the precision in place; the dequantized weight of the current precision is
+    cached (``cache_dequantized``) so repeated forwards cost one dense matmul.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        group_size: int = 64,
+        master_bits: int = 8,
+        slicing: str = "paper",
+        param_dtype: torch.dtype = torch.float16,
+        device=None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        check_bits(master_bits, "master bits")
+        check_slicing(slicing)
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size = group_size if group_size and group_size > 0 else in_features
+        if in_features % self.group_size:
+            raise ValueError(f"group size {group_size} does not divide in_features {in_features}")
+        n_groups = in_features // self.group_size
+        self.master_bits = master_bits
+        self.bits = master_bits
+        self.slicing = slicing
+        self.compute_dtype = dtype or torch.float32
+        self.cache_dequantized = True
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=param_dtype, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=param_dtype, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=self.compute_dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+        self._cached: tuple | None = None
+        self._register_load_state_dict_pre_hook(self._drop_cache_hook)
+
+    @classmethod
+    def from_quantized(
+        cls, qw: QuantizedWeight, bias: torch.Tensor | None, slicing: str = "paper", dtype=torch.float32
+    ) -> "MatQuantLinear":
+        out_f, in_f = qw.codes.shape
+        m = cls(in_f, out_f, bias=bias is not None, group_size=qw.group_size, master_bits=qw.bits,
+                slicing=slicing, param_dtype=qw.scales.dtype, device=qw.codes.device, dtype=dtype)
+        m.qweight.copy_(qw.codes)
+        m.scales.copy_(qw.scales)
+        m.zeros.copy_(qw.zeros)
+        if bias is not None:
+            m.bias.data.copy_(bias.detach().to(dtype))
+        return m
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.scales, self.zeros, self.master_bits, self.group_size)
+
+    # ---- precision ----
+    def set_bits(self, bits: int, slicing: str | None = None) -> None:
+        check_bits(bits)
+        if bits > self.master_bits:
+            raise ValueError(f"cannot run at {bits} bits: this layer's master codes have {self.master_bits} bits.")
+        if slicing is not None:
+            check_slicing(slicing)
+            self.slicing = slicing
+        if bits != self.bits or (self._cached and self._cached[0][1] != self.slicing):
+            self._cached = None
+        self.bits = bits
+
+    def effective_bits(self) -> float:
+        """Bits per weight at the current precision: codes (+ E.P. overflow) + fp scales and zeros."""
+        param_bits = (self.scales.element_size() + self.zeros.element_size()) * 8 / self.group_size
+        return effective_code_bits(self.qweight, self.master_bits, self.bits, self.slicing) + param_bits
+
+    # ---- compute ----
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.compute_dtype
+        key = (self.bits, self.slicing, dtype, self.qweight.device)
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        w = torch_ref.dequantize_slice(self.qweight, self.scales, self.zeros, self.master_bits, self.bits,
+                                       self.slicing, dtype)
+        if self.cache_dequantized:
+            self._cached = (key, w)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return torch_ref.linear(x, w, bias)
+
+    def _drop_cache_hook(self, *args, **kwargs):
+        self._cached = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cached = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"master_bits={self.master_bits}, bits={self.bits}, group_size={self.group_size}, "
+                f"slicing={self.slicing}")

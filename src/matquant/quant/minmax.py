@@ -1,0 +1,110 @@
+"""Asymmetric (and symmetric) MinMax quantization, per output channel or per group of input weights.
+
+Paper notation (MatQuant, Nair et al. 2025, eq. 1): q = clamp(floor(w/α + z + 0.5), 0, 2^c − 1) with
+α = (max − min)/(2^c − 1) and z = −min/α. Dequantization is α·(q − z).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from matquant.quant.rounding import round_half_up
+
+
+@dataclass
+class QuantizedWeight:
+    """Master codes and their group-wise affine parameters for one [out, in] weight matrix."""
+
+    codes: torch.Tensor  # uint8 [out, in], values in 0..2^bits-1
+    scales: torch.Tensor  # [out, n_groups]
+    zeros: torch.Tensor  # [out, n_groups] (float zero-point, in code units)
+    bits: int
+    group_size: int  # actual group size used (== in_features for per-channel)
+
+
+def resolve_group_size(in_features: int, group_size: int | None) -> int:
+    """Return the group size to use; None, 0 or -1 mean per output channel (one group per row)."""
+    if group_size is None or group_size <= 0:
+        return in_features
+    if in_features % group_size != 0:
+        divisors = [d for d in (32, 64, 96, 128, 192, 256) if in_features % d == 0]
+        raise ValueError(
+            f"group size {group_size} does not divide the input dimension {in_features}. "
+            f"Use a divisor of {in_features} (e.g. {', '.join(map(str, divisors)) or 'per-channel: --group-size -1'}) "
+            "or --group-size -1 for per-channel quantization."
+        )
+    return group_size
+
+
+def check_bits(bits: int, name: str = "bits") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"{name} must be an integer in 1..8, got {bits!r}.")
+    return bits
+
+
+def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """View a [out, in] matrix as [out, in/G, G]."""
+    out_f, in_f = w.shape
+    return w.reshape(out_f, in_f // group_size, group_size)
+
+
+def minmax_params(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales α and zero-points z ([out, n_groups], float32) of the MinMax quantizer."""
+    g = grouped(w.float(), group_size)
+    qmax = 2**bits - 1
+    if symmetric:
+        absmax = g.abs().amax(dim=-1)
+        half = 2 ** (bits - 1)
+        # codes 0..2^c-1 centred on z = 2^(c-1): the largest positive value α·(2^(c-1)-1) reaches absmax
+        scale = (absmax / max(half - 1, 1)).clamp_min(eps)
+        zero = torch.full_like(scale, float(half))
+    else:
+        lo = g.amin(dim=-1)
+        hi = g.amax(dim=-1)
+        scale = ((hi - lo) / qmax).clamp_min(eps)
+        zero = -lo / scale
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """q = clamp(floor(w/α + z + 0.5), 0, 2^c − 1), group-wise; returns uint8 [out, in]."""
+    group_size = w.shape[1] // scale.shape[1]
+    g = grouped(w.float(), group_size)
+    q = round_half_up(g / scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1))
+    q = q.clamp(0, 2**bits - 1)
+    return q.reshape(w.shape).to(torch.uint8)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """α·(q − z) for float codes (already sliced, in master units); returns float32 [out, in]."""
+    group_size = codes.shape[1] // scale.shape[1]
+    g = grouped(codes.float(), group_size)
+    w = scale.float().unsqueeze(-1) * (g - zero.float().unsqueeze(-1))
+    return w.reshape(codes.shape)
+
+
+def quantize_minmax(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    param_dtype: torch.dtype = torch.float16,
+) -> QuantizedWeight:
+    """Round-to-nearest MinMax quantization of a [out, in] weight.
+
+    The scales/zeros are rounded to `param_dtype` (the storage dtype) *before* the codes are computed,
+    so that the stored codes are exactly the nearest codes under the stored parameters.
+    """
+    check_bits(bits)
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN or Inf values; cannot quantize. Check the source model.")
+    gs = resolve_group_size(w.shape[1], group_size)
+    scale, zero = minmax_params(w, bits, gs, symmetric)
+    scale, zero = scale.to(param_dtype), zero.to(param_dtype)
+    codes = quantize_codes(w, scale, zero, bits)
+    return QuantizedWeight(codes=codes, scales=scale, zeros=zero, bits=bits, group_size=gs)
