@@ -1,0 +1,25 @@
+"""matquant info: what a checkpoint holds."""
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="show a checkpoint's quantization config and size")
+    p.add_argument("checkpoint")
+    p.add_argument("--modules", action="store_true", help="list every quantized module")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from matquant.format.checkpoint import checkpoint_size_bytes, read_quant_config
+
+    cfg, q = read_quant_config(args.checkpoint)
+    print(f"{args.checkpoint}: {cfg.get('model_type')} model, {len(q.modules)} quantized layers ({q.scope})")
+    print(f"  method {q.method}, int{q.master_bits} master codes, group size {q.group_size}, "
+          f"{'symmetric' if q.symmetric else 'asymmetric'}, slicing {q.slicing}, default bits {q.default_bits}"
+          + (f", bits map with {len(q.bits_map)} entries" if q.bits_map else ""))
+    print(f"  weights file {checkpoint_size_bytes(args.checkpoint) / 2**20:.1f} MiB")
+    if args.modules:
+        for m in q.modules:
+            print("  ", m)
+    return 0

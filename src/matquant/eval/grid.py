@@ -1,0 +1,53 @@
+"""Evaluate every requested (precision, slicing mode) of one loaded checkpoint, switching in place."""
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from matquant.eval.perplexity import perplexity
+from matquant.nn.bits import effective_bits, get_bits, set_bits
+
+
+def ppl_grid(model, windows, bits_list, modes=("paper",), bits_map=None, batch_size: int = 1,
+             progress: bool = True) -> list[dict]:
+    """One row per (bits, mode): {"bits", "slicing", "ppl", "effective_bits", "tokens", ...}.
+
+    The r == master row is the same in every mode and is evaluated once. With `bits_map`, one extra row per
+    mode ("bits": "map") evaluates that per-layer map.
+    """
+    saved = get_bits(model)
+    master = max(m.master_bits for m in _mods(model))
+    jobs = []
+    for b in bits_list:
+        for mode in (modes if b < master else modes[:1]):
+            jobs.append((b, mode))
+    if bits_map:
+        jobs += [("map", mode) for mode in modes]
+    rows = []
+    bar = tqdm(jobs, desc="slices", disable=not progress)
+    for b, mode in bar:
+        bar.set_postfix_str(f"int{b} {mode}" if b != "map" else f"bits map {mode}")
+        set_bits(model, bits_map if b == "map" else b, mode)
+        r = perplexity(model, windows, batch_size=batch_size, progress=progress, desc=f"ppl int{b} {mode}")
+        rows.append({"bits": b, "slicing": mode if b != master else "any", "ppl": r.ppl, "nll": r.nll,
+                     "effective_bits": round(effective_bits(model), 4), "tokens": r.tokens, "seqlen": r.seqlen})
+    set_bits(model, saved)
+    return rows
+
+
+def _mods(model):
+    from matquant.nn.bits import matquant_modules
+
+    return matquant_modules(model).values()
+
+
+def format_table(rows: list[dict], ref_ppl: float | None = None, title: str | None = None) -> str:
+    """Markdown table of ppl rows (optionally with the ratio to a reference perplexity)."""
+    head = "| method | bits | slicing | eff. bits/weight | perplexity |" + (" ÷ fp32 |" if ref_ppl else "")
+    sep = "|---|---|---|---|---|" + ("---|" if ref_ppl else "")
+    lines = ([f"**{title}**", ""] if title else []) + [head, sep]
+    for r in rows:
+        ratio = f" {r['ppl'] / ref_ppl:.3f}× |" if ref_ppl else ""
+        eff = r.get("effective_bits")
+        lines.append(f"| {r.get('method', '')} | {r['bits']} | {r.get('slicing', '')} | "
+                     f"{eff if eff is not None else '—'} | {r['ppl']:.3f} |{ratio}")
+    return "\n".join(lines)
