@@ -57,3 +57,10 @@ def test_schedule_shapes():
         schedule_bits(30, 1.5, "pyramid")
     with pytest.raises(ValueError, match="unknown schedule"):
         schedule_bits(30, 3, "zigzag")
+
+
+def test_hf_text_source_spec_is_validated():
+    from matquant.data import get_text
+
+    with pytest.raises(ValueError, match="hf:DATASET"):
+        get_text("hf:wikitext")

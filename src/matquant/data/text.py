@@ -84,7 +84,10 @@ def calib_passages() -> tuple[str, ...]:
 
 
 def get_text(source: str) -> str:
-    """'eval', 'calib', or a path to a UTF-8 text file."""
+    """'eval', 'calib', a path to a UTF-8 text file, or 'hf:DATASET[:CONFIG]:SPLIT:FIELD' (needs `datasets` and
+    network or a local HF cache), e.g. 'hf:wikitext:wikitext-2-raw-v1:test:text'."""
+    if source.startswith("hf:"):
+        return _hf_text(source)
     if source == "eval":
         return "\n\n".join(eval_passages())
     if source == "calib":
@@ -118,3 +121,22 @@ def token_windows(tokenizer, source: str, seqlen: int = 2048, n_windows: int | N
     n = total - offset_windows if n_windows is None else min(n_windows, total - offset_windows)
     start = offset_windows * seqlen
     return ids[start: start + n * seqlen].reshape(n, seqlen).clone()
+
+
+def _hf_text(source: str) -> str:
+    parts = source[3:].split(":")
+    if len(parts) not in (3, 4):
+        raise ValueError(f"HF text source {source!r} must look like 'hf:DATASET[:CONFIG]:SPLIT:FIELD'.")
+    name, config, split, field = parts if len(parts) == 4 else (parts[0], None, parts[1], parts[2])
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("HF dataset text sources need `pip install datasets`; or pass a local text file.") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:
+        raise OSError(f"could not load {source} ({type(e).__name__}: {e}). Offline? Use 'eval', 'calib' or a local "
+                      "text file.") from None
+    if field not in ds.column_names:
+        raise ValueError(f"{source}: no field {field!r}; available: {ds.column_names}")
+    return "\n\n".join(t for t in ds[field] if t and t.strip())
