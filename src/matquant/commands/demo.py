@@ -23,17 +23,10 @@ def register(sub) -> None:
     p.add_argument("--modes", type=mode_list, default=["paper", "nested"],
                    help="slicing modes to evaluate (default paper,nested)")
     p.add_argument("--no-baselines", action="store_true", help="skip the dedicated per-bit RTN baselines")
-    p.add_argument("--overwrite", action="store_true", default=True, help=argparse_suppress())
     p.add_argument("--debug", action="store_true")
     add_quant_args(p, method_default="rtn")
     add_eval_args(p, windows_default=6)
     p.set_defaults(func=run)
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def run(args) -> int:
@@ -45,7 +38,7 @@ def run(args) -> int:
     from matquant.eval.perplexity import perplexity
     from matquant.eval.plot import plot_ppl_vs_bits
     from matquant.format.atomic import atomic_write_json, atomic_write_text
-    from matquant.format.checkpoint import checkpoint_size_bytes, save_checkpoint
+    from matquant.format.checkpoint import checkpoint_size_bytes, save_checkpoint, state_dict_bytes
     from matquant.models import find_targets, linear_weight, load_model
     from matquant.nn.linear import MatQuantLinear
     from matquant.nn.replace import set_submodule
@@ -56,9 +49,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"[1/5] loading {args.model} (fp32 reference) ...", flush=True)
     model, tok, src = load_model(args.model, device=args.device)
-    fp32_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values()
-                     if t.data_ptr() != model.get_input_embeddings().weight.data_ptr()) + \
-        model.get_input_embeddings().weight.numel() * 4
+    fp32_bytes = state_dict_bytes(model)
     windows = token_windows(tok, args.eval_text, args.seqlen, args.windows or None)
     print(f"[2/5] fp32 perplexity on {args.eval_text} ({windows.numel()} tokens, seqlen {args.seqlen}) ...", flush=True)
     ref = perplexity(model, windows, args.batch_size, desc="ppl fp32")

@@ -40,6 +40,11 @@ def _dedup_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def state_dict_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's tensors as stored (tied tensors counted once)."""
+    return sum(t.numel() * t.element_size() for t in _dedup_state_dict(model).values())
+
+
 def save_checkpoint(model, tokenizer, out_dir, qconfig: QuantConfig, overwrite: bool = False) -> Path:
     """Write the checkpoint folder atomically; returns its path."""
     qconfig.validate()
