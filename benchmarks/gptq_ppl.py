@@ -2,7 +2,8 @@
 
 Each configuration quantizes a fresh copy of the fp32 model and evaluates the requested (bits, slicing) grid on a
 fixed evaluation set. Results are appended to a JSON file after every configuration (re-running skips the ones
-already there), so a long run can be split into several shorter ones.
+already there; quantized models are saved next to the JSON file and reloaded), so a long run can be split into
+several shorter ones, e.g. under `timeout 900`.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/gptq_ppl.py --out bench-gptq/ffn.json --scope ffn \\
         --configs fp32,rtn8,gptq8,gptq6,gptq4,gptq3,gptq2,matgptq-w-paper,matgptq-w-nested
@@ -31,6 +32,7 @@ from matquant.algorithms import quantize_model  # noqa: E402
 from matquant.data import token_windows  # noqa: E402
 from matquant.eval.perplexity import perplexity  # noqa: E402
 from matquant.format.atomic import atomic_write_json  # noqa: E402
+from matquant.format.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from matquant.models import load_model  # noqa: E402
 from matquant.nn.bits import set_bits  # noqa: E402
 
@@ -77,7 +79,8 @@ def main():
     modes = a.modes.split(",")
     out = Path(a.out)
     res = json.loads(out.read_text()) if out.exists() else {"rows": [], "meta": {}}
-    done = {r["config"] for r in res["rows"]}
+    done = {(r["config"], r["bits"], r["slicing"]) for r in res["rows"]}
+    ckroot = out.parent / (out.stem + "-ckpt")
     base, tok, src = load_model("smollm2-135m")
     ev = token_windows(tok, "eval", a.eval_seqlen, a.eval_windows)
     calib = token_windows(tok, "calib", a.calib_seqlen, a.calib_windows)
@@ -89,13 +92,24 @@ def main():
             print(f"skip {name} (done)", flush=True)
             continue
         method, kw, grid = plan(name, bits, modes)
+        grid = [(b, m) for b, m in grid if (name, b, m) not in done]
+        if not grid:
+            print(f"skip {name} (done)", flush=True)
+            continue
         t0 = time.time()
-        model = base if method is None else copy.deepcopy(base)
-        qs = 0.0
-        if method is not None:
+        ck = ckroot / name
+        qs = next((r["quant_seconds"] for r in res["rows"] if r["config"] == name), 0.0)
+        if method is None:
+            model = base
+        elif (ck / "config.json").exists():  # resumed: the quantized model was saved by an earlier run
+            model, _, _ = load_checkpoint(ck)
+        else:
+            model = copy.deepcopy(base)
             qcfg = quantize_model(model, method, group_size=a.group_size, scope=a.scope, progress=False,
                                   calib=calib if method != "rtn" else None, **kw)
             qs = time.time() - t0
+            save_checkpoint(model, None, ck, qcfg, overwrite=True)
+            print(f"{name}: quantized in {qs:.0f}s", flush=True)
         for b, mode in grid:
             if method is not None:
                 set_bits(model, b, None if mode == "any" else mode)
@@ -104,9 +118,9 @@ def main():
                    "quant_seconds": round(qs, 1), **{k: v for k, v in kw.items() if k != "master_bits"}}
             res["rows"].append(row)
             print(json.dumps(row), flush=True)
-        res.setdefault("peak_rss_gib", 0)
-        res["peak_rss_gib"] = max(res["peak_rss_gib"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-        atomic_write_json(out, res)
+            res["peak_rss_gib"] = max(res.get("peak_rss_gib", 0),
+                                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+            atomic_write_json(out, res)
         print(f"{name}: {time.time() - t0:.0f}s", flush=True)
         del model
 
