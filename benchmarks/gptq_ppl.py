@@ -44,7 +44,8 @@ def plan(name: str, bits: list[int], modes: list[str]):
     if name == "fp32":
         return None, {}, [(32, "-")]
     if name in ("rtn8", "gptq8"):
-        return name[:-1], {"master_bits": 8}, [(8, "any")] + [(b, m) for b in bits if b < 8 for m in modes]
+        return name[:-1], {"master_bits": 8}, [(b, m) if b < 8 else (8, "any") for b in bits
+                                              for m in (modes if b < 8 else modes[:1])]
     if name.startswith("gptq"):
         b = int(name[4:])
         return "gptq", {"master_bits": b}, [(b, "any")]
@@ -56,7 +57,7 @@ def plan(name: str, bits: list[int], modes: list[str]):
             kw["group_params"] = "search"
         if "r4" in variants:
             kw["bits_list"], kw["lambdas"] = [8, 4, 3, 2], [0.1, 0.1, 0.5, 1.0]
-        return "matgptq", kw, [(8, "any")] + [(b, mode) for b in bits if b < 8]
+        return "matgptq", kw, [(b, mode if b < 8 else "any") for b in bits]
     raise ValueError(f"unknown configuration {name}")
 
 
@@ -99,6 +100,8 @@ def main():
         t0 = time.time()
         ck = ckroot / name
         qs = next((r["quant_seconds"] for r in res["rows"] if r["config"] == name), 0.0)
+        qcpu = next((r.get("quant_cpu_seconds", 0.0) for r in res["rows"] if r["config"] == name), 0.0)
+        c0 = time.process_time()
         if method is None:
             model = base
         elif (ck / "config.json").exists():  # resumed: the quantized model was saved by an earlier run
@@ -107,15 +110,16 @@ def main():
             model = copy.deepcopy(base)
             qcfg = quantize_model(model, method, group_size=a.group_size, scope=a.scope, progress=False,
                                   calib=calib if method != "rtn" else None, **kw)
-            qs = time.time() - t0
+            qs, qcpu = time.time() - t0, time.process_time() - c0
             save_checkpoint(model, None, ck, qcfg, overwrite=True)
-            print(f"{name}: quantized in {qs:.0f}s", flush=True)
+            print(f"{name}: quantized in {qs:.0f}s wall, {qcpu:.0f}s CPU", flush=True)
         for b, mode in grid:
             if method is not None:
                 set_bits(model, b, None if mode == "any" else mode)
             r = perplexity(model, ev, progress=False)
             row = {"config": name, "method": method or "fp32", "bits": b, "slicing": mode, "ppl": r.ppl,
-                   "quant_seconds": round(qs, 1), **{k: v for k, v in kw.items() if k != "master_bits"}}
+                   "quant_seconds": round(qs, 1), "quant_cpu_seconds": round(qcpu, 1),
+                   "calib": res["meta"]["calib"], "eval": res["meta"]["eval"], **{k: v for k, v in kw.items() if k != "master_bits"}}
             res["rows"].append(row)
             print(json.dumps(row), flush=True)
             res["peak_rss_gib"] = max(res.get("peak_rss_gib", 0),
