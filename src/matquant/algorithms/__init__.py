@@ -29,6 +29,13 @@ def register_method(name: str, fn: Callable, needs_calibration: bool = False) ->
         CALIBRATED.add(name)
 
 
+from matquant.algorithms.gptq import gptq  # noqa: E402
+from matquant.algorithms.matgptq import matgptq  # noqa: E402
+
+register_method("gptq", gptq, needs_calibration=True)
+register_method("matgptq", matgptq, needs_calibration=True)
+
+
 def quantize_model(
     model, method: str = "rtn", *, master_bits: int = 8, group_size: int = 64, scope: str = "ffn",
     modules: str | None = None, symmetric: bool = False, slicing: str = "paper", param_dtype: str = "float16",
@@ -61,4 +68,4 @@ def _jsonable(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
 
 
-__all__ = ["METHODS", "register_method", "quantize_model", "rtn"]
+__all__ = ["METHODS", "register_method", "quantize_model", "rtn", "gptq", "matgptq"]

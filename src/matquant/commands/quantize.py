@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+from matquant.commands.common import int_list
 from matquant.models.loading import DEFAULT_MODEL
 from matquant.models.targets import SCOPES
 from matquant.quant.slicing import SLICING_MODES
@@ -10,10 +11,13 @@ from matquant.quant.slicing import SLICING_MODES
 
 def add_quant_args(p, method_default: str = "rtn") -> None:
     from matquant.algorithms import METHODS
+    from matquant.algorithms.matgptq import DEFAULT_ERROR_FEEDBACK, DEFAULT_GROUP_PARAMS, ERROR_FEEDBACK, GROUP_PARAMS
 
     g = p.add_argument_group("quantization")
     g.add_argument("--method", default=method_default, choices=sorted(METHODS),
-                   help="rtn: round-to-nearest MinMax (no data). Others: see docs/methods.md (default %(default)s)")
+                   help="rtn: round-to-nearest MinMax (no data); gptq: GPTQ at --bits-master bits (the per-bit "
+                        "baseline); matgptq: multi-precision GPTQ whose int-C codes are chosen for every slice in "
+                        "--bits-list. See docs/methods.md (default %(default)s)")
     g.add_argument("--bits-master", type=int, default=8, metavar="C",
                    help="bits of the stored master codes; every precision <= C is sliced from them (default 8)")
     g.add_argument("--scope", default="ffn", choices=SCOPES, help="which linear layers to quantize (default ffn)")
@@ -30,13 +34,60 @@ def add_quant_args(p, method_default: str = "rtn") -> None:
                    help="storage dtype of scales and zeros (default float16)")
     g.add_argument("--calib-text", default="calib", metavar="SRC",
                    help="calibration text for data-driven methods: 'calib' (embedded, disjoint from eval) or a file")
-    g.add_argument("--calib-windows", type=int, default=128, help="calibration windows (default 128)")
-    g.add_argument("--calib-seqlen", type=int, default=2048, help="calibration window length (default 2048)")
+    g.add_argument("--calib-windows", type=int, default=32,
+                   help="calibration windows (default 32: CPU-friendly; GPTQ papers use 128)")
+    g.add_argument("--calib-seqlen", type=int, default=512,
+                   help="calibration window length in tokens (default 512; GPTQ papers use 2048)")
+    g = p.add_argument_group("gptq / matgptq")
+    g.add_argument("--damp", type=float, default=0.01,
+                   help="Hessian damping, as a fraction of its mean diagonal (default 0.01)")
+    g.add_argument("--act-order", action="store_true",
+                   help="process columns by decreasing Hessian diagonal (group parameters then fixed up front)")
+    g.add_argument("--bits-list", type=int_list, default=None, metavar="R",
+                   help="matgptq: precisions the codes are optimised for, e.g. 8,4,2 (default 8,4,2)")
+    g.add_argument("--lambdas", type=float_list, default=None, metavar="L",
+                   help="matgptq: weight of each --bits-list precision in the code choice, e.g. 0.1,0.1,1 "
+                        "(default 0.1,0.1,1 for 8,4,2; all 1 otherwise)")
+    g.add_argument("--error-feedback", default=DEFAULT_ERROR_FEEDBACK, choices=ERROR_FEEDBACK,
+                   help="matgptq: residual propagated to later columns: the lambda-weighted mean over the slices "
+                        "(weighted), their plain mean (mean), or the int-C residual only (master) (default %(default)s)")
+    g.add_argument("--group-params", default=DEFAULT_GROUP_PARAMS, choices=GROUP_PARAMS,
+                   help="matgptq: group scale/zero: MinMax at C bits, or a per-row search of the range that "
+                        "minimises the lambda-weighted multi-slice error (default %(default)s)")
+    g.add_argument("--calib-batch-size", type=int, default=1, help="calibration windows per block forward")
+    g.add_argument("--quant-device", default=None, metavar="DEV",
+                   help="device for the block-by-block pass (default: cuda if available, else cpu); one block at "
+                        "a time is moved there")
+
+
+def float_list(s: str) -> list[float]:
+    import argparse
+
+    try:
+        vals = [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.1,0.1,1, got {s!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one value")
+    return vals
+
+
+def method_kwargs(args) -> dict:
+    """The options of the chosen method (recorded in the checkpoint's quantization_config.method_args)."""
+    if args.method not in ("gptq", "matgptq"):
+        return {}
+    kw = dict(damp=args.damp, act_order=args.act_order, batch_size=args.calib_batch_size)
+    if args.quant_device:
+        kw["device"] = args.quant_device
+    if args.method == "matgptq":
+        kw.update(bits_list=args.bits_list, lambdas=args.lambdas, error_feedback=args.error_feedback,
+                  group_params=args.group_params)
+    return kw
 
 
 def quant_kwargs(args) -> dict:
     return dict(master_bits=args.bits_master, group_size=args.group_size, scope=args.scope, modules=args.modules,
-                symmetric=args.symmetric, slicing=args.slicing, param_dtype=args.param_dtype)
+                symmetric=args.symmetric, slicing=args.slicing, param_dtype=args.param_dtype, **method_kwargs(args))
 
 
 def calibration(args, tokenizer):
@@ -45,7 +96,11 @@ def calibration(args, tokenizer):
 
     if args.method not in CALIBRATED:
         return None
-    return token_windows(tokenizer, args.calib_text, args.calib_seqlen, args.calib_windows)
+    try:
+        return token_windows(tokenizer, args.calib_text, args.calib_seqlen, args.calib_windows)
+    except ValueError as e:
+        raise ValueError(f"calibration text too short for --method {args.method}: {e} (calibration flags: "
+                         "--calib-text FILE with more text, or a smaller --calib-seqlen)") from None
 
 
 def register(sub) -> None:

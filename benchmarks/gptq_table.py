@@ -1,0 +1,63 @@
+"""Markdown tables from the JSON files written by benchmarks/gptq_ppl.py (one row per method, one column per slice).
+
+    python benchmarks/gptq_table.py bench-gptq/ffn-a.json bench-gptq/ffn-b.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+NAMES = {
+    "rtn8": "RTN int8, sliced", "gptq8": "GPTQ int8, sliced", "gptq": "GPTQ dedicated (one model per bit-width)",
+}
+
+
+def label(cfg: str) -> str:
+    if cfg.startswith("matgptq-"):
+        p = cfg.split("-")
+        fb = {"w": "λ-weighted", "m": "mean", "x": "master"}[p[1]]
+        extra = {"s": ", group search", "r4": ", R=8,4,3,2"}
+        return f"MatGPTQ int8 ({fb} feedback{''.join(extra[v] for v in p[3:])}), built for {p[2]}"
+    if cfg.startswith("gptq") and cfg != "gptq8":
+        return NAMES["gptq"]
+    return NAMES.get(cfg, cfg)
+
+
+def main(paths):
+    rows, meta = [], {}
+    for p in paths:
+        d = json.load(open(p))
+        rows += d["rows"]
+        meta = meta or d["meta"]
+    fp = next((r["ppl"] for r in rows if r["config"] == "fp32"), None)
+    bits = [8, 6, 4, 3, 2]
+    table: dict[tuple, dict] = {}
+    qsec: dict[str, float] = {}
+    for r in rows:
+        if r["config"] == "fp32":
+            continue
+        modes = ("paper", "nested") if r["slicing"] == "any" else (r["slicing"],)
+        for m in modes:
+            table.setdefault((label(r["config"]), m), {})[r["bits"]] = r["ppl"]
+        if r["config"].startswith("gptq") and r["config"] != "gptq8":
+            qsec.setdefault(label(r["config"]), 0)
+            qsec[label(r["config"])] += r["quant_seconds"] / 5 / 2  # per bit-width run, average later
+        else:
+            qsec[label(r["config"])] = r["quant_seconds"]
+    print(f"Model {meta.get('model')}, scope {meta.get('scope')}, group {meta.get('group_size')}, calibration "
+          f"{meta.get('calib')}, eval {meta.get('eval')}, fp32 ppl {fp:.3f}" if fp else "")
+    print()
+    print("| method | slicing | " + " | ".join(f"int{b}" for b in bits) + " |")
+    print("|---|---|" + "---|" * len(bits))
+    for (name, mode), v in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        cells = []
+        for b in bits:
+            if b in v:
+                cells.append(f"{v[b]:.2f} ({v[b] / fp:.2f}×)" if fp else f"{v[b]:.2f}")
+            else:
+                cells.append("—")
+        print(f"| {name} | {mode} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

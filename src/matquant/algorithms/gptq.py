@@ -1,0 +1,211 @@
+"""GPTQ (Frantar et al., 2022) at one bit-width, and the column loop it shares with MatGPTQ.
+
+For each linear layer, with calibration inputs X (rows = tokens):
+
+- H = 2 XᵀX / N (running mean over the calibration tokens, float32);
+- dead inputs (H_ii = 0: the input is always zero) get H_ii = 1 and their weight column is set to 0, exactly
+  as in the reference implementation; the column then quantizes to the code closest to 0;
+- damping: H += percdamp · mean(diag H) · I (default percdamp 0.01). If the Cholesky factorisation still fails
+  (numerically singular H), the damping is multiplied by 10 up to 4 times; a ValueError names the layer after that;
+- U = upper Cholesky factor of H⁻¹; columns are quantized left to right in blocks of 128 columns: each column's
+  rounding error e / U_jj is propagated to the not-yet-quantized columns (within the block at once, to later
+  blocks lazily);
+- group-wise MinMax parameters (asymmetric, or symmetric with --symmetric) are fixed on the *error-updated*
+  weights when the column loop reaches the first column of a group. With act-order (columns processed by
+  decreasing H_jj) the groups would not be contiguous in processing order, so the parameters of every group are
+  then fixed up front on the original weights ("static groups"), which keeps the checkpoint format unchanged.
+
+The stored scales and zeros are rounded to the storage dtype before any code is chosen, so the codes are optimal
+for the parameters that are actually saved.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from matquant.algorithms.blocks import BlockContext, run_blockwise
+from matquant.models.targets import linear_weight
+from matquant.quant.minmax import QuantizedWeight, check_bits, dequantize_codes, minmax_params, resolve_group_size
+from matquant.quant.rounding import round_half_up
+
+DEFAULT_BLOCKSIZE = 128
+
+
+class HessianAccumulator:
+    """Running H = 2 XᵀX / N over every token seen (float32, on the inputs' device)."""
+
+    def __init__(self):
+        self.H: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        if self.H is None:
+            self.H = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        self.H.mul_(self.n / (self.n + m))
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.H.addmm_(x.t(), x)
+
+
+def inverse_cholesky(H: torch.Tensor, percdamp: float, name: str = "layer") -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp·I)⁻¹, raising the damping ×10 (up to 4 times) if H is singular."""
+    if not percdamp >= 0:
+        raise ValueError(f"damping must be >= 0, got {percdamp}")
+    diag_mean = torch.diag(H).mean()
+    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    damp = percdamp if percdamp > 0 else 1e-6
+    for _ in range(5):
+        L, info = torch.linalg.cholesky_ex(H + damp * diag_mean * eye)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                return U
+        damp *= 10
+    raise ValueError(f"the Hessian of {name} is singular even with damping {damp / 10:g}·mean(diag): its "
+                     "calibration inputs are degenerate. Use more/other calibration text or a larger --damp.")
+
+
+ParamsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+RoundFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@torch.no_grad()
+def gptq_columns(W: torch.Tensor, H: torch.Tensor, *, group_size: int, params_fn: ParamsFn, round_fn: RoundFn,
+                 percdamp: float = 0.01, act_order: bool = False, blocksize: int = DEFAULT_BLOCKSIZE,
+                 name: str = "layer") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """The GPTQ column loop, generic in how groups are parametrised and how a column is rounded.
+
+    params_fn(W_group [out, g]) -> (scale [out], zero [out]) as float32 holding the *stored* values;
+    round_fn(w [out], scale [out], zero [out]) -> (codes [out] int, value [out] float32): `value` is the
+    dequantized weight whose residual w − value is fed back (for MatGPTQ: a mean over the slices).
+    Returns (codes uint8 [out, in], scales [out, G], zeros [out, G], weighted loss Σ (w − value)² / U_jj²).
+    """
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    out_f, in_f = W.shape
+    gs = resolve_group_size(in_f, group_size)
+    n_groups = in_f // gs
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    scales = torch.empty(out_f, n_groups, device=W.device)
+    zeros = torch.empty(out_f, n_groups, device=W.device)
+    static = act_order or n_groups == 1
+    if static:
+        for g in range(n_groups):
+            scales[:, g], zeros[:, g] = params_fn(W[:, g * gs:(g + 1) * gs])
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    U = inverse_cholesky(H, percdamp, name)
+    del H
+    if not static:  # a group must never straddle two blocks: its parameters are set from the block's columns
+        blocksize = gs * max(1, blocksize // gs)
+    col_group = (perm if perm is not None else torch.arange(in_f, device=W.device)) // gs
+    col_group = col_group.tolist()
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=W.device)
+    loss = 0.0
+    for i1 in range(0, in_f, blocksize):
+        i2 = min(i1 + blocksize, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            g = col_group[j]
+            if not static and j % gs == 0:
+                scales[:, g], zeros[:, g] = params_fn(W1[:, i:i + gs])
+            w = W1[:, i]
+            q, v = round_fn(w, scales[:, g], zeros[:, g])
+            codes[:, j] = q.to(torch.uint8)
+            d = U1[i, i]
+            err = (w - v) / d
+            loss += float((err * err).sum())
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return codes, scales, zeros, loss / 2
+
+
+def minmax_params_fn(bits: int, symmetric: bool, param_dtype: torch.dtype) -> ParamsFn:
+    def fn(wg: torch.Tensor):
+        s, z = minmax_params(wg, bits, wg.shape[1], symmetric)
+        return s[:, 0].to(param_dtype).float(), z[:, 0].to(param_dtype).float()
+    return fn
+
+
+def nearest_round_fn(bits: int) -> RoundFn:
+    qmax = 2**bits - 1
+
+    def fn(w, scale, zero):
+        q = round_half_up(w / scale + zero).clamp_(0, qmax)
+        return q, scale * (q - zero)
+    return fn
+
+
+def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
+                         param_dtype: torch.dtype = torch.float16, percdamp: float = 0.01, act_order: bool = False,
+                         blocksize: int = DEFAULT_BLOCKSIZE, name: str = "layer") -> tuple[QuantizedWeight, float]:
+    """GPTQ-quantize one [out, in] weight with Hessian H to `bits` bits; returns (QuantizedWeight, loss)."""
+    check_bits(bits)
+    gs = resolve_group_size(W.shape[1], group_size)
+    codes, s, z, loss = gptq_columns(W, H, group_size=gs, params_fn=minmax_params_fn(bits, symmetric, param_dtype),
+                                     round_fn=nearest_round_fn(bits), percdamp=percdamp, act_order=act_order,
+                                     blocksize=blocksize, name=name)
+    return QuantizedWeight(codes=codes, scales=s.to(param_dtype), zeros=z.to(param_dtype), bits=bits,
+                           group_size=gs), loss
+
+
+def blockwise_hessian_method(model, targets, calib, quantize_layer, *, true_sequential: bool = True,
+                             device=None, batch_size: int = 1, progress: bool = True, desc: str = "GPTQ"):
+    """Run `quantize_layer(name, W [out,in] on device, H) -> QuantizedWeight` block by block.
+
+    The layer's weight is replaced in place by its dequantized master weight (so later layers and blocks see the
+    quantized model's activations); returns {name: QuantizedWeight} on the model's original device.
+    """
+    out: dict[str, QuantizedWeight] = {}
+
+    def per_block(ctx: BlockContext):
+        groups = ctx.input_groups() if true_sequential else [list(ctx.targets)]
+        for names in groups:
+            acc = {n: HessianAccumulator() for n in names}
+            ctx.run({n: (lambda n, x: acc[n].add(x)) for n in names})
+            for n in names:
+                mod = ctx.targets[n]
+                wref = linear_weight(mod)
+                W = wref.detach().to(ctx.device, torch.float32)
+                H = acc[n].H  # None if the forward never reached this layer: plain rounding (H = I)
+                qw = quantize_layer(n, W, torch.eye(W.shape[1], device=ctx.device) if H is None else H)
+                del acc[n]
+                wref.data.copy_(dequantize_codes(qw.codes, qw.scales, qw.zeros).to(wref.dtype))
+                home = wref.device
+                out[n] = QuantizedWeight(qw.codes.to(home), qw.scales.to(home), qw.zeros.to(home), qw.bits,
+                                         qw.group_size)
+
+    run_blockwise(model, calib, targets, per_block, device=device, batch_size=batch_size, progress=progress,
+                  desc=desc)
+    missing = [t for t in targets if t not in out]
+    if missing:
+        raise RuntimeError(f"block-wise pass did not reach {missing[:3]}")
+    return out
+
+
+def gptq(model, targets: list[str], *, master_bits: int, group_size: int, symmetric: bool, param_dtype,
+         calib=None, progress: bool = True, damp: float = 0.01, act_order: bool = False,
+         blocksize: int = DEFAULT_BLOCKSIZE, true_sequential: bool = True, device=None, batch_size: int = 1,
+         **_) -> dict[str, QuantizedWeight]:
+    """Standard GPTQ at `master_bits` bits (the dedicated per-bit baseline; same checkpoint format)."""
+    def q(name, W, H):
+        qw, _ = gptq_quantize_weight(W, H, master_bits, group_size, symmetric, param_dtype, damp, act_order,
+                                     blocksize, name)
+        return qw
+
+    return blockwise_hessian_method(model, targets, calib, q, true_sequential=true_sequential, device=device,
+                                    batch_size=batch_size, progress=progress, desc=f"GPTQ int{master_bits}")
