@@ -125,7 +125,7 @@ def pack_codes(codes: torch.Tensor, chunks: tuple[int, ...] = CHUNKS_DEFAULT, ma
 
 
 def unpack_planes(packed: PackedCodes, n_planes: int | None = None) -> torch.Tensor:
-    """The top bits covered by the first `n_planes` planes, as int32 [out, in] (all planes: the master codes)."""
+    """The top bits covered by the first `n_planes` planes, as uint8 [out, in] (all planes: the master codes)."""
     n_planes = len(packed.chunks) if n_planes is None else n_planes
     if not 1 <= n_planes <= len(packed.chunks):
         raise ValueError(f"n_planes must be in 1..{len(packed.chunks)}, got {n_planes}.")
@@ -134,21 +134,23 @@ def unpack_planes(packed: PackedCodes, n_planes: int | None = None) -> torch.Ten
     for p in range(n_planes):
         w = packed.chunks[p]
         per = 8 // w
-        b = packed.plane(p).to(torch.int32).unsqueeze(-1)  # [n, k_pad/per, 1]
-        shifts = torch.arange(per, device=b.device, dtype=torch.int32) * w
+        b = packed.plane(p).unsqueeze(-1)  # uint8 [n, k_pad/per, 1]
+        shifts = torch.arange(per, device=b.device, dtype=torch.uint8) * w
         vals = ((b >> shifts) & ((1 << w) - 1)).reshape(n, k_pad)
-        t = vals if t is None else (t << w) | vals
+        t = vals if t is None else (t << w) | vals  # covered bits <= 8: uint8 never overflows
     return t[:, : packed.in_features]
 
 
 def unpack_codes(packed: PackedCodes) -> torch.Tensor:
     """Exact inverse of `pack_codes`: uint8 master codes [out, in]."""
-    return unpack_planes(packed).to(torch.uint8)
+    return unpack_planes(packed).contiguous()
 
 
-def slice_packed(packed: PackedCodes, bits: int, mode: str = "nested") -> torch.Tensor:
-    """r-bit slice codes (int32 [out, in]) read from only the planes the layout needs; equals
-    `matquant.quant.slicing.slice_codes(codes, c, r, mode)` for modes 'nested' and 'paper' ('extra' = no clamp)."""
+def slice_packed(packed: PackedCodes, bits: int, mode: str = "nested", dtype: torch.dtype = torch.int32
+                 ) -> torch.Tensor:
+    """r-bit slice codes [out, in] read from only the planes the layout needs; equals
+    `matquant.quant.slicing.slice_codes(codes, c, r, mode)` for modes 'nested' and 'paper' ('extra' = no clamp).
+    `dtype=torch.uint8` skips the int32 upcast (fast path); 'extra' may then need int16 (its top level is 2^r)."""
     c = packed.master_bits
     if not 1 <= bits <= c:
         raise ValueError(f"cannot slice {bits} bits out of a {c}-bit master code.")
@@ -156,6 +158,11 @@ def slice_packed(packed: PackedCodes, bits: int, mode: str = "nested") -> torch.
     covered = sum(packed.chunks[:p])
     t = unpack_planes(packed, p)
     if bits == c or mode == "nested":
-        return t >> (covered - bits)
-    s = ((t >> (covered - bits - 1)) + 1) >> 1  # floor(q/2^shift + 1/2) from the top r+1 bits
-    return s.clamp(0, 2**bits - 1) if mode == "paper" else s
+        return (t >> (covered - bits)).to(dtype)
+    t = t >> (covered - bits - 1)
+    if bits + 1 >= 8:
+        t = t.to(torch.int16)  # t + 1 can reach 256
+    s = (t + 1) >> 1  # floor(q/2^shift + 1/2) from the top r+1 bits
+    if mode == "paper":
+        s = s.clamp(max=2**bits - 1)
+    return s.to(dtype) if (mode == "paper" or dtype != torch.uint8) else s
