@@ -166,3 +166,16 @@ def test_triton_missing_is_clear_error(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
     with pytest.raises(ValueError, match="pip install triton"):
         _layer().set_backend("triton")
+
+
+@needs_triton
+def test_auto_on_cuda_declined_call_uses_fast_path_silently():
+    # what 'auto' does on CUDA for a call the kernel does not take (fp32): the cpu path, no warning
+    lin = _layer()
+    lin.set_bits(3, "nested")
+    x = torch.randn(2, 192)
+    ref = lin(x)
+    lin.set_backend("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(dispatch._triton_forward(lin, x, quiet=True), ref, rtol=1e-5, atol=1e-5)

@@ -10,7 +10,8 @@ Backends (``MatQuantLinear.backend``, set for a whole model with `matquant.set_b
              on CUDA (or CPU under TRITON_INTERPRET=1); larger batches (prefill) use dequantize + dense matmul
              (cuBLAS). ``layout='packed'`` keeps a nested-exact 2|2|4 copy of the codes so an r-bit nested slice
              reads only r bits per weight (for r ∈ {2, 4, 8}).
-- ``auto``   ``triton`` on CUDA when triton is installed, else ``cpu``.
+- ``auto``   ``triton`` on CUDA when triton is installed, else ``cpu``; calls the kernel does not take (e.g. fp32
+             activations) go to the ``cpu`` path silently (it is the intended choice there, not a fallback).
 
 A call a kernel cannot handle (dtype, device, group size, ...) falls back to the reference path with a one-time
 warning naming the reason: the answer is never wrong, only slower.
@@ -99,11 +100,13 @@ def _cpu_forward(mod, x):
                       cache=st.weights if mod.cache_dequantized else None)
 
 
-def _triton_forward(mod, x):
+def _triton_forward(mod, x, quiet: bool = False):
     from matquant.kernels import triton_gemv as tg
 
     reason = tg.check_supported(x, mod.bits, mod.slicing, mod.group_size)
     if reason is not None:
+        if quiet:  # 'auto': the fast torch path is the intended choice for what the kernel does not take
+            return _cpu_forward(mod, x)
         warn_once("triton", reason)
         return None
     m = x.numel() // max(mod.in_features, 1)
@@ -120,12 +123,14 @@ def forward(mod, x: torch.Tensor) -> torch.Tensor:
     """MatQuantLinear forward through its backend; reference path when the backend declines the call."""
     backend = mod.backend
     if backend == "auto":
-        backend = "triton" if (x.is_cuda and triton_available()) else "cpu"
+        backend = "triton-auto" if (x.is_cuda and triton_available()) else "cpu"
     y = None
     if backend == "cpu":
         y = _cpu_forward(mod, x)
     elif backend == "triton":
         y = _triton_forward(mod, x)
+    elif backend == "triton-auto":
+        y = _triton_forward(mod, x, quiet=True)
     if y is None:  # "torch", or a fallback
         y = torch_ref.linear(x, mod.dequantized_weight(x.dtype), _bias(mod, x))
     return y
