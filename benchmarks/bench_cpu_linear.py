@@ -51,7 +51,14 @@ def main(argv=None):
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--out", default=None, help="optional JSON file for the raw numbers")
+    ap.add_argument("--from-json", default=None, help="only print the summary table of a saved run")
     args = ap.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        print(json.dumps(saved["meta"]))
+        print(summary_table(saved["rows"]))
+        return
     if args.threads != 1:
         raise SystemExit("--threads must be 1: the timer measures the calling thread's CPU time")
     torch.set_num_threads(args.threads)
@@ -90,6 +97,23 @@ def main(argv=None):
     for r in rows:
         print(f"| {r['shape']} | {r['batch']} | {r['bits']} | {r['mode']} | {r['dense']:.3f} | {r['ref']:.3f} | "
               f"{r['cpu']:.3f} | {r['cpu-packed']:.3f} | {r['cpu-cached']:.3f} | {r['ref'] / r['cpu']:.1f}× |")
+    print()
+    print(summary_table(rows))
+
+
+def summary_table(rows) -> str:
+    """One line per (layer, batch, bits): ms per call, paper / nested."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["shape"], r["batch"], r["bits"]), {})[r["mode"]] = r
+    lines = ["| layer [out×in] | batch | bits | dense fp32 | ref (paper / nested) | cpu (paper / nested) | "
+             "cpu from 2\\|2\\|4 (paper / nested) | cpu cached (nested) |", "|---|---|---|---|---|---|---|---|"]
+    for (shape, m, bits), d in by.items():
+        p, n = d["paper"], d["nested"]
+        lines.append(f"| {shape} | {m} | {bits} | {n['dense']:.2f} | {p['ref']:.2f} / {n['ref']:.2f} | "
+                     f"{p['cpu']:.2f} / {n['cpu']:.2f} | {p['cpu-packed']:.2f} / {n['cpu-packed']:.2f} | "
+                     f"{n['cpu-cached']:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

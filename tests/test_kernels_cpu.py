@@ -62,3 +62,13 @@ def test_master_bits_below_8():
 def test_bad_mode(qw):
     with pytest.raises(ValueError, match="slicing mode"):
         cpu.dequantize(qw.codes, qw.scales, qw.zeros, 8, 4, "round")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_blocking_matches_reference(qw, monkeypatch, dtype):
+    monkeypatch.setattr(cpu, "BLOCK_ELEMENTS", 192 * 5)  # 5 rows per block, 37 rows: uneven last block
+    for bits, mode in [(4, "paper"), (2, "nested"), (7, "paper")]:
+        ref = torch_ref.dequantize_slice(qw.codes, qw.scales, qw.zeros, 8, bits, mode, dtype)
+        torch.testing.assert_close(cpu.dequantize(qw.codes, qw.scales, qw.zeros, 8, bits, mode, dtype), ref)
+        torch.testing.assert_close(cpu.dequantize(pack_codes(qw.codes), qw.scales, qw.zeros, 8, bits, mode, dtype),
+                                   ref)

@@ -39,19 +39,33 @@ def slice_codes_fast(codes: torch.Tensor, master_bits: int, bits: int, mode: str
     return out.clamp_(max=2**bits - 1) if mode == "paper" else out
 
 
+BLOCK_ELEMENTS = 1 << 18  # rows are dequantized in blocks of ~256K weights (1 MiB fp32): cache-resident, ~1.5×
+
+
 def dequantize(codes: torch.Tensor | PackedCodes, scales: torch.Tensor, zeros: torch.Tensor, master_bits: int,
                bits: int, mode: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dequantized [out, in] weight of the r-bit slice, from uint8 master codes or a PackedCodes layout."""
     check_slicing(mode)
-    if isinstance(codes, PackedCodes):
-        q = slice_packed(codes, bits, mode, dtype=torch.uint8)
-    else:
-        q = slice_codes_fast(codes, master_bits, bits, mode)
-    n, k = q.shape
+    packed = isinstance(codes, PackedCodes)
+    n, k = (codes.out_features, codes.in_features) if packed else codes.shape
     g = scales.shape[1]
     a, b = slice_params(scales, zeros, master_bits, bits, mode)
-    w = torch.addcmul(b.unsqueeze(-1), q.view(n, g, k // g).to(torch.float32), a.unsqueeze(-1))
-    return w.view(n, k).to(dtype)
+    a, b = a.unsqueeze(-1), b.unsqueeze(-1)
+    out = torch.empty(n, k, dtype=dtype, device=scales.device)
+    step = max(1, BLOCK_ELEMENTS // max(k, 1))
+    for i in range(0, n, step):
+        rows = slice(i, min(i + step, n))
+        if packed:
+            q = slice_packed(codes, bits, mode, dtype=torch.uint8, rows=rows)
+        else:
+            q = slice_codes_fast(codes[rows], master_bits, bits, mode)
+        qf = q.reshape(-1, g, k // g).to(torch.float32)
+        blk = out[rows].view(-1, g, k // g)
+        if dtype == torch.float32:
+            torch.addcmul(b[rows], qf, a[rows], out=blk)
+        else:
+            blk.copy_(torch.addcmul(b[rows], qf, a[rows]))
+    return out
 
 
 class WeightCache:

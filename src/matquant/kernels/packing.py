@@ -124,17 +124,20 @@ def pack_codes(codes: torch.Tensor, chunks: tuple[int, ...] = CHUNKS_DEFAULT, ma
     return PackedCodes(torch.cat(parts), chunks, n, k, k_pad)
 
 
-def unpack_planes(packed: PackedCodes, n_planes: int | None = None) -> torch.Tensor:
-    """The top bits covered by the first `n_planes` planes, as uint8 [out, in] (all planes: the master codes)."""
+def unpack_planes(packed: PackedCodes, n_planes: int | None = None, rows: slice | None = None) -> torch.Tensor:
+    """The top bits covered by the first `n_planes` planes, as uint8 [out, in] (all planes: the master codes).
+    `rows` restricts to a range of output rows."""
     n_planes = len(packed.chunks) if n_planes is None else n_planes
     if not 1 <= n_planes <= len(packed.chunks):
         raise ValueError(f"n_planes must be in 1..{len(packed.chunks)}, got {n_planes}.")
-    n, k_pad = packed.out_features, packed.k_pad
+    rows = rows or slice(0, packed.out_features)
+    k_pad = packed.k_pad
     t = None
     for p in range(n_planes):
         w = packed.chunks[p]
         per = 8 // w
-        b = packed.plane(p)  # uint8 [n, k_pad/per]
+        b = packed.plane(p)[rows]  # uint8 [n, k_pad/per]
+        n = b.shape[0]
         mask = (1 << w) - 1
         # scalar shifts (vectorised) rather than a broadcast shift tensor (several times slower on CPU)
         vals = b if per == 1 else torch.stack([(b >> (j * w)) & mask for j in range(per)], dim=-1).reshape(n, k_pad)
@@ -147,8 +150,8 @@ def unpack_codes(packed: PackedCodes) -> torch.Tensor:
     return unpack_planes(packed).contiguous()
 
 
-def slice_packed(packed: PackedCodes, bits: int, mode: str = "nested", dtype: torch.dtype = torch.int32
-                 ) -> torch.Tensor:
+def slice_packed(packed: PackedCodes, bits: int, mode: str = "nested", dtype: torch.dtype = torch.int32,
+                 rows: slice | None = None) -> torch.Tensor:
     """r-bit slice codes [out, in] read from only the planes the layout needs; equals
     `matquant.quant.slicing.slice_codes(codes, c, r, mode)` for modes 'nested' and 'paper' ('extra' = no clamp).
     `dtype=torch.uint8` skips the int32 upcast (fast path); 'extra' may then need int16 (its top level is 2^r)."""
@@ -157,7 +160,7 @@ def slice_packed(packed: PackedCodes, bits: int, mode: str = "nested", dtype: to
         raise ValueError(f"cannot slice {bits} bits out of a {c}-bit master code.")
     p = planes_needed(packed.chunks, bits, mode, c)
     covered = sum(packed.chunks[:p])
-    t = unpack_planes(packed, p)
+    t = unpack_planes(packed, p, rows)
     if bits == c or mode == "nested":
         return (t >> (covered - bits)).to(dtype)
     t = t >> (covered - bits - 1)
