@@ -3,6 +3,9 @@
     PYTHONPATH=src python benchmarks/bench_kernels_gpu.py [--shapes 4096x4096 14336x4096 4096x14336]
         [--batches 1 4 16] [--group-size 128] [--out benchmarks/results/kernels_gpu.json] [--tune-cache FILE]
 
+The tuned configs written to --tune-cache are what MATQUANT_TRITON_CONFIGS=FILE (or
+matquant.kernels.triton_gemv.load_configs(FILE)) makes the triton backend use at run time.
+
 Side by side in one run (shapes are [out × in]):
   fp16      cuBLAS F.linear on an fp16 weight
   tinygemm  torch._weight_int4pack_mm (int4, bf16 activations; the int4 paper/nested slice of the master codes)
@@ -248,7 +251,7 @@ def main(argv=None) -> int:
                             nbits = 8 if layout == "master" else (packed.nbytes_read(bits, mode) * 8
                                                                   // (out_f * packed.k_pad))
                             nb = out_f * in_f * nbits // 8 + out_f * n_groups * 4 * 2  # fp32 A, B
-                            key = f"{out_f}x{in_f}|{m}|{bits}|{mode}|{layout}|{gs}"
+                            key = tg.config_key(out_f, in_f, m, bits, mode, layout, gs)
                             try:
                                 cfg = pick_config(tg, timer, tune, key, x16, codes, a, b, bits, mode, gs, device)
                                 y = tg.matmul(x16, codes, a, b, 8, bits, mode, gs, config=cfg)

@@ -121,3 +121,32 @@ def test_compiles_for_sm90():
         pytest.skip("no usable ptxas on this machine; cannot compile for sm_90")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "compiled OK" in r.stdout
+
+
+def test_tuned_configs_are_used(tmp_path, weights, monkeypatch):
+    import json
+
+    qw = weights[SHAPES[0]]
+    out_f, in_f, gs = SHAPES[0]
+    cfg = tg.KernelConfig(block_m=1, block_n=16, block_k=64, use_dot=False, split_k=2)
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({tg.config_key(out_f, in_f, 1, 4, "nested", "master", gs): cfg.__dict__}))
+    monkeypatch.setattr(tg, "TUNED", {})
+    assert tg.load_configs(str(path)) == 1
+    seen = []
+    real = tg._matquant_mm_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            seen.append(grid)
+            return real[grid]
+    monkeypatch.setattr(tg, "_matquant_mm_kernel", Spy())
+    a, b = cpu.slice_params(qw.scales, qw.zeros, 8, 4, "nested")
+    x = torch.randn(1, in_f).half()
+    y = tg.matmul(x.to(DEV), qw.codes.to(DEV), a.to(DEV), b.to(DEV), 8, 4, "nested", gs)
+    assert seen[-1] == (triton.cdiv(out_f, 16), 1, 2)  # the tuned grid (block_n 16, split-K 2)
+    check(y.cpu(), reference(x, qw, 4, "nested"), torch.float16)
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        tg.load_configs(str(bad))

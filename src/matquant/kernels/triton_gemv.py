@@ -32,6 +32,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_MODES = ("paper", "nested", "extra")
 MAX_BATCH = 16  # above this the dispatcher uses dequantize + dense matmul (prefill)
 MODE_ID = {"nested": 0, "paper": 1, "extra": 2}
+# Optional tuned configs, loaded at import: MATQUANT_TRITON_CONFIGS=path/to/tuned.json (see load_configs).
 
 
 @triton.jit
@@ -125,6 +126,34 @@ def default_config(m: int, group_size: int) -> KernelConfig:
     return KernelConfig(block_m=16, block_n=32, block_k=bk, use_dot=True)
 
 
+TUNED: dict[str, KernelConfig] = {}  # filled by load_configs (e.g. from benchmarks/bench_kernels_gpu.py --tune-cache)
+
+
+def batch_bucket(m: int) -> int:
+    return 1 if m <= 1 else (4 if m <= 4 else 16)
+
+
+def config_key(out_features: int, in_features: int, m: int, bits: int, mode: str, layout: str, group_size: int) -> str:
+    return f"{out_features}x{in_features}|{batch_bucket(m)}|{bits}|{mode}|{layout}|{group_size}"
+
+
+def load_configs(path: str) -> int:
+    """Load tuned launch configs (JSON {key: KernelConfig fields}, as written by the GPU benchmark's
+    --tune-cache); returns how many. Keys: `config_key`. Unknown shapes keep the heuristic `default_config`."""
+    import json
+
+    with open(path) as f:
+        raw = json.load(f)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object {{key: config}}, got {type(raw).__name__}.")
+    try:
+        loaded = {k: KernelConfig(**v) for k, v in raw.items()}
+    except TypeError as e:
+        raise ValueError(f"{path}: not a tuned-config file ({e}).") from None
+    TUNED.update(loaded)
+    return len(loaded)
+
+
 def encode_chunks(chunks: tuple[int, ...]) -> int:
     """Chunk widths as one constexpr int, 4 bits per chunk, first (most significant) chunk in the low nibble."""
     code = 0
@@ -168,6 +197,11 @@ def matmul(x: torch.Tensor, codes: torch.Tensor | PackedCodes, a: torch.Tensor, 
     if k != in_features:
         raise ValueError(f"input has {in_features} features but the weight has {k}.")
     mode_id = 0 if bits == master_bits else MODE_ID[mode]
+    if config is None and TUNED:
+        layout = "packed" if isinstance(codes, PackedCodes) else "master"
+        config = TUNED.get(config_key(n, k, m, bits, mode, layout, group_size))
+        if config is not None and config.block_m < m:
+            config = None
     cfg = config or default_config(m, group_size)
     out_dtype = torch.float32 if cfg.split_k > 1 else x.dtype
     y = (torch.zeros if cfg.split_k > 1 else torch.empty)((m, n), device=x.device, dtype=out_dtype)
@@ -209,3 +243,7 @@ def compile_for_gpu(dtype: torch.dtype, bits: int, mode: str, group_size: int, c
     sig.update(dict.fromkeys(constexprs, "constexpr"))
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+if os.environ.get("MATQUANT_TRITON_CONFIGS"):
+    load_configs(os.environ["MATQUANT_TRITON_CONFIGS"])
