@@ -11,7 +11,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 
 from matquant.kernels import cpu, torch_ref  # noqa: E402
 from matquant.kernels import triton_gemv as tg  # noqa: E402
-from matquant.kernels.packing import CHUNKS_EXACT, pack_codes  # noqa: E402
+from matquant.kernels.packing import BITPLANES, CHUNKS_EXACT, pack_codes  # noqa: E402
 from matquant.quant import quantize_minmax  # noqa: E402
 
 if not (tg.INTERPRET or torch.cuda.is_available()):
@@ -65,7 +65,7 @@ def test_kernel_matches_reference(weights, bits, mode, dtype):
 def test_kernel_configs_and_layouts(weights, cfg):
     qw = weights[SHAPES[0]]
     for bits, mode, chunks in [(3, "paper", CHUNKS_EXACT), (6, "nested", CHUNKS_EXACT), (2, "nested", (2, 2, 4)),
-                               (4, "extra", None)]:
+                               (4, "extra", None), (6, "paper", BITPLANES)]:
         a, b = cpu.slice_params(qw.scales, qw.zeros, 8, bits, mode)
         codes = qw.codes if chunks is None else pack_codes(qw.codes, chunks)
         x = torch.randn(5, qw.codes.shape[1]).to(torch.float16)  # odd batch

@@ -36,11 +36,35 @@ MODE_ID = {"nested": 0, "paper": 1, "extra": 2}
 
 
 @triton.jit
+def _load_chunk(codes_ptr, plane_off, offs_n, mask_n, offs_k, wmask, k0, K_PAD,
+                W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The W-bit chunk values ([BLOCK_N, BLOCK_K] int32) of one plane for the K tile starting at k0."""
+    PER: tl.constexpr = 8 // W
+    row_bytes = K_PAD // PER
+    if PER == 1:
+        vals = tl.load(codes_ptr + plane_off + offs_n[:, None] * row_bytes + offs_k[None, :], mask=wmask,
+                       other=0).to(tl.int32)
+    else:
+        # load each byte once ([BN, BK/PER]) and expand its PER values: fewer, wider loads than a per-weight
+        # gather. Bytes past K (row padding) hold finite codes and meet x = 0.
+        offs_b = k0 // PER + tl.arange(0, BLOCK_K // PER)
+        bmask = mask_n[:, None] & (offs_b < row_bytes)[None, :]
+        raw = tl.load(codes_ptr + plane_off + offs_n[:, None] * row_bytes + offs_b[None, :], mask=bmask,
+                      other=0).to(tl.int32)
+        shifts = tl.arange(0, PER) * W
+        vals = (raw[:, :, None] >> shifts[None, None, :]) & ((1 << W) - 1)
+        vals = tl.reshape(vals, (BLOCK_N, BLOCK_K))
+    return vals
+
+
+@triton.jit
 def _matquant_mm_kernel(
     x_ptr, codes_ptr, a_ptr, b_ptr, y_ptr,
     M, N, K, K_PAD, N_GROUPS, stride_xm, stride_ym,
-    GROUP_SIZE: tl.constexpr, CHUNKS: tl.constexpr, N_PLANES: tl.constexpr, COVER: tl.constexpr,
-    BITS: tl.constexpr, MODE: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
+    C4: tl.constexpr, C5: tl.constexpr, C6: tl.constexpr, C7: tl.constexpr,
+    N_PLANES: tl.constexpr, COVER: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr,
 ):
@@ -56,25 +80,36 @@ def _matquant_mm_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     ONE_GROUP: tl.constexpr = GROUP_SIZE % BLOCK_K == 0
+    plane = N * (K_PAD // 8)  # bytes of a 1-bit-wide plane; plane p starts at plane * (bits before p)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         wmask = mask_n[:, None] & mask_k[None, :]
-        # -- gather the top COVER bits of every master code from the leading N_PLANES planes --
-        t = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
-        plane_off = 0
-        for p in tl.static_range(N_PLANES):
-            W = (CHUNKS >> (4 * p)) & 15
-            PER = 8 // W
-            row_bytes = K_PAD // PER
-            ptrs = codes_ptr + plane_off + offs_n[:, None] * row_bytes + (offs_k // PER)[None, :]
-            byte = tl.load(ptrs, mask=wmask, other=0).to(tl.int32)
-            if PER > 1:
-                byte = (byte >> ((offs_k % PER) * W)[None, :]) & ((1 << W) - 1)
-            t = (t << W) | byte
-            plane_off += N * row_bytes
+        # -- the top COVER bits of every master code, from the leading N_PLANES planes (widths C0, C1, ...) --
+        t = _load_chunk(codes_ptr, 0, offs_n, mask_n, offs_k, wmask, k0, K_PAD, C0, BLOCK_N, BLOCK_K)
+        if N_PLANES > 1:
+            t = (t << C1) | _load_chunk(codes_ptr, plane * C0, offs_n, mask_n, offs_k, wmask, k0, K_PAD, C1,
+                                        BLOCK_N, BLOCK_K)
+        if N_PLANES > 2:
+            t = (t << C2) | _load_chunk(codes_ptr, plane * (C0 + C1), offs_n, mask_n, offs_k, wmask, k0, K_PAD,
+                                        C2, BLOCK_N, BLOCK_K)
+        if N_PLANES > 3:
+            t = (t << C3) | _load_chunk(codes_ptr, plane * (C0 + C1 + C2), offs_n, mask_n, offs_k, wmask, k0,
+                                        K_PAD, C3, BLOCK_N, BLOCK_K)
+        if N_PLANES > 4:
+            t = (t << C4) | _load_chunk(codes_ptr, plane * (C0 + C1 + C2 + C3), offs_n, mask_n, offs_k, wmask, k0,
+                                        K_PAD, C4, BLOCK_N, BLOCK_K)
+        if N_PLANES > 5:
+            t = (t << C5) | _load_chunk(codes_ptr, plane * (C0 + C1 + C2 + C3 + C4), offs_n, mask_n, offs_k,
+                                        wmask, k0, K_PAD, C5, BLOCK_N, BLOCK_K)
+        if N_PLANES > 6:
+            t = (t << C6) | _load_chunk(codes_ptr, plane * (C0 + C1 + C2 + C3 + C4 + C5), offs_n, mask_n, offs_k,
+                                        wmask, k0, K_PAD, C6, BLOCK_N, BLOCK_K)
+        if N_PLANES > 7:
+            t = (t << C7) | _load_chunk(codes_ptr, plane * (C0 + C1 + C2 + C3 + C4 + C5 + C6), offs_n, mask_n,
+                                        offs_k, wmask, k0, K_PAD, C7, BLOCK_N, BLOCK_K)
         # -- slice to r bits --
         if MODE == 0:
             q = t >> (COVER - BITS)
@@ -154,12 +189,12 @@ def load_configs(path: str) -> int:
     return len(loaded)
 
 
-def encode_chunks(chunks: tuple[int, ...]) -> int:
-    """Chunk widths as one constexpr int, 4 bits per chunk, first (most significant) chunk in the low nibble."""
-    code = 0
-    for p, w in enumerate(chunks):
-        code |= w << (4 * p)
-    return code
+def chunk_constexprs(chunks: tuple[int, ...]) -> dict[str, int]:
+    """Chunk widths as the kernel's constexprs C0..C7 (most significant chunk first; 0 = no such plane)."""
+    if len(chunks) > 8:
+        raise ValueError(f"at most 8 chunks, got {chunks}")
+    padded = tuple(chunks) + (0,) * (8 - len(chunks))
+    return {f"C{i}": w for i, w in enumerate(padded)}
 
 
 def check_supported(x: torch.Tensor, bits: int, mode: str, group_size: int) -> str | None:
@@ -208,7 +243,7 @@ def matmul(x: torch.Tensor, codes: torch.Tensor | PackedCodes, a: torch.Tensor, 
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
     _matquant_mm_kernel[grid](
         x2, data, a, b, y, m, n, k, k_pad, a.shape[1], x2.stride(0), y.stride(0),
-        GROUP_SIZE=group_size, CHUNKS=encode_chunks(chunks), N_PLANES=n_planes, COVER=cover, BITS=bits,
+        GROUP_SIZE=group_size, **chunk_constexprs(chunks), N_PLANES=n_planes, COVER=cover, BITS=bits,
         MODE=mode_id, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
         SPLIT_K=cfg.split_k, DOT_F32=INTERPRET and x.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -236,7 +271,7 @@ def compile_for_gpu(dtype: torch.dtype, bits: int, mode: str, group_size: int, c
     sig = {"x_ptr": f"*{dt}", "codes_ptr": "*u8", "a_ptr": "*fp32", "b_ptr": "*fp32",
            "y_ptr": "*fp32" if config.split_k > 1 else f"*{dt}"}
     sig.update(dict.fromkeys(["M", "N", "K", "K_PAD", "N_GROUPS", "stride_xm", "stride_ym"], "i32"))
-    constexprs = dict(GROUP_SIZE=group_size, CHUNKS=encode_chunks(layout), N_PLANES=n_planes, COVER=cover, BITS=bits,
+    constexprs = dict(GROUP_SIZE=group_size, **chunk_constexprs(layout), N_PLANES=n_planes, COVER=cover, BITS=bits,
                       MODE=0 if bits == master_bits else MODE_ID[mode], BLOCK_M=config.block_m,
                       BLOCK_N=config.block_n, BLOCK_K=config.block_k, USE_DOT=config.use_dot,
                       SPLIT_K=config.split_k, DOT_F32=False)
