@@ -64,6 +64,15 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
+    done = set()
+    if args.out and os.path.exists(args.out):  # resume: rows already measured by an interrupted run are kept
+        with open(args.out) as f:
+            rows = json.load(f)["rows"]
+        done = {(r["shape"], r["batch"], r["bits"], r["mode"]) for r in rows}
+        print(f"resuming: {len(rows)} rows already in {args.out}")
+    meta = dict(date=datetime.date.today().isoformat(), threads=args.threads, torch=torch.__version__,
+                timer="thread CPU time, median", load_average=list(os.getloadavg()),
+                cpu=platform.processor() or platform.machine(), group_size=args.group_size)
     for out_f, in_f in SHAPES:
         qw = quantize_minmax(torch.randn(out_f, in_f) * 0.02, 8, args.group_size)
         packed = pack_codes(qw.codes)
@@ -73,6 +82,8 @@ def main(argv=None):
             dense = timeit(lambda: F.linear(x, w_dense))
             for bits in args.bits:
                 for mode in ("paper", "nested"):
+                    if (f"{out_f}x{in_f}", m, bits, mode) in done:
+                        continue
                     cache = cpu.WeightCache(1)
                     r = dict(shape=f"{out_f}x{in_f}", batch=m, bits=bits, mode=mode, dense=dense)
                     r["ref"] = timeit(lambda: F.linear(x, torch_ref.dequantize_slice(
@@ -82,12 +93,12 @@ def main(argv=None):
                     r["cpu-cached"] = timeit(lambda: cpu.linear(x, qw.codes, qw.scales, qw.zeros, 8, bits, mode,
                                                                 cache=cache))
                     rows.append(r)
+                    if args.out:  # checkpoint after every row
+                        atomic_write_json(args.out, dict(meta=meta, rows=rows))
                     print(f"{r['shape']:>10} b={m:<3} int{bits} {mode:<6} dense {dense:8.3f}  ref {r['ref']:8.3f}  "
                           f"cpu {r['cpu']:8.3f}  cpu-packed {r['cpu-packed']:8.3f}  cached {r['cpu-cached']:8.3f} ms",
                           flush=True)
-    meta = dict(date=datetime.date.today().isoformat(), threads=args.threads, torch=torch.__version__,
-                timer="thread CPU time, median", load_average=list(os.getloadavg()),
-                cpu=platform.processor() or platform.machine(), group_size=args.group_size)
+    meta["load_average_end"] = list(os.getloadavg())
     if args.out:
         atomic_write_json(args.out, dict(meta=meta, rows=rows))
     print(json.dumps(meta))
