@@ -2,11 +2,11 @@
 models, with per-layer precision (Mix'n'Match)."""
 from matquant.api import load, quantize
 from matquant.format import CheckpointError, QuantConfig, load_checkpoint, save_checkpoint
-from matquant.nn import MatQuantLinear, average_bits, effective_bits, get_bits, set_bits
+from matquant.nn import MatQuantLinear, average_bits, effective_bits, get_bits, set_backend, set_bits
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "quantize", "set_bits", "get_bits", "average_bits", "effective_bits", "MatQuantLinear",
+__all__ = ["load", "quantize", "set_bits", "set_backend", "get_bits", "average_bits", "effective_bits", "MatQuantLinear",
            "QuantConfig", "CheckpointError", "load_checkpoint", "save_checkpoint", "__version__"]
 try:  # register "matquant" with transformers' quantizer hooks (AutoModelForCausalLM.from_pretrained(DIR))
     from matquant.integrations import transformers as _hf  # noqa: F401

@@ -96,3 +96,19 @@ def effective_bits(model: nn.Module) -> float:
     mods = matquant_modules(model).values()
     total = sum(m.qweight.numel() for m in mods)
     return sum(m.effective_bits() * m.qweight.numel() for m in mods) / max(total, 1)
+
+
+def set_backend(model: nn.Module, backend: str, cache_precisions: int | None = None, layout: str | None = None
+                ) -> int:
+    """Choose the compute path of every MatQuantLinear: 'torch' (reference, default), 'cpu', 'triton' or 'auto'.
+
+    `cache_precisions` (cpu/triton): how many precisions' dequantized weights each layer keeps (switching among
+    them with `set_bits` is then free; each costs one dense weight of memory). `layout` (triton): 'master' or
+    'packed' (nested-exact 2|2|4 planes). Returns the number of layers changed.
+    """
+    mods = matquant_modules(model)
+    if not mods:
+        raise ValueError("model has no MatQuantLinear layers: quantize it first or load a matquant checkpoint.")
+    for m in mods.values():
+        m.set_backend(backend, cache_precisions, layout)
+    return len(mods)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from matquant.kernels import torch_ref
+from matquant.kernels import dispatch, torch_ref
 from matquant.quant.minmax import QuantizedWeight, check_bits
 from matquant.quant.slicing import check_slicing, effective_code_bits
 
@@ -15,6 +15,7 @@ class MatQuantLinear(nn.Module):
     Buffers (saved in checkpoints): ``qweight`` uint8 [out, in], ``scales`` and ``zeros`` [out, in/group].
     ``set_bits(r)`` switches the precision in place; the dequantized weight of the current precision is
     cached (``cache_dequantized``) so repeated forwards cost one dense matmul.
+    ``set_backend`` picks the compute path ('torch' reference, 'cpu', 'triton', 'auto'; see `kernels.dispatch`).
     """
 
     def __init__(
@@ -42,6 +43,10 @@ class MatQuantLinear(nn.Module):
         self.slicing = slicing
         self.compute_dtype = dtype or torch.float32
         self.cache_dequantized = True
+        self.backend = "torch"
+        self.cache_precisions = 1  # cpu/triton backends: dequantized weights kept per precision
+        self.layout = "master"  # triton backend: 'master' uint8 codes or 'packed' nested-exact 2|2|4 planes
+        self._backend_state = None
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=param_dtype, device=device))
         self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=param_dtype, device=device))
@@ -81,6 +86,19 @@ class MatQuantLinear(nn.Module):
             self._cached = None
         self.bits = bits
 
+    def set_backend(self, backend: str, cache_precisions: int | None = None, layout: str | None = None) -> None:
+        """Choose the compute path; results match the reference (a declined call falls back to it)."""
+        self.backend = dispatch.check_backend(backend)
+        if cache_precisions is not None:
+            if isinstance(cache_precisions, bool) or not isinstance(cache_precisions, int) or cache_precisions < 0:
+                raise ValueError(f"cache_precisions must be an integer >= 0, got {cache_precisions!r}.")
+            self.cache_precisions = cache_precisions
+        if layout is not None:
+            if layout not in dispatch.LAYOUTS:
+                raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(dispatch.LAYOUTS)}.")
+            self.layout = layout
+        self._backend_state = None
+
     def effective_bits(self) -> float:
         """Bits per weight at the current precision: codes (+ E.P. overflow) + fp scales and zeros."""
         param_bits = (self.scales.element_size() + self.zeros.element_size()) * 8 / self.group_size
@@ -99,18 +117,22 @@ class MatQuantLinear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend != "torch":
+            return dispatch.forward(self, x)
         w = self.dequantized_weight(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return torch_ref.linear(x, w, bias)
 
     def _drop_cache_hook(self, *args, **kwargs):
         self._cached = None
+        self._backend_state = None
 
     def _apply(self, fn, *args, **kwargs):
         self._cached = None
+        self._backend_state = None
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"master_bits={self.master_bits}, bits={self.bits}, group_size={self.group_size}, "
-                f"slicing={self.slicing}")
+                f"slicing={self.slicing}" + (f", backend={self.backend}" if self.backend != "torch" else ""))
