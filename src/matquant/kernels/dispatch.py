@@ -21,7 +21,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from matquant.kernels import cpu, torch_ref
 from matquant.kernels.packing import CHUNKS_DEFAULT, pack_codes
@@ -135,8 +134,3 @@ def forward(mod, x: torch.Tensor) -> torch.Tensor:
         y = torch_ref.linear(x, mod.dequantized_weight(x.dtype), _bias(mod, x))
     return y
 
-
-def reference_forward(mod, x: torch.Tensor) -> torch.Tensor:
-    w = torch_ref.dequantize_slice(mod.qweight, mod.scales, mod.zeros, mod.master_bits, mod.bits, mod.slicing,
-                                   x.dtype)
-    return F.linear(x, w, _bias(mod, x))
