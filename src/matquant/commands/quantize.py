@@ -32,11 +32,58 @@ def add_quant_args(p, method_default: str = "rtn") -> None:
                    help="calibration text for data-driven methods: 'calib' (embedded, disjoint from eval) or a file")
     g.add_argument("--calib-windows", type=int, default=128, help="calibration windows (default 128)")
     g.add_argument("--calib-seqlen", type=int, default=2048, help="calibration window length (default 2048)")
+    add_qat_args(p)
+
+
+def add_qat_args(p) -> None:
+    """Options of --method qat (the calibration windows are its training data)."""
+    g = p.add_argument_group("QAT (--method qat; training data = the calibration windows)")
+    g.add_argument("--bits-list", default=None, metavar="R",
+                   help="bit-widths trained jointly, e.g. 8,4,2 (default) or 8,4,3,2; '2' with --bits-master 8 is "
+                        "Single-Precision MatQuant; R = {C} with --bits-master C is a dedicated baseline")
+    g.add_argument("--lambdas", default=None, metavar="L",
+                   help="loss weight per bit-width, same order as --bits-list (default 0.1,0.1,1 for 8,4,2; "
+                        "otherwise 1 for the lowest and 0.1 for the others)")
+    g.add_argument("--distill", default=None, metavar="SPEC",
+                   help="co-distillation in the paper's notation: '[8,4,2]' (none), '[8,4,8->2]' (int2 learns only "
+                        "from the int8 slice), '[8,4,2,8->2]' (int2: ground truth + int8 teacher), '[8,4,2,8->4;2]'")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200)")
+    g.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default 1e-4)")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps, then cosine (default 5%%)")
+    g.add_argument("--min-lr-ratio", type=float, default=None, help="final lr / peak lr of the cosine (default 0.1)")
+    g.add_argument("--batch-size-train", type=int, default=None, help="windows per micro-batch per process (default 1)")
+    g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping norm, 0 = off (default 1)")
+    g.add_argument("--qparams", default=None, choices=("minmax", "learnable"),
+                   help="minmax: α, z recomputed from the weights every step (default); learnable: trained too")
+    g.add_argument("--seed", type=int, default=None, help="data order / RNG seed (default 0)")
+    g.add_argument("--work-dir", default=None,
+                   help="training checkpoints; rerunning the same command resumes from here (default OUT.qat-work)")
+    g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps; 0 = only at the end "
+                                                                 "(default 50)")
+    g.add_argument("--train-device", dest="train_device", default=None,
+                   help="auto (default: this process's GPU if any), cpu or cuda")
+    g.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no bf16 autocast on GPU")
+
+
+def method_kwargs(args) -> dict:
+    """Method-specific keyword arguments for quantize_model, validated before any work starts."""
+    if getattr(args, "method", None) != "qat":
+        return {}
+    from matquant.algorithms.objectives import build_objective
+    from matquant.algorithms.qat import QAT_ARG_NAMES, make_config
+
+    kw = {k: getattr(args, k, None) for k in QAT_ARG_NAMES if k not in ("device",)}
+    kw["device"] = getattr(args, "train_device", None)
+    build_objective(kw["bits_list"], kw["lambdas"], kw["distill"], master_bits=args.bits_master, slicing=args.slicing)
+    make_config(**{k: v for k, v in kw.items() if k not in ("bits_list", "lambdas", "distill")})
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 def quant_kwargs(args) -> dict:
     return dict(master_bits=args.bits_master, group_size=args.group_size, scope=args.scope, modules=args.modules,
-                symmetric=args.symmetric, slicing=args.slicing, param_dtype=args.param_dtype)
+                symmetric=args.symmetric, slicing=args.slicing, param_dtype=args.param_dtype, **method_kwargs(args))
 
 
 def calibration(args, tokenizer):
@@ -66,15 +113,21 @@ def run(args) -> int:
 
     from matquant.algorithms import quantize_model
     from matquant.format.checkpoint import save_checkpoint
+    from matquant.algorithms.qat import is_main_process
     from matquant.models import load_model
 
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} already exists; pass --overwrite or choose another --out.")
+    if args.method == "qat" and args.work_dir is None:
+        args.work_dir = f"{args.out}.qat-work"
+    quant_kwargs(args)  # validates method options before any work
     t0 = time.time()
     print(f"loading {args.model} ...")
     model, tok, src = load_model(args.model)
     calib = calibration(args, tok)
     qcfg = quantize_model(model, args.method, calib=calib, **quant_kwargs(args))
+    if not is_main_process():  # under torchrun every rank trains; rank 0 writes
+        return 0
     save_checkpoint(model, tok, args.out, qcfg, overwrite=args.overwrite)
     print(f"wrote {args.out}: {len(qcfg.modules)} layers, {args.method}, int{qcfg.master_bits} master, "
           f"group {qcfg.group_size}, slicing {qcfg.slicing} ({time.time() - t0:.0f}s)")
