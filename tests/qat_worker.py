@@ -21,6 +21,22 @@ def tiny_llama(seed: int = 0, dropout: float = 0.0):
     return LlamaForCausalLM(cfg).eval()
 
 
+def tiny_model_dir(path, seed: int = 0) -> Path:
+    """A tiny Llama + character-level tokenizer saved as an HF folder (for CLI tests)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{chr(i): i - 31 for i in range(32, 127)}, "\n": 96}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    model = tiny_llama(seed)
+    path = Path(path)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def structured_windows(n: int = 16, seqlen: int = 32, vocab: int = 256, seed: int = 1) -> torch.Tensor:
     """Learnable token windows: arithmetic sequences mod vocab with a per-window start and stride 1..3."""
     g = torch.Generator().manual_seed(seed)

@@ -20,7 +20,7 @@ from matquant.models.targets import find_targets
 from matquant.nn.bits import set_bits
 
 sys.path.insert(0, str(Path(__file__).parent))
-from qat_worker import structured_windows, tiny_llama  # noqa: E402
+from qat_worker import structured_windows, tiny_llama, tiny_model_dir  # noqa: E402
 
 WORKER = Path(__file__).parent / "qat_worker.py"
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -155,3 +155,53 @@ def test_torchrun_two_process_gloo_matches_single_process(tmp_path):
         assert torch.allclose(r0[f"{n}.weight"], w, atol=1e-5), n
         moved = (r0[f"{n}.weight"] - tiny_llama(0).get_submodule(n).weight).abs().max()
         assert moved > 1e-3  # it did train
+
+
+@pytest.mark.parametrize("mode", ["paper", "nested", "extra"])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_lean_ste_equals_fake_quant_ste(mode, bits):
+    from matquant.algorithms.qat import _SlicedMinMaxSTE
+    from matquant.quant import fake_quant_ste, minmax_params
+
+    torch.manual_seed(bits)
+    w = torch.randn(16, 64) * 0.05
+    s, z = minmax_params(w, 8, 32)
+    s, z = s.half().float(), z.half().float()  # storage-dtype rounding: some codes land on the clamps
+    g = torch.randn(16, 64)
+    w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
+    y1 = fake_quant_ste(w1, s, z, 8, bits, mode)
+    y2 = _SlicedMinMaxSTE.apply(w2, s, z, 8, bits, mode)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    assert torch.equal(y1, y2)
+    assert torch.allclose(w1.grad, w2.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_minmax_qparams_follow_optimizer_updates():
+    from matquant.algorithms.qat import FakeQuantLinear
+
+    m = FakeQuantLinear(torch.randn(8, 32), None, 32, 8, False, torch.float16, "minmax", "paper")
+    z0 = m.qparams()[1].clone()
+    opt = torch.optim.AdamW([m.weight], lr=0.1)
+    m.weight.grad = torch.ones_like(m.weight)
+    opt.step()
+    assert not torch.equal(m.qparams()[1], z0)
+
+
+def test_cli_quantize_qat_under_torchrun(tmp_path):
+    """The user-facing command, 2 processes (gloo): every rank trains, rank 0 writes one loadable checkpoint."""
+    model_dir = tiny_model_dir(tmp_path / "m")
+    text = tmp_path / "train.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "ck"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+           "-m", "matquant", "quantize", "--model", str(model_dir), "--method", "qat", "--calib-text", str(text),
+           "--calib-seqlen", "32", "--calib-windows", "8", "--group-size", "32", "--steps", "3", "--save-every", "2",
+           "--distill", "[8,4,8->2]", "--slicing", "nested", "--train-device", "cpu", "--out", str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    model, _, qcfg = load_checkpoint(out, bits=2)
+    assert qcfg.method == "qat" and qcfg.slicing == "nested" and qcfg.method_args["distill"] == "[8,4,8->2]"
+    assert json.loads((tmp_path / "ck.qat-work" / "latest.json").read_text())["step"] == 3
+    assert math.isfinite(perplexity(model, structured_windows(2, 32, vocab=97), progress=False).ppl)

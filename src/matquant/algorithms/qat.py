@@ -50,7 +50,10 @@ from matquant.algorithms.objectives import Objective, build_objective
 from matquant.format.atomic import atomic_dir, atomic_write_json
 from matquant.models.targets import linear_weight
 from matquant.nn.replace import set_submodule
-from matquant.quant.minmax import QuantizedWeight, minmax_params, quantize_codes, quantize_minmax, resolve_group_size
+from matquant.quant.minmax import (
+    QuantizedWeight, grouped, minmax_params, quantize_codes, quantize_minmax, resolve_group_size,
+)
+from matquant.quant.rounding import round_half_up
 from matquant.quant.ste import fake_quant_ste
 
 QPARAM_MODES = ("minmax", "learnable")
@@ -114,6 +117,44 @@ def lr_at(cfg: QATConfig, step: int) -> float:
 
 
 # ---------------------------------------------------------------- fake-quantized layer
+class _SlicedMinMaxSTE(torch.autograd.Function):
+    """Memory-lean `fake_quant_ste` for α, z that carry no gradient (qparams='minmax').
+
+    Forward: α·(S(clamp(⌊w/α + z + ½⌋), r) − z), the same values as `fake_quant_ste`. Backward: the same
+    straight-through gradient, which for detached α, z is the upstream gradient times the mask of weights that no
+    clamp cut off (master range, and the paper-mode slice clamp), so only that boolean mask is kept for backward
+    instead of the several float intermediates autograd would store.
+    """
+
+    @staticmethod
+    def forward(ctx, w, scale, zero, master_bits: int, bits: int, mode: str):
+        gs = w.shape[1] // scale.shape[1]
+        g = grouped(w.detach(), gs)
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        x = round_half_up(g / s + z)
+        keep = (x >= 0) & (x <= 2**master_bits - 1)
+        q = x.clamp(0, 2**master_bits - 1)
+        shift = master_bits - bits
+        if shift:
+            step = float(2**shift)
+            if mode == "nested":
+                q = torch.floor(q / step) * step + (step - 1) / 2.0
+            else:
+                qs = round_half_up(q / step)
+                if mode == "paper":
+                    keep &= qs <= 2**bits - 1
+                    qs = qs.clamp(0, 2**bits - 1)
+                q = qs * step
+        ctx.save_for_backward(keep)
+        ctx.shape = w.shape
+        return (s * (q - z)).reshape(w.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return (grad.reshape(keep.shape) * keep).reshape(ctx.shape), None, None, None, None, None
+
+
 class FakeQuantLinear(nn.Module):
     """A target linear during QAT: fp32 master weight [out, in], fake-quantized to the current slice."""
 
@@ -131,10 +172,14 @@ class FakeQuantLinear(nn.Module):
             self.zero = nn.Parameter(z.to(param_dtype).float(), requires_grad=not symmetric)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.mode == "minmax":
-            with torch.no_grad():
-                s, z = minmax_params(self.weight, self.master_bits, self.group_size, self.symmetric)
-                return s.to(self.param_dtype).float(), z.to(self.param_dtype).float()
+        if self.mode == "minmax":  # cached until the optimizer changes the weight (in-place: _version moves)
+            key = (self.weight._version, self.weight.data_ptr())
+            if getattr(self, "_qp_key", None) != key:
+                with torch.no_grad():
+                    s, z = minmax_params(self.weight, self.master_bits, self.group_size, self.symmetric)
+                    self._qp = (s.to(self.param_dtype).float(), z.to(self.param_dtype).float())
+                self._qp_key = key
+            return self._qp
         s = self.scale.clamp_min(1e-8)
         s = s + (s.to(self.param_dtype).float() - s).detach()  # storage-dtype rounding, straight-through
         z = self.zero + (self.zero.to(self.param_dtype).float() - self.zero).detach()
@@ -142,7 +187,10 @@ class FakeQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, z = self.qparams()
-        w = fake_quant_ste(self.weight, s, z, self.master_bits, self.bits, self.slicing)
+        if self.mode == "minmax":
+            w = _SlicedMinMaxSTE.apply(self.weight, s, z, self.master_bits, self.bits, self.slicing)
+        else:
+            w = fake_quant_ste(self.weight, s, z, self.master_bits, self.bits, self.slicing)
         return F.linear(x, w, self.bias)
 
     def final(self) -> QuantizedWeight:
@@ -201,6 +249,15 @@ def is_main_process() -> bool:
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def finish_distributed() -> None:
+    """Wait for every rank, then leave the process group (call once, after rank 0 has written its output)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _barrier(d: Dist) -> None:
@@ -527,4 +584,4 @@ def qat(model, targets: list[str], *, master_bits: int, group_size: int, symmetr
 
 
 __all__ = ["QATConfig", "QATResult", "FakeQuantLinear", "TrainingDiverged", "train_qat", "qat", "lr_at",
-           "sample_indices", "init_distributed", "is_main_process", "make_config", "QAT_ARG_NAMES"]
+           "sample_indices", "init_distributed", "finish_distributed", "is_main_process", "make_config", "QAT_ARG_NAMES"]

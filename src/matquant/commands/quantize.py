@@ -112,8 +112,8 @@ def run(args) -> int:
     from pathlib import Path
 
     from matquant.algorithms import quantize_model
+    from matquant.algorithms.qat import finish_distributed, is_main_process
     from matquant.format.checkpoint import save_checkpoint
-    from matquant.algorithms.qat import is_main_process
     from matquant.models import load_model
 
     if Path(args.out).exists() and not args.overwrite:
@@ -126,9 +126,9 @@ def run(args) -> int:
     model, tok, src = load_model(args.model)
     calib = calibration(args, tok)
     qcfg = quantize_model(model, args.method, calib=calib, **quant_kwargs(args))
-    if not is_main_process():  # under torchrun every rank trains; rank 0 writes
-        return 0
-    save_checkpoint(model, tok, args.out, qcfg, overwrite=args.overwrite)
-    print(f"wrote {args.out}: {len(qcfg.modules)} layers, {args.method}, int{qcfg.master_bits} master, "
-          f"group {qcfg.group_size}, slicing {qcfg.slicing} ({time.time() - t0:.0f}s)")
+    if is_main_process():  # under torchrun every rank trains (DDP); rank 0 writes
+        save_checkpoint(model, tok, args.out, qcfg, overwrite=args.overwrite)
+        print(f"wrote {args.out}: {len(qcfg.modules)} layers, {args.method}, int{qcfg.master_bits} master, "
+              f"group {qcfg.group_size}, slicing {qcfg.slicing} ({time.time() - t0:.0f}s)")
+    finish_distributed()
     return 0
