@@ -49,7 +49,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/qat_smollm2.json")
-    p.add_argument("--eval-bits", default="8,6,4,3,2", help="precisions to evaluate (each <= master bits)")
+    p.add_argument("--eval-bits", default="2,4,8,3,6", help="precisions to evaluate, in this order (each <= master)")
+    p.add_argument("--ckpt-root", default=None,
+                   help="save each trained model here (matquant checkpoint) so a later call can finish its evaluation")
     p.add_argument("--no-ref", action="store_true", help="skip the fp32 reference (another --out file has it)")
     p.add_argument("--table", nargs="*", default=None, metavar="JSON",
                    help="only print the markdown tables of these result files (default: --out)")
@@ -87,45 +89,56 @@ def main(argv=None) -> int:
         db["runs"]["fp32"] = {"ppl": {"fp32": perplexity(base, ev, desc="fp32").ppl}, "eval_s": time.time() - t}
         save()
     calib = token_windows(tok, "calib", a.seqlen, a.train_windows)
+    from matquant.format.checkpoint import load_checkpoint, save_checkpoint
+
     for name in a.configs.split(","):
         method, master, bits, lams, slicing, distill = CONFIGS[name]
         key = name if method == "rtn" else f"{name}@{a.steps}x{a.batch * a.grad_accum}x{a.seqlen}-lr{a.lr:g}"
-        if key in db["runs"]:
+        rec = db["runs"].get(key)
+        ck = Path(a.ckpt_root) / key if a.ckpt_root else None
+        modes = [slicing] if slicing else ["paper", "nested"]
+        todo = [(b, m) for m in modes for b in eval_bits if b < master or (b == master and m == modes[0])]
+        if rec and all(f"int{b}/{m}" in rec["ppl"] for b, m in todo):
             print(f"{key}: done already")
             continue
-        model = copy.deepcopy(base)
-        work = Path(tempfile.mkdtemp(prefix="qatbench-"))
-        t, c = time.time(), time.process_time()
-        kw = {}
-        if method == "qat":
-            kw = dict(bits_list=bits, lambdas=lams, distill=distill, steps=a.steps, lr=a.lr, batch_size_train=a.batch,
-                      grad_accum=a.grad_accum, save_every=0, work_dir=str(work), device="cpu")
-        quantize_model(model, method, master_bits=master, group_size=64, scope="ffn", slicing=slicing or "paper",
-                       calib=calib if method == "qat" else None, **kw)
-        train_s, train_cpu_s = time.time() - t, time.process_time() - c
-        hist = []
-        if method == "qat":
-            ck = json.loads((work / "latest.json").read_text())
-            hist = json.loads((work / ck["dir"] / "state.json").read_text())["history"]
-        shutil.rmtree(work, ignore_errors=True)
-        tokens = a.steps * a.batch * a.grad_accum * a.seqlen if method == "qat" else 0
-        rec = {"method": method, "master_bits": master, "bits_list": bits, "lambdas": lams, "distill": distill,
-               "slicing": slicing, "steps": a.steps if method == "qat" else 0, "train_tokens": tokens,
-               "seqlen": a.seqlen, "lr": a.lr if method == "qat" else None, "train_s": train_s, "train_cpu_s": train_cpu_s,
-               "tokens_per_s": tokens / train_s if tokens else None,
-               "loss_first5": _avg(hist[:5]), "loss_last5": _avg(hist[-5:]), "ppl": {}}
-        modes = [slicing] if slicing else ["paper", "nested"]
-        t = time.time()
-        for mode in modes:
-            for b in eval_bits:
-                if b > master or (b == master and mode != modes[0]):
-                    continue
-                set_bits(model, b, mode)
-                rec["ppl"][f"int{b}/{mode}"] = perplexity(model, ev, desc=f"{name} int{b} {mode}").ppl
-                print(f"{key} int{b} {mode}: {rec['ppl'][f'int{b}/{mode}']:.3f}", flush=True)
-        rec["eval_s"] = time.time() - t
-        db["runs"][key] = rec
-        save()
+        if rec and ck and ck.exists():  # trained before: evaluate the missing rows from its checkpoint
+            model = load_checkpoint(ck)[0]
+        else:  # the last configuration trains the loaded model itself (saves one model copy of memory)
+            model = copy.deepcopy(base) if name != a.configs.split(",")[-1] else base
+            work = Path(tempfile.mkdtemp(prefix="qatbench-"))
+            t, c = time.time(), time.process_time()
+            kw = {}
+            if method == "qat":
+                kw = dict(bits_list=bits, lambdas=lams, distill=distill, steps=a.steps, lr=a.lr,
+                          batch_size_train=a.batch, grad_accum=a.grad_accum, save_every=0, work_dir=str(work),
+                          device="cpu")
+            qcfg = quantize_model(model, method, master_bits=master, group_size=64, scope="ffn",
+                                  slicing=slicing or "paper", calib=calib if method == "qat" else None, **kw)
+            train_s, train_cpu_s = time.time() - t, time.process_time() - c
+            hist = []
+            if method == "qat":
+                latest = json.loads((work / "latest.json").read_text())
+                hist = json.loads((work / latest["dir"] / "state.json").read_text())["history"]
+            shutil.rmtree(work, ignore_errors=True)
+            if ck:
+                save_checkpoint(model, tok, ck, qcfg, overwrite=True)
+            tokens = a.steps * a.batch * a.grad_accum * a.seqlen if method == "qat" else 0
+            rec = {"method": method, "master_bits": master, "bits_list": bits, "lambdas": lams, "distill": distill,
+                   "slicing": slicing, "steps": a.steps if method == "qat" else 0, "train_tokens": tokens,
+                   "seqlen": a.seqlen, "lr": a.lr if method == "qat" else None, "train_s": train_s,
+                   "train_cpu_s": train_cpu_s, "tokens_per_s": tokens / train_s if tokens else None,
+                   "loss_first5": _avg(hist[:5]), "loss_last5": _avg(hist[-5:]), "history": hist, "ppl": {}}
+            db["runs"][key] = rec
+            save()
+        for b, mode in todo:
+            if f"int{b}/{mode}" in rec["ppl"]:
+                continue
+            set_bits(model, b, mode)
+            t = time.time()
+            rec["ppl"][f"int{b}/{mode}"] = perplexity(model, ev, desc=f"{name} int{b} {mode}").ppl
+            rec.setdefault("eval_s", {})[f"int{b}/{mode}"] = time.time() - t
+            print(f"{key} int{b} {mode}: {rec['ppl'][f'int{b}/{mode}']:.3f}", flush=True)
+            save()  # after every row: a killed run keeps what it measured
         del model
     print(render(db))
     return 0
