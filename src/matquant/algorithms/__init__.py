@@ -68,4 +68,8 @@ def _jsonable(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
 
 
-__all__ = ["METHODS", "register_method", "quantize_model", "rtn", "gptq", "matgptq"]
+from matquant.algorithms.qat import qat  # noqa: E402  (needs register_method defined above)
+
+register_method("qat", qat, needs_calibration=True)
+
+__all__ = ["METHODS", "register_method", "quantize_model", "rtn", "gptq", "matgptq", "qat"]

@@ -38,16 +38,21 @@ def add_quant_args(p, method_default: str = "rtn") -> None:
                    help="calibration windows (default 32: CPU-friendly; GPTQ papers use 128)")
     g.add_argument("--calib-seqlen", type=int, default=512,
                    help="calibration window length in tokens (default 512; GPTQ papers use 2048)")
+    g = p.add_argument_group("multi-precision objective (matgptq, qat, omniquant)")
+    g.add_argument("--bits-list", type=int_list, default=None, metavar="R",
+                   help="precisions optimised jointly, e.g. 8,4,2 (default) or 8,4,3,2; '2' with --bits-master 8 is "
+                        "Single-Precision MatQuant; R = {C} with --bits-master C is a dedicated baseline")
+    g.add_argument("--lambdas", type=float_list, default=None, metavar="L",
+                   help="weight of each --bits-list precision, same order (default 0.1,0.1,1 for 8,4,2; otherwise "
+                        "1 for the lowest and 0.1 for the others in qat, all 1 in matgptq)")
+    g.add_argument("--distill", default=None, metavar="SPEC",
+                   help="qat: co-distillation in the paper's notation: '[8,4,2]' (none), '[8,4,8->2]' (int2 learns "
+                        "only from the int8 slice), '[8,4,2,8->2]' (int2: ground truth + int8 teacher), '[8,4,2,8->4;2]'")
     g = p.add_argument_group("gptq / matgptq")
     g.add_argument("--damp", type=float, default=0.01,
                    help="Hessian damping, as a fraction of its mean diagonal (default 0.01)")
     g.add_argument("--act-order", action="store_true",
                    help="process columns by decreasing Hessian diagonal (group parameters then fixed up front)")
-    g.add_argument("--bits-list", type=int_list, default=None, metavar="R",
-                   help="matgptq: precisions the codes are optimised for, e.g. 8,4,2 (default 8,4,2)")
-    g.add_argument("--lambdas", type=float_list, default=None, metavar="L",
-                   help="matgptq: weight of each --bits-list precision in the code choice, e.g. 0.1,0.1,1 "
-                        "(default 0.1,0.1,1 for 8,4,2; all 1 otherwise)")
     g.add_argument("--error-feedback", default=DEFAULT_ERROR_FEEDBACK, choices=ERROR_FEEDBACK,
                    help="matgptq: residual propagated to later columns: the lambda-weighted mean over the slices "
                         "(weighted), their plain mean (mean), or the int-C residual only (master) (default %(default)s)")
@@ -58,6 +63,7 @@ def add_quant_args(p, method_default: str = "rtn") -> None:
     g.add_argument("--quant-device", default=None, metavar="DEV",
                    help="device for the block-by-block pass (default: cuda if available, else cpu); one block at "
                         "a time is moved there")
+    add_qat_args(p)
 
 
 def float_list(s: str) -> list[float]:
@@ -73,7 +79,10 @@ def float_list(s: str) -> list[float]:
 
 
 def method_kwargs(args) -> dict:
-    """The options of the chosen method (recorded in the checkpoint's quantization_config.method_args)."""
+    """The options of the chosen method (recorded in the checkpoint's quantization_config.method_args),
+    validated before any work starts."""
+    if args.method == "qat":
+        return qat_kwargs(args)
     if args.method not in ("gptq", "matgptq"):
         return {}
     kw = dict(damp=args.damp, act_order=args.act_order, batch_size=args.calib_batch_size)
@@ -83,6 +92,41 @@ def method_kwargs(args) -> dict:
         kw.update(bits_list=args.bits_list, lambdas=args.lambdas, error_feedback=args.error_feedback,
                   group_params=args.group_params)
     return kw
+
+
+def add_qat_args(p) -> None:
+    """Options of --method qat (the calibration windows are its training data)."""
+    g = p.add_argument_group("QAT (--method qat; training data = the calibration windows)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200)")
+    g.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default 1e-4)")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps, then cosine (default 5%%)")
+    g.add_argument("--min-lr-ratio", type=float, default=None, help="final lr / peak lr of the cosine (default 0.1)")
+    g.add_argument("--batch-size-train", type=int, default=None, help="windows per micro-batch per process (default 1)")
+    g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping norm, 0 = off (default 1)")
+    g.add_argument("--qparams", default=None, choices=("minmax", "learnable"),
+                   help="minmax: α, z recomputed from the weights every step (default); learnable: trained too")
+    g.add_argument("--seed", type=int, default=None, help="data order / RNG seed (default 0)")
+    g.add_argument("--work-dir", default=None,
+                   help="training checkpoints; rerunning the same command resumes from here (default OUT.qat-work)")
+    g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps; 0 = only at the end "
+                                                                 "(default 50)")
+    g.add_argument("--train-device", dest="train_device", default=None,
+                   help="auto (default: this process's GPU if any), cpu or cuda")
+    g.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no bf16 autocast on GPU")
+
+
+def qat_kwargs(args) -> dict:
+    """--method qat keyword arguments, validated before any work starts."""
+    from matquant.algorithms.objectives import build_objective
+    from matquant.algorithms.qat import QAT_ARG_NAMES, make_config
+
+    kw = {k: getattr(args, k, None) for k in QAT_ARG_NAMES if k not in ("device",)}
+    kw["device"] = getattr(args, "train_device", None)
+    build_objective(kw["bits_list"], kw["lambdas"], kw["distill"], master_bits=args.bits_master, slicing=args.slicing)
+    make_config(**{k: v for k, v in kw.items() if k not in ("bits_list", "lambdas", "distill")})
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 def quant_kwargs(args) -> dict:
@@ -120,17 +164,23 @@ def run(args) -> int:
     from pathlib import Path
 
     from matquant.algorithms import quantize_model
+    from matquant.algorithms.qat import finish_distributed, is_main_process
     from matquant.format.checkpoint import save_checkpoint
     from matquant.models import load_model
 
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} already exists; pass --overwrite or choose another --out.")
+    if args.method == "qat" and args.work_dir is None:
+        args.work_dir = f"{args.out}.qat-work"
+    quant_kwargs(args)  # validates method options before any work
     t0 = time.time()
     print(f"loading {args.model} ...")
     model, tok, src = load_model(args.model)
     calib = calibration(args, tok)
     qcfg = quantize_model(model, args.method, calib=calib, **quant_kwargs(args))
-    save_checkpoint(model, tok, args.out, qcfg, overwrite=args.overwrite)
-    print(f"wrote {args.out}: {len(qcfg.modules)} layers, {args.method}, int{qcfg.master_bits} master, "
-          f"group {qcfg.group_size}, slicing {qcfg.slicing} ({time.time() - t0:.0f}s)")
+    if is_main_process():  # under torchrun every rank trains (DDP); rank 0 writes
+        save_checkpoint(model, tok, args.out, qcfg, overwrite=args.overwrite)
+        print(f"wrote {args.out}: {len(qcfg.modules)} layers, {args.method}, int{qcfg.master_bits} master, "
+              f"group {qcfg.group_size}, slicing {qcfg.slicing} ({time.time() - t0:.0f}s)")
+    finish_distributed()
     return 0
