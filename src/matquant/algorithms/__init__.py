@@ -29,6 +29,11 @@ def register_method(name: str, fn: Callable, needs_calibration: bool = False) ->
         CALIBRATED.add(name)
 
 
+from matquant.algorithms.omniquant import omniquant  # noqa: E402
+
+register_method("omniquant", omniquant, needs_calibration=True)
+
+
 def quantize_model(
     model, method: str = "rtn", *, master_bits: int = 8, group_size: int = 64, scope: str = "ffn",
     modules: str | None = None, symmetric: bool = False, slicing: str = "paper", param_dtype: str = "float16",

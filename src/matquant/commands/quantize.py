@@ -30,22 +30,31 @@ def add_quant_args(p, method_default: str = "rtn") -> None:
                    help="storage dtype of scales and zeros (default float16)")
     g.add_argument("--calib-text", default="calib", metavar="SRC",
                    help="calibration text for data-driven methods: 'calib' (embedded, disjoint from eval) or a file")
-    g.add_argument("--calib-windows", type=int, default=128, help="calibration windows (default 128)")
-    g.add_argument("--calib-seqlen", type=int, default=2048, help="calibration window length (default 2048)")
+    g.add_argument("--calib-windows", type=int, default=None,
+                   help="calibration windows (default: the method's, else 128; omniquant 32)")
+    g.add_argument("--calib-seqlen", type=int, default=None,
+                   help="calibration window length (default: the method's, else 2048; omniquant 512)")
+    from matquant.algorithms.omniquant import add_omniquant_args
+
+    add_omniquant_args(p)
 
 
 def quant_kwargs(args) -> dict:
+    from matquant.algorithms.omniquant import omniquant_kwargs
+
     return dict(master_bits=args.bits_master, group_size=args.group_size, scope=args.scope, modules=args.modules,
-                symmetric=args.symmetric, slicing=args.slicing, param_dtype=args.param_dtype)
+                symmetric=args.symmetric, slicing=args.slicing, param_dtype=args.param_dtype,
+                **omniquant_kwargs(args))
 
 
 def calibration(args, tokenizer):
-    from matquant.algorithms import CALIBRATED
+    from matquant.algorithms import CALIBRATED, METHODS
     from matquant.data import token_windows
 
     if args.method not in CALIBRATED:
         return None
-    return token_windows(tokenizer, args.calib_text, args.calib_seqlen, args.calib_windows)
+    n, seqlen = getattr(METHODS[args.method], "calib_defaults", (128, 2048))
+    return token_windows(tokenizer, args.calib_text, args.calib_seqlen or seqlen, args.calib_windows or n)
 
 
 def register(sub) -> None:
@@ -71,10 +80,11 @@ def run(args) -> int:
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} already exists; pass --overwrite or choose another --out.")
     t0 = time.time()
+    kw = quant_kwargs(args)  # validates method options before any work
     print(f"loading {args.model} ...")
     model, tok, src = load_model(args.model)
     calib = calibration(args, tok)
-    qcfg = quantize_model(model, args.method, calib=calib, **quant_kwargs(args))
+    qcfg = quantize_model(model, args.method, calib=calib, **kw)
     save_checkpoint(model, tok, args.out, qcfg, overwrite=args.overwrite)
     print(f"wrote {args.out}: {len(qcfg.modules)} layers, {args.method}, int{qcfg.master_bits} master, "
           f"group {qcfg.group_size}, slicing {qcfg.slicing} ({time.time() - t0:.0f}s)")
