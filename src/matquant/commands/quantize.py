@@ -31,9 +31,9 @@ def add_quant_args(p, method_default: str = "rtn") -> None:
     g.add_argument("--calib-text", default="calib", metavar="SRC",
                    help="calibration text for data-driven methods: 'calib' (embedded, disjoint from eval) or a file")
     g.add_argument("--calib-windows", type=int, default=None,
-                   help="calibration windows (default: the method's, else 128; omniquant 32)")
+                   help="calibration windows (default: the method's, else 128; omniquant 8)")
     g.add_argument("--calib-seqlen", type=int, default=None,
-                   help="calibration window length (default: the method's, else 2048; omniquant 512)")
+                   help="calibration window length (default: the method's, else 2048; omniquant 256)")
     from matquant.algorithms.omniquant import add_omniquant_args
 
     add_omniquant_args(p)
