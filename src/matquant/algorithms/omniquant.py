@@ -45,10 +45,11 @@ from tqdm.auto import tqdm
 
 from matquant.format.atomic import atomic_write_bytes, atomic_write_json
 from matquant.models.targets import linear_weight
-from matquant.quant.minmax import QuantizedWeight, check_bits, grouped, quantize_codes, resolve_group_size
+from matquant.quant.minmax import (
+    QuantizedWeight, check_bits, dequantize_codes, grouped, quantize_codes, resolve_group_size,
+)
 from matquant.quant.slicing import check_slicing, slice_master
 from matquant.quant.ste import fake_quant_ste
-from matquant.quant.minmax import dequantize_codes
 
 DEFAULT_LR = 1e-3  # MatQuant paper: AdamW, constant lr 1e-3
 DEFAULT_LR_LWC = 2e-1  # OmniQuant uses 1e-2 with ~40x more steps; see docs/omniquant.md
@@ -421,6 +422,7 @@ def omniquant(
 ) -> dict[str, QuantizedWeight]:
     spec = make_spec(master_bits, bits_list, lambdas, distill)
     check_slicing(slicing)
+    lr_lwc = DEFAULT_LR_LWC if lr_lwc is None else lr_lwc
     if block_inputs not in BLOCK_INPUTS:
         raise ValueError(f"block_inputs must be one of {BLOCK_INPUTS}, got {block_inputs!r}.")
     if not isinstance(epochs, int) or epochs < 0:
@@ -502,7 +504,7 @@ def _train_block(block, rel_targets, spec: OmniSpec, streams, y_fp, args, kwargs
     torch.manual_seed(seed * 100003 + idx)
     bq = _BlockQuant(block, rel_targets, c, group_size, symmetric, let,
                      block_x=(streams["fp"], args, kwargs) if let else None).to(dev)
-    groups = [{"params": list(bq.up.values()) + list(bq.low.values()), "lr": lr_lwc or lr}]
+    groups = [{"params": list(bq.up.values()) + list(bq.low.values()), "lr": lr_lwc}]
     if let:
         groups.append({"params": list(bq.let_scales), "lr": lr_let or lr})
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, eps=1e-12)
@@ -577,7 +579,7 @@ def add_omniquant_args(p) -> None:
     g.add_argument("--epochs", type=int, default=2, help="passes over the calibration windows per block (default 2)")
     g.add_argument("--lr", type=float, default=None,
                    help=f"AdamW learning rate, constant (default {DEFAULT_LR:g}; see docs/omniquant.md)")
-    g.add_argument("--lr-lwc", type=float, default=None, help="learning rate of the clipping logits (default --lr)")
+    g.add_argument("--lr-lwc", type=float, default=None, help=f"learning rate of the clipping logits (default {DEFAULT_LR_LWC:g}; see docs/omniquant.md)")
     g.add_argument("--lr-let", type=float, default=None, help="learning rate of the LET scales (default --lr)")
     g.add_argument("--let", action="store_true",
                    help="also learn the equivalent transformation (Llama-style blocks: norm → gate/up, up → down)")
