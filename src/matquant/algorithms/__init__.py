@@ -35,6 +35,10 @@ from matquant.algorithms.matgptq import matgptq  # noqa: E402
 register_method("gptq", gptq, needs_calibration=True)
 register_method("matgptq", matgptq, needs_calibration=True)
 
+from matquant.algorithms.omniquant import omniquant  # noqa: E402
+
+register_method("omniquant", omniquant, needs_calibration=True)
+
 
 def quantize_model(
     model, method: str = "rtn", *, master_bits: int = 8, group_size: int = 64, scope: str = "ffn",

@@ -34,10 +34,12 @@ def add_quant_args(p, method_default: str = "rtn") -> None:
                    help="storage dtype of scales and zeros (default float16)")
     g.add_argument("--calib-text", default="calib", metavar="SRC",
                    help="calibration text for data-driven methods: 'calib' (embedded, disjoint from eval) or a file")
-    g.add_argument("--calib-windows", type=int, default=32,
-                   help="calibration windows (default 32: CPU-friendly; GPTQ papers use 128)")
-    g.add_argument("--calib-seqlen", type=int, default=512,
-                   help="calibration window length in tokens (default 512; GPTQ papers use 2048)")
+    g.add_argument("--calib-windows", type=int, default=None,
+                   help="calibration windows (default: the method's; 32 for gptq/matgptq/qat (CPU-friendly; GPTQ "
+                        "papers use 128), 8 for omniquant)")
+    g.add_argument("--calib-seqlen", type=int, default=None,
+                   help="calibration window length in tokens (default: the method's; 512, omniquant 256; "
+                        "papers use 2048)")
     g = p.add_argument_group("multi-precision objective (matgptq, qat, omniquant)")
     g.add_argument("--bits-list", type=int_list, default=None, metavar="R",
                    help="precisions optimised jointly, e.g. 8,4,2 (default) or 8,4,3,2; '2' with --bits-master 8 is "
@@ -64,6 +66,9 @@ def add_quant_args(p, method_default: str = "rtn") -> None:
                    help="device for the block-by-block pass (default: cuda if available, else cpu); one block at "
                         "a time is moved there")
     add_qat_args(p)
+    from matquant.algorithms.omniquant import add_omniquant_args
+
+    add_omniquant_args(p)
 
 
 def float_list(s: str) -> list[float]:
@@ -83,6 +88,10 @@ def method_kwargs(args) -> dict:
     validated before any work starts."""
     if args.method == "qat":
         return qat_kwargs(args)
+    if args.method == "omniquant":
+        from matquant.algorithms.omniquant import omniquant_kwargs
+
+        return omniquant_kwargs(args)
     if args.method not in ("gptq", "matgptq"):
         return {}
     kw = dict(damp=args.damp, act_order=args.act_order, batch_size=args.calib_batch_size)
@@ -96,9 +105,9 @@ def method_kwargs(args) -> dict:
 
 def add_qat_args(p) -> None:
     """Options of --method qat (the calibration windows are its training data)."""
-    g = p.add_argument_group("QAT (--method qat; training data = the calibration windows)")
+    g = p.add_argument_group("training (--method qat; --lr, --seed, --work-dir also omniquant)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200)")
-    g.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default 1e-4)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (qat: peak, default 1e-4; omniquant: constant, default 1e-3)")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0)")
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps, then cosine (default 5%%)")
     g.add_argument("--min-lr-ratio", type=float, default=None, help="final lr / peak lr of the cosine (default 0.1)")
@@ -109,7 +118,8 @@ def add_qat_args(p) -> None:
                    help="minmax: α, z recomputed from the weights every step (default); learnable: trained too")
     g.add_argument("--seed", type=int, default=None, help="data order / RNG seed (default 0)")
     g.add_argument("--work-dir", default=None,
-                   help="training checkpoints; rerunning the same command resumes from here (default OUT.qat-work)")
+                   help="training checkpoints (qat) or finished blocks (omniquant); rerunning the same command "
+                        "resumes from here (qat default OUT.qat-work)")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps; 0 = only at the end "
                                                                  "(default 50)")
     g.add_argument("--train-device", dest="train_device", default=None,
@@ -135,13 +145,14 @@ def quant_kwargs(args) -> dict:
 
 
 def calibration(args, tokenizer):
-    from matquant.algorithms import CALIBRATED
+    from matquant.algorithms import CALIBRATED, METHODS
     from matquant.data import token_windows
 
     if args.method not in CALIBRATED:
         return None
+    n, seqlen = getattr(METHODS[args.method], "calib_defaults", (32, 512))
     try:
-        return token_windows(tokenizer, args.calib_text, args.calib_seqlen, args.calib_windows)
+        return token_windows(tokenizer, args.calib_text, args.calib_seqlen or seqlen, args.calib_windows or n)
     except ValueError as e:
         raise ValueError(f"calibration text too short for --method {args.method}: {e} (calibration flags: "
                          "--calib-text FILE with more text, or a smaller --calib-seqlen)") from None
@@ -172,12 +183,12 @@ def run(args) -> int:
         raise FileExistsError(f"{args.out} already exists; pass --overwrite or choose another --out.")
     if args.method == "qat" and args.work_dir is None:
         args.work_dir = f"{args.out}.qat-work"
-    quant_kwargs(args)  # validates method options before any work
     t0 = time.time()
+    kw = quant_kwargs(args)  # validates method options before any work
     print(f"loading {args.model} ...")
     model, tok, src = load_model(args.model)
     calib = calibration(args, tok)
-    qcfg = quantize_model(model, args.method, calib=calib, **quant_kwargs(args))
+    qcfg = quantize_model(model, args.method, calib=calib, **kw)
     if is_main_process():  # under torchrun every rank trains (DDP); rank 0 writes
         save_checkpoint(model, tok, args.out, qcfg, overwrite=args.overwrite)
         print(f"wrote {args.out}: {len(qcfg.modules)} layers, {args.method}, int{qcfg.master_bits} master, "
