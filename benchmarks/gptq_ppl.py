@@ -53,7 +53,7 @@ def plan(name: str, bits: list[int], modes: list[str]):
     if name.startswith("matgptq-"):
         parts = name.split("-")
         fb, mode, variants = FB[parts[1]], parts[2], parts[3:]
-        kw = {"master_bits": 8, "slicing": mode, "error_feedback": fb}
+        kw = {"master_bits": 8, "slicing": mode, "error_feedback": fb, "lambdas": [0.1, 0.1, 1.0]}  # the QAT λ
         if "s" in variants:
             kw["group_params"] = "search"
         if "l16" in variants:

@@ -47,7 +47,8 @@ def add_quant_args(p, method_default: str = "rtn") -> None:
                    help="matgptq: precisions the codes are optimised for, e.g. 8,4,2 (default 8,4,2)")
     g.add_argument("--lambdas", type=float_list, default=None, metavar="L",
                    help="matgptq: weight of each --bits-list precision in the code choice, e.g. 0.1,0.1,1 "
-                        "(default 0.1,0.1,1 for 8,4,2; all 1 otherwise)")
+                        "(default 16,4,1 for 8,4,2 -- measured best one-shot; the QAT paper's 0.1,0.1,1 ruins int8 here; "
+                        "all 1 for other lists)")
     g.add_argument("--error-feedback", default=DEFAULT_ERROR_FEEDBACK, choices=ERROR_FEEDBACK,
                    help="matgptq: residual propagated to later columns: the lambda-weighted mean over the slices "
                         "(weighted), their plain mean (mean), or the int-C residual only (master) (default %(default)s)")
