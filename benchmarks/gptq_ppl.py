@@ -12,7 +12,8 @@ Configurations:
     rtn8 / gptq8                one int8 model, sliced to every bit-width in both modes
     gptqB                       dedicated GPTQ at B bits (evaluated at B only)
     matgptq-<fb>-<mode>[-<v>]   MatGPTQ built for slicing <mode> with error feedback <fb> (w=weighted, m=mean,
-                                x=master); variants: s = group-param search, r4 = R=(8,4,3,2) λ=(.1,.1,.5,1)
+                                x=master); variants: s = group-param search, r4 = R=(8,4,3,2) λ=(.1,.1,.5,1),
+                                l16 = λ=(16,4,1)
 """
 from __future__ import annotations
 
@@ -52,9 +53,11 @@ def plan(name: str, bits: list[int], modes: list[str]):
     if name.startswith("matgptq-"):
         parts = name.split("-")
         fb, mode, variants = FB[parts[1]], parts[2], parts[3:]
-        kw = {"master_bits": 8, "slicing": mode, "error_feedback": fb}
+        kw = {"master_bits": 8, "slicing": mode, "error_feedback": fb, "lambdas": [0.1, 0.1, 1.0]}  # the QAT λ
         if "s" in variants:
             kw["group_params"] = "search"
+        if "l16" in variants:
+            kw["lambdas"] = [16.0, 4.0, 1.0]
         if "r4" in variants:
             kw["bits_list"], kw["lambdas"] = [8, 4, 3, 2], [0.1, 0.1, 0.5, 1.0]
         return "matgptq", kw, [(b, mode if b < 8 else "any") for b in bits]

@@ -16,7 +16,9 @@ def label(cfg: str) -> str:
     if cfg.startswith("matgptq-"):
         p = cfg.split("-")
         fb = {"w": "λ-weighted", "m": "mean", "x": "master"}[p[1]]
-        extra = {"s": ", group search", "r4": ", R=8,4,3,2"}
+        if "l16" not in p:
+            fb += ", λ=(.1,.1,1)"
+        extra = {"s": ", group search", "r4": ", R=8,4,3,2", "l16": ", λ=(16,4,1)"}
         return f"MatGPTQ int8 ({fb} feedback{''.join(extra[v] for v in p[3:])}), built for {p[2]}"
     if cfg.startswith("gptq") and cfg != "gptq8":
         return NAMES["gptq"]
@@ -30,20 +32,18 @@ def main(paths):
         rows += d["rows"]
         meta = meta or d["meta"]
     fp = next((r["ppl"] for r in rows if r["config"] == "fp32"), None)
-    bits = [8, 6, 4, 3, 2]
+    bits = sorted({r["bits"] for r in rows if r["config"] != "fp32"}, reverse=True)
     table: dict[tuple, dict] = {}
-    qsec: dict[str, float] = {}
-    for r in rows:
-        if r["config"] == "fp32":
-            continue
-        modes = ("paper", "nested") if r["slicing"] == "any" else (r["slicing"],)
-        for m in modes:
-            table.setdefault((label(r["config"]), m), {})[r["bits"]] = r["ppl"]
-        if r["config"].startswith("gptq") and r["config"] != "gptq8":
-            qsec.setdefault(label(r["config"]), 0)
-            qsec[label(r["config"])] += r["quant_seconds"] / 5 / 2  # per bit-width run, average later
-        else:
-            qsec[label(r["config"])] = r["quant_seconds"]
+    all_modes = sorted({r["slicing"] for r in rows if r["slicing"] in ("paper", "nested", "extra")})
+    for cfg in dict.fromkeys(r["config"] for r in rows if r["config"] != "fp32"):
+        rs = [r for r in rows if r["config"] == cfg]
+        modes = sorted({r["slicing"] for r in rs if r["slicing"] in all_modes})
+        if cfg.startswith("matgptq-"):
+            modes = [cfg.split("-")[2]]
+        for m in modes or all_modes:
+            for r in rs:
+                if r["slicing"] in (m, "any") or (cfg.startswith("matgptq-") and r["bits"] == 8):
+                    table.setdefault((label(cfg), m), {})[r["bits"]] = r["ppl"]
     print(f"Model {meta.get('model')}, scope {meta.get('scope')}, group {meta.get('group_size')}, calibration "
           f"{meta.get('calib')}, eval {meta.get('eval')}, fp32 ppl {fp:.3f}" if fp else "")
     print()

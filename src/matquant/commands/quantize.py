@@ -45,8 +45,9 @@ def add_quant_args(p, method_default: str = "rtn") -> None:
                    help="precisions optimised jointly, e.g. 8,4,2 (default) or 8,4,3,2; '2' with --bits-master 8 is "
                         "Single-Precision MatQuant; R = {C} with --bits-master C is a dedicated baseline")
     g.add_argument("--lambdas", type=float_list, default=None, metavar="L",
-                   help="weight of each --bits-list precision, same order (default 0.1,0.1,1 for 8,4,2; otherwise "
-                        "1 for the lowest and 0.1 for the others in qat, all 1 in matgptq)")
+                   help="weight of each --bits-list precision, same order. Defaults for 8,4,2: qat/omniquant 0.1,0.1,1 "
+                        "(the paper's); matgptq 16,4,1 (measured best one-shot; 0.1,0.1,1 ruins int8 there). "
+                        "Other lists: qat/omniquant 1 for the lowest and 0.1 for the others, matgptq all 1")
     g.add_argument("--distill", default=None, metavar="SPEC",
                    help="qat: co-distillation in the paper's notation: '[8,4,2]' (none), '[8,4,8->2]' (int2 learns "
                         "only from the int8 slice), '[8,4,2,8->2]' (int2: ground truth + int8 teacher), '[8,4,2,8->4;2]'")
