@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--search-args", default="", help="extra CLI options for `matquant mixnmatch` (quoted)")
     p.add_argument("--fp32", default=None, metavar="MODEL", help="also evaluate this fp32 model (e.g. smollm2-135m)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--skip-first", action="store_true",
+                   help="skip the budget-3.0 block (when another process measures it)")
     p.add_argument("--plot-only", action="store_true")
     p.add_argument("--merge", nargs="*", default=[], metavar="DIR",
                    help="with --plot-only: also take the rows of these earlier OUT folders (e.g. another mode)")
@@ -136,10 +138,11 @@ def main(argv=None) -> int:
                   "search_seconds": s.get("seconds"), "search_config": s.get("config")})
 
     # 1. everything at budget 3.0
-    for mode in modes:
+    for mode in modes if not args.skip_first else []:
         evaluate("uniform", "int3", 3.0, mode, cost.uniform(3))
-    schedules_at(3.0, modes)
-    if 3.0 in search_budgets:
+    if not args.skip_first:
+        schedules_at(3.0, modes)
+    if 3.0 in search_budgets and not args.skip_first:
         for mode in search_modes:
             search_at(3.0, mode)
     # 2. uniform slices
@@ -148,7 +151,7 @@ def main(argv=None) -> int:
             evaluate("uniform", f"int{b}", float(b), mode, cost.uniform(b))
     # 3. other budgets, fixed schedules; 4. other searches
     for b in budgets:
-        if b != 3.0:
+        if b != 3.0 or args.skip_first:
             schedules_at(b, smodes)
     for b in search_budgets:
         if b != 3.0:

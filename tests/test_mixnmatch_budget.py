@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from _mixnmatch_tiny import make_dirs, quantized_tiny
 from matquant.mixnmatch import SCHEDULES, CostModel, group_units, parse_budget, schedule_map, validate_bits_map
