@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     modes = args.modes.split(",")
     smodes = (args.schedule_modes or args.modes).split(",")
     search_modes = (args.search_modes or args.modes).split(",")
-    budgets = [float(b) for b in args.budgets.split(",")]
+    budgets = [float(b) for b in args.budgets.split(",") if b]
     search_budgets = [float(b) for b in args.search_budgets.split(",") if b]
     cost = CostModel.from_checkpoint(args.checkpoint)
 
@@ -81,6 +81,13 @@ def main(argv=None) -> int:
             results.setdefault("protocol", other.get("protocol", {}))
             if "fp32" in other:
                 results.setdefault("fp32", other["fp32"])
+        seen, rows = set(), []
+        for r in results["rows"]:  # the same measurement from several folders counts once
+            k = (r["kind"], r["label"], r["budget"], r["mode"])
+            if k not in seen:
+                seen.add(k)
+                rows.append(r)
+        results["rows"] = rows
         write_outputs(results, out)
         return 0
     model, tok, qcfg = load_checkpoint(args.checkpoint)
@@ -146,7 +153,7 @@ def main(argv=None) -> int:
         for mode in search_modes:
             search_at(3.0, mode)
     # 2. uniform slices
-    for b in [int(x) for x in args.uniform_bits.split(",")]:
+    for b in [int(x) for x in args.uniform_bits.split(",") if x]:
         for mode in (modes if b < qcfg.master_bits else modes[:1]):
             evaluate("uniform", f"int{b}", float(b), mode, cost.uniform(b))
     # 3. other budgets, fixed schedules; 4. other searches
