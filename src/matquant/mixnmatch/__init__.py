@@ -1,3 +1,6 @@
-from matquant.mixnmatch.schedules import DEFAULT_LADDER, SCHEDULES, bits_map_for_schedule, schedule_bits
+from matquant.mixnmatch.budget import Budget, CostModel, parse_budget, validate_bits_map
+from matquant.mixnmatch.schedules import (DEFAULT_LADDER, GRANULARITIES, SCHEDULES, bits_map_for_schedule,
+                                          group_units, schedule_bits, schedule_map)
 
-__all__ = ["DEFAULT_LADDER", "SCHEDULES", "bits_map_for_schedule", "schedule_bits"]
+__all__ = ["DEFAULT_LADDER", "GRANULARITIES", "SCHEDULES", "bits_map_for_schedule", "group_units", "schedule_bits",
+           "schedule_map", "Budget", "CostModel", "parse_budget", "validate_bits_map"]

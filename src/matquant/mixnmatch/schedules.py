@@ -98,3 +98,49 @@ def bits_map_for_schedule(layer_modules: dict[int, list[str]], target: float, sc
     weights = [sum((numels or {}).get(m, 1) for m in layer_modules[b]) for b in blocks]
     per_block = schedule_bits(len(blocks), target, schedule, ladder, weights)
     return {m: b for blk, b in zip(blocks, per_block) for m in layer_modules[blk]}
+
+
+GRANULARITIES = ("layer", "module")
+
+
+def group_units(names: Sequence[str], granularity: str = "layer") -> list[list[str]]:
+    """Units that share one precision, in depth order.
+
+    - ``layer``  every quantized module of a transformer block together (modules without a block index: one unit
+                 each, at the end)
+    - ``module`` every quantized module on its own (sub-module granularity: e.g. down_proj apart from gate/up)
+    """
+    from matquant.models.targets import layer_index
+
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}.")
+    if granularity == "module":
+        order = sorted(range(len(names)), key=lambda i: (layer_index(names[i]) is None,
+                                                         layer_index(names[i]) or 0, i))
+        return [[names[i]] for i in order]
+    blocks: dict[int, list[str]] = {}
+    loose = []
+    for n in names:
+        li = layer_index(n)
+        (blocks.setdefault(li, []) if li is not None else loose).append(n)
+    return [blocks[b] for b in sorted(blocks)] + [[n] for n in loose]
+
+
+def schedule_map(cost, cap_code_bits: float, schedule: str, ladder: Sequence[int] = DEFAULT_LADDER,
+                 granularity: str = "layer") -> dict[str, int]:
+    """{module: bits} of a fixed schedule whose code bits (see budget.CostModel) stay within `cap_code_bits`.
+
+    The schedule's profile runs over the units in depth order (blocks, or single modules at ``module``
+    granularity). With `extra` slicing the overflow storage can push a map over the cap: the target is then
+    lowered until it fits.
+    """
+    units = group_units(cost.names, granularity)
+    weights = [sum(cost.numel[m] for m in u) for u in units]
+    target = min(cap_code_bits / cost.total_weights, max(ladder))
+    for _ in range(200):
+        per_unit = schedule_bits(len(units), max(target, min(ladder)), schedule, ladder, weights)
+        bits_map = {m: b for u, b in zip(units, per_unit) for m in u}
+        if cost.map_code_bits(bits_map) <= cap_code_bits + 1e-6 or target <= min(ladder):
+            return bits_map
+        target -= 0.01
+    return bits_map
