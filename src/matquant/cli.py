@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "quantize", "eval", "slice", "info")
+COMMANDS = ("demo", "quantize", "eval", "slice", "info", "experiment", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
