@@ -84,7 +84,7 @@ def build_tables(records: list[dict]) -> str:
             for r in sorted(recs, key=lambda r: (_series(r) != "fp32", _series(r),
                                                  _col_order(_bits_label(r["config"]["bits"])))):
                 t = r["result"]["tasks"]
-                cells = [_acc_cell(t[k], TASKS[k][1]) if k in t else "" for k in tasks]
+                cells = [_acc_cell(t[k], t[k].get("metric", TASKS[k][1])) if k in t else "" for k in tasks]
                 out.append(f"| {_series(r)} | {_bits_label(r['config']['bits'])} | " + " | ".join(cells) +
                            f" | {100 * r['result']['average']:.1f} |")
             out.append("")
