@@ -159,3 +159,22 @@ def test_cli_eval_zeroshot_runs(tmp_path, capsys, no_network):
 
     d = json.loads((tmp_path / "r.json").read_text())
     assert {r["task"] for r in d["zeroshot"]} == {"arc_easy", "average"}
+
+
+def test_experiment_runner_real_zeroshot_path(tmp_path, no_network):
+    """The runner's real lm-eval path: fp32 + one quantized slice, results stored with per-task numbers."""
+    from matquant.experiments.grid import parse_grid
+    from matquant.experiments.runner import run_grid
+    from matquant.experiments.store import ResultStore
+
+    src = save_tiny_source(tmp_path / "src")
+    g = parse_grid({"models": [str(src)], "bits": [2], "slicing": ["nested"], "group_size": 32,
+                    "out": str(tmp_path / "out"), "eval": {"zeroshot": {"tasks": ["winogrande"], "limit": 2}}})
+    s = run_grid(g, log=lambda m: None)
+    assert s["measured"] == 2
+    recs = ResultStore(g.store).records()
+    assert [r["config"]["bits"] for r in recs] == ["fp32", 2]
+    for r in recs:
+        w = r["result"]["tasks"]["winogrande"]
+        assert w["n"] == 2 and w["metric"] == "acc" and r["result"]["average"] == w["acc"]
+    assert recs[1]["result"]["effective_bits"] == 2 + 2 * 16 / 32 and (tmp_path / "out" / "zeroshot_vs_bits.png").exists()

@@ -160,10 +160,10 @@ def _host(grid: Grid, settings: dict) -> dict:
 def _describe(cfg: dict) -> str:
     q = cfg["quant"]
     b = cfg["bits"]
-    bits = b if not isinstance(b, dict) else f"{b['schedule']}@{b['target']}"
+    bits = f"int{b}" if not isinstance(b, dict) else f"M&M {b['schedule']}@{b['target']}"
     if q is None:
         return f"{cfg['model']} fp32 {cfg['eval']}"
-    return f"{cfg['model']} {q['label']} {q.get('scope', '')} {q['slicing']} int{bits} {cfg['eval']}"
+    return f"{cfg['model']} {q['label']} {q.get('scope', '')} {q['slicing']} {bits} {cfg['eval']}"
 
 
 def _headline(cfg: dict, res: dict) -> str:
