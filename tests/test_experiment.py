@@ -194,3 +194,12 @@ def test_cli_experiment_and_report(grid_file, capsys, monkeypatch):
     recs = ResultStore(g.store).records()
     assert build_tables(recs) == build_tables(recs + recs[:2])  # duplicates of a key: the last one wins
     assert json.loads(g.store.read_text().splitlines()[0])["key"] == recs[0]["key"]
+
+
+def test_report_skips_foreign_records(tmp_path, capsys):
+    from matquant.cli import main
+
+    s = ResultStore(tmp_path / "r.jsonl")
+    s.append({"model": "m", "method": "fp32"}, {"x": 1}, seconds=1)  # e.g. written by a benchmark script
+    assert main(["report", str(s.path)]) == 0
+    assert "1 record(s) not written by `matquant experiment` were skipped" in capsys.readouterr().out

@@ -52,6 +52,8 @@ def build_tables(records: list[dict]) -> str:
     from matquant.eval.zeroshot import TASKS
 
     records = _latest(records)
+    foreign = [r for r in records if not _is_grid_record(r)]
+    records = [r for r in records if _is_grid_record(r)]
     groups = defaultdict(list)
     for r in records:
         groups[(r["config"]["model"], r["config"]["eval"], _setting(r["config"]))].append(r)
@@ -88,7 +90,15 @@ def build_tables(records: list[dict]) -> str:
                 out.append(f"| {_series(r)} | {_bits_label(r['config']['bits'])} | " + " | ".join(cells) +
                            f" | {100 * r['result']['average']:.1f} |")
             out.append("")
+    if foreign:
+        out.append(f"({len(foreign)} record(s) not written by `matquant experiment` were skipped: they lack the "
+                   "grid fields eval/quant/bits.)")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _is_grid_record(r: dict) -> bool:
+    c = r.get("config", {})
+    return all(k in c for k in ("model", "eval", "quant", "bits")) and isinstance(r.get("result"), dict)
 
 
 def _acc_cell(t: dict, main: str) -> str:
@@ -127,7 +137,7 @@ def plot(records: list[dict], path, kind: str, title: str = "") -> bool:
 
     from matquant.format.atomic import atomic_write_bytes
 
-    recs = [r for r in _latest(records) if r["config"]["eval"] == kind]
+    recs = [r for r in _latest(records) if _is_grid_record(r) and r["config"]["eval"] == kind]
     if not recs:
         return False
     val = (lambda r: r["result"]["ppl"]) if kind == "ppl" else (lambda r: 100 * r["result"]["average"])
