@@ -25,7 +25,7 @@ def tiny_llama(layers: int = 4, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+                      num_key_value_heads=2, vocab_size=320, max_position_embeddings=256)
     return LlamaForCausalLM(cfg).eval()
 
 
