@@ -584,15 +584,3 @@ def omniquant_kwargs(args) -> dict:
               block_inputs=args.block_inputs, work_dir=args.work_dir, seed=args.seed if args.seed is not None else 0)
     make_spec(args.bits_master, kw["bits_list"], kw["lambdas"], kw["distill"])  # fail before loading the model
     return {k: v for k, v in kw.items() if v is not None}
-
-
-def _float_list(s: str) -> list[float]:
-    import argparse
-
-    try:
-        vals = [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.1,0.1,1.0, got {s!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("expected at least one value")
-    return vals

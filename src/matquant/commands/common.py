@@ -21,6 +21,16 @@ def int_list(s: str) -> list[int]:
     return vals
 
 
+def float_list(s: str) -> list[float]:
+    try:
+        vals = [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.1,0.1,1, got {s!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one value")
+    return vals
+
+
 def mode_list(s: str) -> list[str]:
     modes = [x.strip() for x in s.split(",") if x.strip()]
     bad = [m for m in modes if m not in SLICING_MODES]

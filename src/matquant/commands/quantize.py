@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from matquant.commands.common import int_list
+from matquant.commands.common import float_list, int_list
 from matquant.models.loading import DEFAULT_MODEL
 from matquant.models.targets import SCOPES
 from matquant.quant.slicing import SLICING_MODES
@@ -70,18 +70,6 @@ def add_quant_args(p, method_default: str = "rtn") -> None:
     from matquant.algorithms.omniquant import add_omniquant_args
 
     add_omniquant_args(p)
-
-
-def float_list(s: str) -> list[float]:
-    import argparse
-
-    try:
-        vals = [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.1,0.1,1, got {s!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("expected at least one value")
-    return vals
 
 
 def method_kwargs(args) -> dict:
