@@ -1,6 +1,6 @@
 """Time `matquant demo` as a whole process (wall time, peak RSS via /usr/bin/time -v) and print a markdown row.
 
-    python benchmarks/bench_demo.py [--runs 1] [-- extra demo args]
+    python benchmarks/bench_demo.py [--runs 1] [extra demo args, e.g. --method matgptq]
 
 Also prints the demo's perplexity table (from its results.json) so both land in docs/benchmarks.md together.
 """
@@ -20,8 +20,8 @@ import tempfile
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("extra", nargs="*", help="extra arguments for matquant demo")
-    a = ap.parse_args()
+    a, extra = ap.parse_known_args()
+    a.extra = extra
     for i in range(a.runs):
         out = tempfile.mkdtemp(prefix="demo-bench-")
         cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "matquant", "demo", "--out", out, *a.extra]
