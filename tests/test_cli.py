@@ -10,7 +10,7 @@ from matquant.cli import main
 
 def test_quantize_eval_slice_info(tmp_path, tiny_model_dir, text_file, capsys):
     ck = tmp_path / "ck"
-    assert main(["quantize", "--model", str(tiny_model_dir), "--out", str(ck), "--group-size", "32",
+    assert main(["quantize", "--method", "rtn", "--model", str(tiny_model_dir), "--out", str(ck), "--group-size", "32",
                  "--scope", "ffn+attn"]) == 0
     assert (ck / "model.safetensors").exists() and (ck / "tokenizer.json").exists()
     rows_file = tmp_path / "rows.json"
@@ -45,11 +45,11 @@ def test_quantize_eval_slice_info(tmp_path, tiny_model_dir, text_file, capsys):
 
 def test_cli_errors_are_one_clear_line(tmp_path, tiny_model_dir, capsys):
     ck = tmp_path / "ck"
-    assert main(["quantize", "--model", str(tiny_model_dir), "--out", str(ck), "--group-size", "48"]) == 1
+    assert main(["quantize", "--method", "rtn", "--model", str(tiny_model_dir), "--out", str(ck), "--group-size", "48"]) == 1
     err = capsys.readouterr().err
     assert "does not divide" in err and "Traceback" not in err and not ck.exists()
-    assert main(["quantize", "--model", str(tiny_model_dir), "--out", str(ck), "--group-size", "32"]) == 0
-    assert main(["quantize", "--model", str(tiny_model_dir), "--out", str(ck)]) == 1
+    assert main(["quantize", "--method", "rtn", "--model", str(tiny_model_dir), "--out", str(ck), "--group-size", "32"]) == 0
+    assert main(["quantize", "--method", "rtn", "--model", str(tiny_model_dir), "--out", str(ck)]) == 1
     assert "--overwrite" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", str(ck), "--bits", "9"])

@@ -52,6 +52,6 @@ def test_matquant_checkpoint_is_not_a_source(tmp_path, tiny_model_dir):
     from matquant.cli import main
 
     ck = tmp_path / "ck"
-    assert main(["quantize", "--model", str(tiny_model_dir), "--out", str(ck), "--group-size", "32"]) == 0
+    assert main(["quantize", "--method", "rtn", "--model", str(tiny_model_dir), "--out", str(ck), "--group-size", "32"]) == 0
     with pytest.raises(ValueError, match="already a matquant checkpoint"):
         load_model(str(ck))

@@ -50,9 +50,10 @@ def test_demo_command_end_to_end(tmp_path):
     from matquant.cli import main
 
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--windows", "1", "--seqlen", "128", "--bits", "8,4,2"]) == 0
+    assert main(["demo", "--out", str(out), "--windows", "1", "--seqlen", "128", "--bits", "8,4,2",
+                 "--calib-windows", "2", "--calib-seqlen", "128"]) == 0
     res = json.loads((out / "results.json").read_text())
     rows = {(r["method"], r["bits"], r["slicing"]): r["ppl"] for r in res["rows"]}
-    assert ("rtn int8 sliced", 4, "nested") in rows and ("rtn int2 dedicated", 2, "-") in rows
+    assert ("matgptq int8 sliced", 4, "nested") in rows  # the default method and ("rtn int2 dedicated", 2, "-") in rows
     assert (out / "ppl_vs_bits.png").stat().st_size > 10_000
     assert (out / "checkpoint" / "model.safetensors").exists()

@@ -14,10 +14,20 @@ def load(ckpt_dir, bits=None, slicing: str | None = None, device: str = "cpu", d
     return model, tok
 
 
-def quantize(model: str = DEFAULT_MODEL, out: str | None = None, method: str = "rtn", overwrite: bool = False,
+def quantize(model: str = DEFAULT_MODEL, out: str | None = None, method: str = "matgptq", overwrite: bool = False,
              calib=None, **kw):
-    """Load a full-precision model, quantize it, optionally save the checkpoint. Returns (model, tok, qconfig)."""
+    """Load a full-precision model, quantize it, optionally save the checkpoint. Returns (model, tok, qconfig).
+
+    Data-driven methods (matgptq, gptq, omniquant, qat) calibrate on the embedded 'calib' text with the method's
+    default number of windows unless `calib` (token windows [n, seqlen]) is given.
+    """
+    from matquant.algorithms import CALIBRATED, METHODS
+    from matquant.data import token_windows
+
     m, tok, _ = load_model(model)
+    if calib is None and method in CALIBRATED:
+        n, seqlen = getattr(METHODS[method], "calib_defaults", (32, 512))
+        calib = token_windows(tok, "calib", seqlen, n)
     qcfg = quantize_model(m, method, calib=calib, **kw)
     if out is not None:
         save_checkpoint(m, tok, out, qcfg, overwrite=overwrite)

@@ -15,7 +15,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "demo", help="quantize the embedded model once, evaluate every slice, print a table and plot",
         description="Load the embedded SmolLM2-135M (dequantized to fp32: the reference), build ONE int8 MatQuant "
-                    "checkpoint of its FFN layers, slice it to int8/6/4/3/2 in both slicing modes, compare with "
+                    "checkpoint of its FFN layers (MatGPTQ by default; --method rtn for the data-free baseline), slice it to int8/6/4/3/2 in both slicing modes, compare with "
                     "dedicated per-bit RTN baselines, and write a table, a JSON file and a PNG plot.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model to use (default: the embedded smollm2-135m)")
     p.add_argument("--out", default="matquant-demo", help="output folder (default ./matquant-demo)")
@@ -24,7 +24,7 @@ def register(sub) -> None:
                    help="slicing modes to evaluate (default paper,nested)")
     p.add_argument("--no-baselines", action="store_true", help="skip the dedicated per-bit RTN baselines")
     p.add_argument("--debug", action="store_true")
-    add_quant_args(p, method_default="rtn")
+    add_quant_args(p, method_default="matgptq")
     add_eval_args(p, windows_default=6)
     p.set_defaults(func=run)
 

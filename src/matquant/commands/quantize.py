@@ -9,7 +9,7 @@ from matquant.models.targets import SCOPES
 from matquant.quant.slicing import SLICING_MODES
 
 
-def add_quant_args(p, method_default: str = "rtn") -> None:
+def add_quant_args(p, method_default: str = "matgptq") -> None:
     from matquant.algorithms import METHODS
     from matquant.algorithms.matgptq import DEFAULT_ERROR_FEEDBACK, DEFAULT_GROUP_PARAMS, ERROR_FEEDBACK, GROUP_PARAMS
 
