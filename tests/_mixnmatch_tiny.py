@@ -1,23 +1,14 @@
 """Tiny models/checkpoints for the Mix'n'Match tests (self-contained: no shared conftest needed)."""
 from __future__ import annotations
 
+import _tiny
 import torch
 
-TEXT = ("The quick brown fox jumps over the lazy dog. Matryoshka dolls nest inside each other, "
-        "and so do the bits of an integer: the top two bits of an eight bit code are a two bit code. ") * 60
+TEXT = _tiny.TEXT * 60
 
 
 def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return _tiny.bpe_tokenizer(256, 60)
 
 
 def tiny_llama(layers: int = 4, seed: int = 0):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import _tiny
 import pytest
 import torch
 
@@ -39,22 +40,12 @@ def tiny_model(family: str = "llama", seed: int = 0):
     return model.eval()
 
 
-TEXT = ("The quick brown fox jumps over the lazy dog. Matryoshka dolls nest inside each other, "
-        "and so do the bits of an integer: the top two bits of an eight bit code are a two bit code. ") * 40
+TEXT = _tiny.TEXT * 40
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return _tiny.bpe_tokenizer(320, 40)
 
 
 @pytest.fixture

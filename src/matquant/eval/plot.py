@@ -28,11 +28,18 @@ def plot_ppl_vs_bits(rows: list[dict], ref_ppl: float | None, path, title: str =
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    from matquant.format.atomic import atomic_write_bytes
+    save_figure(fig, path)
 
+
+def save_figure(fig, path) -> None:
+    """Lay out, render to PNG and write atomically; closes the figure."""
     import io
 
+    import matplotlib.pyplot as plt
+
+    from matquant.format.atomic import atomic_write_bytes
+
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)

@@ -9,7 +9,6 @@ separate markers, the Pareto frontier (best quality at or below each bit budget)
 """
 from __future__ import annotations
 
-import io
 import re
 from collections import OrderedDict, defaultdict
 from pathlib import Path
@@ -135,7 +134,7 @@ def plot(records: list[dict], path, kind: str, title: str = "") -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from matquant.format.atomic import atomic_write_bytes
+    from matquant.eval.plot import save_figure
 
     recs = [r for r in _latest(records) if _is_grid_record(r) and r["config"]["eval"] == kind]
     if not recs:
@@ -174,11 +173,7 @@ def plot(records: list[dict], path, kind: str, title: str = "") -> bool:
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
     return True
 
 
