@@ -374,3 +374,28 @@ def test_quantized_weight_type():
     W, H = torch.randn(8, 32), torch.eye(32)
     qw, _ = gptq_quantize_weight(W, H, 8, 16)
     assert isinstance(qw, QuantizedWeight) and qw.codes.dtype == torch.uint8 and qw.scales.dtype == torch.float16
+
+
+def test_input_groups_not_fooled_by_recycled_memory():
+    """Layers fed different tensors are separate groups even when the allocator reuses the first one's memory.
+
+    Whether the memory is reused depends on the allocator and the size, so several sizes are tried (at least some of
+    them recycle on glibc; a grouping by bare data_ptr() failed this test).
+    """
+    from matquant.algorithms.blocks import BlockContext
+
+    class Block(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+
+        def forward(self, x):
+            y = self.a(x * 2)  # the temporary x*2 is freed as soon as a returns...
+            return self.b(x * 3) + y  # ...and x*3, same size, may land on the same memory
+
+    for d in (16, 64, 128, 256):
+        for s in (1, 8, 64):
+            block = Block(d)
+            ctx = BlockContext(0, "blk", block, {"a": block.a, "b": block.b}, [torch.randn(1, s, d)], [((), {})],
+                               torch.device("cpu"))
+            assert ctx.input_groups() == [["a"], ["b"]], (d, s)

@@ -182,11 +182,13 @@ class BlockContext:
         Quantizing group by group, re-collecting inputs after each, is GPTQ's "true sequential" order.
         """
         names = list(self.targets) if names is None else list(names)
-        order: list[tuple[str, int]] = []
+        # Hold every input tensor until grouping is done: comparing bare data_ptr()s would be wrong once a freed
+        # input's memory is reused by the next one (seen in CI: o_proj's input recycled for gate/up's).
+        order: list[tuple[str, torch.Tensor]] = []
         handles = []
         for n in names:
             def hook(mod, inp, out, n=n):
-                order.append((n, inp[0].data_ptr()))
+                order.append((n, inp[0]))
             handles.append(self.targets[n].register_forward_hook(hook))
         try:
             with torch.no_grad():
@@ -196,20 +198,25 @@ class BlockContext:
             for hd in handles:
                 hd.remove()
         groups: list[list[str]] = []
-        seen, last_ptr = set(), None
-        for n, ptr in order:
+        seen, last = set(), None
+        for n, x in order:
             if n in seen:
                 continue
             seen.add(n)
-            if groups and ptr == last_ptr:
+            if groups and last is not None and _same_tensor(x, last):
                 groups[-1].append(n)
             else:
                 groups.append([n])
-            last_ptr = ptr
+            last = x
         missing = [n for n in names if n not in seen]
         if missing:  # layers the forward never reached (unused) still get quantized, as their own group
             groups.append(missing)
         return groups
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same data (both alive, so equal pointers cannot be a recycled allocation), shape and strides."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
 
 
 def run_blockwise(model: nn.Module, calib: torch.Tensor, targets: list[str],
