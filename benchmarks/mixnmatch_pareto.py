@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--search-modes", default=None, help="default: --modes")
     p.add_argument("--search-args", default="", help="extra CLI options for `matquant mixnmatch` (quoted)")
     p.add_argument("--fp32", default=None, metavar="MODEL", help="also evaluate this fp32 model (e.g. smollm2-135m)")
+    p.add_argument("--floors", default="auto,min", help="floors of the fixed schedules (matquant.mixnmatch.FLOORS)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-first", action="store_true",
                    help="skip the budget-3.0 block (when another process measures it)")
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
     done = {(r["mode"], r["map_hash"]) for r in results["rows"]}
     modes = args.modes.split(",")
     smodes = (args.schedule_modes or args.modes).split(",")
+    floors = args.floors.split(",")
     search_modes = (args.search_modes or args.modes).split(",")
     budgets = [float(b) for b in args.budgets.split(",") if b]
     search_budgets = [float(b) for b in args.search_budgets.split(",") if b]
@@ -123,7 +125,9 @@ def main(argv=None) -> int:
         cap = cost.code_bits_cap(parse_budget(str(b)), 2)
         for mode in ms:
             for s in SCHEDULES:
-                evaluate("schedule", s, b, mode, schedule_map(cost, cap, s))
+                for fl in floors:  # label "pyramid" = the default floor (auto), "pyramid/min" = the whole ladder
+                    label = s if fl == "auto" else f"{s}/{fl}"
+                    evaluate("schedule", label, b, mode, schedule_map(cost, cap, s, floor=fl))
 
     def search_at(b, mode):
         path = out / f"search-{b:g}-{mode}.json"

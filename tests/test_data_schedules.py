@@ -45,7 +45,9 @@ def test_schedules_meet_budget(schedule, target):
 
 
 def test_schedule_shapes():
-    p = schedule_bits(30, 4.0, "pyramid")
+    p = schedule_bits(30, 4.0, "pyramid")  # floor auto: the ladder value just below the budget
+    assert max(p[10:20]) > p[0] and p[0] == p[-1] == 3 and min(p) == 3
+    p = schedule_bits(30, 4.0, "pyramid", floor="min")  # the whole ladder: the ends at its lowest
     assert max(p[10:20]) > p[0] and p[0] == p[-1] == 2
     rp = schedule_bits(30, 4.0, "reverse_pyramid")
     assert rp[0] > rp[15]
@@ -64,3 +66,29 @@ def test_hf_text_source_spec_is_validated():
 
     with pytest.raises(ValueError, match="hf:DATASET"):
         get_text("hf:wikitext")
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("target", [2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
+def test_floor_follows_budget(schedule, target):
+    from matquant.mixnmatch import resolve_floor
+
+    ladder = (2, 3, 4, 6, 8)
+    fl = resolve_floor(target, ladder)
+    assert fl == max(b for b in ladder if b < target)
+    b = schedule_bits(30, target, schedule)
+    assert min(b) >= fl and sum(b) / 30 <= target + 1e-9 and target - sum(b) / 30 < 0.25
+    assert min(schedule_bits(30, target, schedule, floor="min")) <= min(b)
+
+
+def test_floor_errors():
+    from matquant.mixnmatch import resolve_floor
+
+    assert resolve_floor(2.0, (2, 4, 8)) == 2  # the lowest target: nothing below it
+    assert resolve_floor(6.0, (2, 4, 8), 4) == 4 and resolve_floor(6.0, (2, 4, 8), "4") == 4
+    with pytest.raises(ValueError, match="not on the ladder"):
+        resolve_floor(6.0, (2, 4, 8), 3)
+    with pytest.raises(ValueError, match="above the target"):
+        resolve_floor(3.0, (2, 4, 8), 4)
+    with pytest.raises(ValueError, match="'auto', 'min' or a ladder value"):
+        resolve_floor(3.0, (2, 4, 8), "lowest")

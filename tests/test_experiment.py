@@ -79,6 +79,8 @@ def test_grid_expansion_and_keys(grid_file):
     ({"eval": {"zeroshot": {"tasks": ["mmlu"]}}}, r"unknown zero-shot task\(s\) \['mmlu'\]"),
     ({"eval": {"bleu": {}}}, "eval must map"),
     ({"mixnmatch": [{"schedule": "zigzag", "target": 3}]}, "unknown Mix'n'Match schedule"),
+    ({"mixnmatch": [{"schedule": "pyramid", "target": 3, "floor": 4}]}, "above the target"),
+    ({"mixnmatch": [{"schedule": "pyramid", "target": 3, "flor": 2}]}, r"unknown key\(s\) \['flor'\]"),
 ])
 def test_grid_errors(bad, msg):
     with pytest.raises((GridError, ValueError), match=msg):

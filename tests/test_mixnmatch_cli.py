@@ -21,6 +21,11 @@ def test_schedule_out_apply_and_eval(dirs, tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert doc["average_bits"] <= 3.5 and set(doc["bits_map"].values()) <= {2, 3, 4, 6, 8}
     assert doc["method"] == "pyramid schedule" and doc["effective_bits"] > doc["average_bits"]
+    assert doc["floor"] == "auto" and min(doc["bits_map"].values()) == 3  # the ladder value just below 3.5
+    low = tmp_path / "low.json"
+    assert main(["mixnmatch", str(ckpt), "--budget", "3.5", "--schedule", "pyramid", "--floor", "min",
+                 "--out", str(low)]) == 0
+    assert min(json.loads(low.read_text())["bits_map"].values()) == 2
     # eval takes the output format directly ({"bits_map": ...} with metadata)
     rows = tmp_path / "rows.json"
     assert main(["eval", str(ckpt), "--bits", "8", "--bits-map", str(out), "--eval-text", str(text), "--seqlen", "32",
@@ -67,6 +72,8 @@ def test_search_cli_and_bytes_budget(dirs, tmp_path):
     (["--budget", "3", "--calib-text", "eval"], "evaluation text"),
     (["--budget", "3", "--stage-windows", "1,64", "--survivors", "2"], "calib-windows"),
     ([], "pass --budget"),
+    (["--budget", "3", "--schedule", "pyramid", "--floor", "5"], "not on the ladder"),
+    (["--budget", "3", "--schedule", "pyramid", "--floor", "4"], "above the target"),
 ])
 def test_bad_input(dirs, capsys, argv_tail, msg):
     _, ckpt, _ = dirs

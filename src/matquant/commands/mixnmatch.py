@@ -41,6 +41,9 @@ def register(sub) -> None:
                    help="fixed schedule, or 'search' (sensitivity knapsack + evolutionary search; default)")
     p.add_argument("--granularity", default="layer", choices=GRANULARITIES,
                    help="layer: one precision per transformer block; module: per linear layer (default layer)")
+    p.add_argument("--floor", default="auto", metavar="auto|min|BITS",
+                   help="lowest precision a fixed schedule may use: auto = the ladder value just below the budget "
+                        "(default), min = the ladder's lowest, or a ladder value")
     p.add_argument("--ladder", type=int_list, default=list(DEFAULT_LADDER),
                    help=f"precisions to choose from (default {','.join(map(str, DEFAULT_LADDER))})")
     p.add_argument("--slicing", choices=SLICING_MODES, default=None,
@@ -136,8 +139,8 @@ def run(args) -> int:
             raise ValueError("pass --budget (e.g. --budget 3.0 or --budget 120MB), or --bits-map FILE.")
         cap = cost.code_bits_cap(budget, ladder[0], qcfg.master_bits)
         if args.schedule != "search":
-            bits_map = schedule_map(cost, cap, args.schedule, ladder, args.granularity)
-            method, extra = f"{args.schedule} schedule", {}
+            bits_map = schedule_map(cost, cap, args.schedule, ladder, args.granularity, args.floor)
+            method, extra = f"{args.schedule} schedule", {"floor": args.floor}
         else:
             from matquant.mixnmatch.search import SearchConfig, config_dict
 

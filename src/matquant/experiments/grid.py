@@ -162,12 +162,21 @@ def parse_grid(raw: dict, default_name: str = "grid") -> Grid:
 
 
 def _mixnmatch_spec(mm: Any) -> dict:
-    from matquant.mixnmatch import DEFAULT_LADDER, SCHEDULES
+    from matquant.mixnmatch import DEFAULT_LADDER, SCHEDULES, resolve_floor
 
     if not isinstance(mm, dict) or "schedule" not in mm or "target" not in mm:
         raise GridError(f"mixnmatch entries need schedule and target, e.g. {{schedule: pyramid, target: 3.0}}; "
                         f"got {mm!r}.")
     if mm["schedule"] not in SCHEDULES:
         raise GridError(f"unknown Mix'n'Match schedule {mm['schedule']!r}; choose among {', '.join(SCHEDULES)}.")
-    return {"schedule": mm["schedule"], "target": float(mm["target"]),
-            "ladder": [int(x) for x in mm.get("ladder", DEFAULT_LADDER)]}
+    unknown = set(mm) - {"schedule", "target", "ladder", "floor"}
+    if unknown:
+        raise GridError(f"unknown key(s) {sorted(unknown)} in mixnmatch entry {mm!r}; allowed: schedule, target, "
+                        f"ladder, floor.")
+    ladder = [int(x) for x in mm.get("ladder", DEFAULT_LADDER)]
+    floor = mm.get("floor", "auto")
+    try:
+        resolve_floor(float(mm["target"]), ladder, floor)
+    except ValueError as e:
+        raise GridError(f"mixnmatch entry {mm!r}: {e}") from None
+    return {"schedule": mm["schedule"], "target": float(mm["target"]), "ladder": ladder, "floor": floor}

@@ -148,7 +148,8 @@ def schedule_map(model, spec: dict) -> dict[str, int]:
     for n in mods:
         blocks.setdefault(layer_index(n) or 0, []).append(n)
     numels = {n: m.qweight.numel() for n, m in mods.items()}
-    return bits_map_for_schedule(blocks, spec["target"], spec["schedule"], spec["ladder"], numels)
+    return bits_map_for_schedule(blocks, spec["target"], spec["schedule"], spec["ladder"], numels,
+                                 spec.get("floor", "min"))  # records made before floors existed spanned the ladder
 
 
 def _host(grid: Grid, settings: dict) -> dict:

@@ -8,6 +8,12 @@ average bits is as close as possible to (never above) `target`:
 - reverse_pyramid lowest bits in the middle, highest at both ends
 - increasing      bits grow with depth
 - decreasing      bits shrink with depth
+
+The lowest precision a schedule may use (its *floor*) depends on the budget by default (``floor="auto"``): the
+largest ladder value strictly below the target (the ladder's lowest when the target is that value). So a pyramid at
+6 bits puts int4 at its ends, not int2: untrained int2 slices are catastrophic (≫1000× fp32 perplexity with RTN),
+so a high-budget map with int2 ends can be far worse than uniform. ``floor="min"`` always spans the whole ladder (the ends go to its lowest
+value, the earlier behaviour); an int floor sets it directly.
 """
 from __future__ import annotations
 
@@ -15,6 +21,27 @@ from collections.abc import Sequence
 
 SCHEDULES = ("uniform", "pyramid", "reverse_pyramid", "increasing", "decreasing")
 DEFAULT_LADDER = (2, 3, 4, 6, 8)
+FLOORS = ("auto", "min")
+
+
+def resolve_floor(target: float, ladder: Sequence[int], floor: int | str = "auto") -> int:
+    """The lowest ladder value a schedule at `target` average bits may use (see the module docstring)."""
+    ladder = sorted(set(ladder))
+    if floor == "min":
+        return ladder[0]
+    if floor == "auto":
+        below = [b for b in ladder if b < target - 1e-9]
+        return below[-1] if below else ladder[0]
+    if isinstance(floor, str) and floor.isdigit():
+        floor = int(floor)
+    if isinstance(floor, int) and not isinstance(floor, bool):
+        if floor not in ladder:
+            raise ValueError(f"floor {floor} is not on the ladder {ladder}; pick one of its values, 'auto' or 'min'.")
+        if floor > target + 1e-9:
+            raise ValueError(f"floor {floor} bits is above the target {target}: no block could go below it. "
+                             f"Lower the floor or use floor='auto'.")
+        return floor
+    raise ValueError(f"floor must be 'auto', 'min' or a ladder value, got {floor!r}.")
 
 
 def _priority(n: int, schedule: str) -> list[float]:
@@ -38,8 +65,11 @@ def _priority(n: int, schedule: str) -> list[float]:
 
 
 def schedule_bits(n_blocks: int, target: float, schedule: str = "pyramid",
-                  ladder: Sequence[int] = DEFAULT_LADDER, weights: Sequence[float] | None = None) -> list[int]:
+                  ladder: Sequence[int] = DEFAULT_LADDER, weights: Sequence[float] | None = None,
+                  floor: int | str = "auto") -> list[int]:
     """Per-block bits. `weights` are the blocks' quantized weight counts (default equal).
+
+    Only ladder values >= the floor (`resolve_floor`) are used.
 
     The schedule's profile p_i in [0, 1] is scaled: block i gets the largest ladder value <= lo + t·p_i·(hi − lo),
     with t the largest scale whose weighted average stays <= target (bisection). Budget left over raises single
@@ -53,6 +83,8 @@ def schedule_bits(n_blocks: int, target: float, schedule: str = "pyramid",
     lo, hi = ladder[0], ladder[-1]
     if not lo - 1e-9 <= target <= hi + 1e-9:
         raise ValueError(f"target {target} bits is outside what the ladder {ladder} can reach [{lo}, {hi}].")
+    ladder = [b for b in ladder if b >= resolve_floor(target, ladder, floor)]
+    lo = ladder[0]
     prio = _priority(n_blocks, schedule)
     if schedule == "uniform":
         prio_shape = [1.0] * n_blocks
@@ -92,11 +124,12 @@ def schedule_bits(n_blocks: int, target: float, schedule: str = "pyramid",
 
 
 def bits_map_for_schedule(layer_modules: dict[int, list[str]], target: float, schedule: str,
-                          ladder: Sequence[int] = DEFAULT_LADDER, numels: dict[str, int] | None = None) -> dict[str, int]:
+                          ladder: Sequence[int] = DEFAULT_LADDER, numels: dict[str, int] | None = None,
+                          floor: int | str = "auto") -> dict[str, int]:
     """{module name: bits} for the quantized modules grouped by block index."""
     blocks = sorted(layer_modules)
     weights = [sum((numels or {}).get(m, 1) for m in layer_modules[b]) for b in blocks]
-    per_block = schedule_bits(len(blocks), target, schedule, ladder, weights)
+    per_block = schedule_bits(len(blocks), target, schedule, ladder, weights, floor)
     return {m: b for blk, b in zip(blocks, per_block) for m in layer_modules[blk]}
 
 
@@ -127,7 +160,7 @@ def group_units(names: Sequence[str], granularity: str = "layer") -> list[list[s
 
 
 def schedule_map(cost, cap_code_bits: float, schedule: str, ladder: Sequence[int] = DEFAULT_LADDER,
-                 granularity: str = "layer") -> dict[str, int]:
+                 granularity: str = "layer", floor: int | str = "auto") -> dict[str, int]:
     """{module: bits} of a fixed schedule whose code bits (see budget.CostModel) stay within `cap_code_bits`.
 
     The schedule's profile runs over the units in depth order (blocks, or single modules at ``module``
@@ -137,8 +170,11 @@ def schedule_map(cost, cap_code_bits: float, schedule: str, ladder: Sequence[int
     units = group_units(cost.names, granularity)
     weights = [sum(cost.numel[m] for m in u) for u in units]
     target = min(cap_code_bits / cost.total_weights, max(ladder))
+    fl = resolve_floor(target, ladder, floor)  # bad floors fail here, before anything else
     for _ in range(200):
-        per_unit = schedule_bits(len(units), max(target, min(ladder)), schedule, ladder, weights)
+        t = max(target, min(ladder))
+        f = fl if fl <= t + 1e-9 else "auto"  # the target was lowered below the floor (extra slicing's overflow)
+        per_unit = schedule_bits(len(units), t, schedule, ladder, weights, f)
         bits_map = {m: b for u, b in zip(units, per_unit) for m in u}
         if cost.map_code_bits(bits_map) <= cap_code_bits + 1e-6 or target <= min(ladder):
             return bits_map

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from matquant.format.atomic import atomic_write_json
-from matquant.mixnmatch.schedules import SCHEDULES, schedule_map
+from matquant.mixnmatch.schedules import FLOORS, SCHEDULES, schedule_map
 from matquant.nn.bits import set_bits
 
 STATE_VERSION = 1
@@ -260,8 +260,9 @@ def search(model, fitness, cost, cap: float, slicing: str, cfg: SearchConfig, wo
         if sens is not None:
             cands["sensitivity knapsack"] = knapsack(sens, costs, cap)
         for s in SCHEDULES:
-            cands[f"{s} schedule"] = map_to_levels(units, ladder,
-                                                   schedule_map(cost, cap, s, ladder, cfg.granularity))
+            for fl in FLOORS:  # both floors: seeds for the search, duplicates are skipped below
+                cands[f"{s} schedule (floor {fl})"] = map_to_levels(
+                    units, ladder, schedule_map(cost, cap, s, ladder, cfg.granularity, fl))
         init_windows = list(range(final_windows))
         scored = []
         seen = set()
