@@ -43,7 +43,11 @@ def test_bad_specs(tmp_path):
 
 
 def test_hub_id_offline_gives_clear_error(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import; without this it retries the network for ~20 s.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(OSError, match="Offline\\?"):
         load_model("matquant-test/does-not-exist")
 
