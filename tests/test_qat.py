@@ -198,10 +198,26 @@ def test_cli_quantize_qat_under_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
            "-m", "matquant", "quantize", "--model", str(model_dir), "--method", "qat", "--calib-text", str(text),
            "--calib-seqlen", "32", "--calib-windows", "8", "--group-size", "32", "--steps", "3", "--save-every", "2",
-           "--distill", "[8,4,8->2]", "--slicing", "nested", "--train-device", "cpu", "--out", str(out)]
+           "--distill", "[8,4,8->2]", "--slicing", "nested", "--train-device", "cpu", "--out", str(out),
+           "--keep-work-dir"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     model, _, qcfg = load_checkpoint(out, bits=2)
     assert qcfg.method == "qat" and qcfg.slicing == "nested" and qcfg.method_args["distill"] == "[8,4,8->2]"
     assert json.loads((tmp_path / "ck.qat-work" / "latest.json").read_text())["step"] == 3
     assert math.isfinite(perplexity(model, structured_windows(2, 32, vocab=97), progress=False).ppl)
+
+
+def test_cli_default_work_dir_is_removed_after_success_named_one_kept(tmp_path, capsys):
+    from matquant.cli import main
+
+    model_dir = tiny_model_dir(tmp_path / "m")
+    text = tmp_path / "train.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    common = ["quantize", "--model", str(model_dir), "--method", "qat", "--calib-text", str(text), "--calib-seqlen",
+              "32", "--calib-windows", "4", "--group-size", "32", "--steps", "2", "--train-device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "config.json").exists() and not (tmp_path / "a.qat-work").exists()
+    assert "removed the training state" in capsys.readouterr().out
+    assert main([*common, "--out", str(tmp_path / "b"), "--work-dir", str(tmp_path / "mine")]) == 0
+    assert (tmp_path / "mine" / "latest.json").exists() and "kept in" in capsys.readouterr().out

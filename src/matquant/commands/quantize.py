@@ -108,7 +108,11 @@ def add_qat_args(p) -> None:
     g.add_argument("--seed", type=int, default=None, help="data order / RNG seed (default 0)")
     g.add_argument("--work-dir", default=None,
                    help="training checkpoints (qat) or finished blocks (omniquant); rerunning the same command "
-                        "resumes from here (qat default OUT.qat-work)")
+                        "resumes from here (qat default OUT.qat-work, deleted after a successful run unless "
+                        "--keep-work-dir; a folder you name is always kept)")
+    g.add_argument("--keep-work-dir", action="store_true",
+                   help="keep the default training-state folder (OUT.qat-work, ~8 bytes per trained weight) after "
+                        "success")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps; 0 = only at the end "
                                                                  "(default 50)")
     g.add_argument("--train-device", dest="train_device", default=None,
@@ -170,7 +174,8 @@ def run(args) -> int:
 
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} already exists; pass --overwrite or choose another --out.")
-    if args.method == "qat" and args.work_dir is None:
+    default_work = args.method == "qat" and args.work_dir is None
+    if default_work:
         args.work_dir = f"{args.out}.qat-work"
     t0 = time.time()
     kw = quant_kwargs(args)  # validates method options before any work
@@ -183,4 +188,13 @@ def run(args) -> int:
         print(f"wrote {args.out}: {len(qcfg.modules)} layers, {args.method}, int{qcfg.master_bits} master, "
               f"group {qcfg.group_size}, slicing {qcfg.slicing} ({time.time() - t0:.0f}s)")
     finish_distributed()
+    if is_main_process() and getattr(args, "work_dir", None) and Path(args.work_dir).exists():
+        if default_work and not getattr(args, "keep_work_dir", False):
+            import shutil
+
+            shutil.rmtree(args.work_dir)  # the checkpoint is written: the training state is no longer needed
+            print(f"removed the training state {args.work_dir} (pass --keep-work-dir to keep it)")
+        else:
+            size = sum(f.stat().st_size for f in Path(args.work_dir).rglob("*") if f.is_file())
+            print(f"training state kept in {args.work_dir} ({size / 2**20:.0f} MiB); delete it when done")
     return 0
