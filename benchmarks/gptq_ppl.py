@@ -13,7 +13,7 @@ Configurations:
     gptqB                       dedicated GPTQ at B bits (evaluated at B only)
     matgptq-<fb>-<mode>[-<v>]   MatGPTQ built for slicing <mode> with error feedback <fb> (w=weighted, m=mean,
                                 x=master); variants: s = group-param search, r4 = R=(8,4,3,2) λ=(.1,.1,.5,1),
-                                l16 = λ=(16,4,1)
+                                l16 = λ=(16,4,1); generic: R8432 = R=(8,4,3,2), L16_4_2_1 = λ=(16,4,2,1)
 """
 from __future__ import annotations
 
@@ -60,6 +60,11 @@ def plan(name: str, bits: list[int], modes: list[str]):
             kw["lambdas"] = [16.0, 4.0, 1.0]
         if "r4" in variants:
             kw["bits_list"], kw["lambdas"] = [8, 4, 3, 2], [0.1, 0.1, 0.5, 1.0]
+        for v in variants:  # generic: R8432 = bits list 8,4,3,2; L16_4_2_1 = lambdas 16,4,2,1
+            if v.startswith("R") and v[1:].isdigit():
+                kw["bits_list"] = [int(c) for c in v[1:]]
+            elif v.startswith("L"):
+                kw["lambdas"] = [float(x) for x in v[1:].split("_")]
         return "matgptq", kw, [(b, mode if b < 8 else "any") for b in bits]
     raise ValueError(f"unknown configuration {name}")
 

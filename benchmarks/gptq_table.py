@@ -19,7 +19,18 @@ def label(cfg: str) -> str:
         if "l16" not in p:
             fb += ", λ=(.1,.1,1)"
         extra = {"s": ", group search", "r4": ", R=8,4,3,2", "l16": ", λ=(16,4,1)"}
-        return f"MatGPTQ int8 ({fb} feedback{''.join(extra[v] for v in p[3:])}), built for {p[2]}"
+
+        def variant(v):
+            if v in extra:
+                return extra[v]
+            if v.startswith("R") and v[1:].isdigit():
+                return ", R=" + ",".join(v[1:])
+            if v.startswith("L"):
+                return ", λ=(" + ",".join(v[1:].split("_")) + ")"
+            return ", " + v
+        if any(v.startswith("L") for v in p[3:]):  # explicit λ: the default-λ note does not apply
+            fb = {"w": "λ-weighted", "m": "mean", "x": "master"}[p[1]]
+        return f"MatGPTQ int8 ({fb} feedback{''.join(variant(v) for v in p[3:])}), built for {p[2]}"
     if cfg.startswith("gptq") and cfg != "gptq8":
         return NAMES["gptq"]
     return NAMES.get(cfg, cfg)

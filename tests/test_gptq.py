@@ -182,7 +182,10 @@ def test_group_param_search_never_worse_than_minmax_on_its_objective():
 
 
 def test_bits_lambdas_validation():
-    assert resolve_bits_lambdas(8) == ((8, 4, 2), (16.0, 4.0, 1.0))
+    assert resolve_bits_lambdas(8) == ((8, 4, 3, 2), (16.0, 4.0, 2.0, 1.0))
+    assert resolve_bits_lambdas(8, [8, 4, 2]) == ((8, 4, 2), (16.0, 4.0, 1.0))
+    assert resolve_bits_lambdas(6) == ((6, 4, 3, 2), (1.0, 1.0, 1.0, 1.0))  # default R cut to the master
+    assert resolve_bits_lambdas(3)[0] == (3, 2)
     assert resolve_bits_lambdas(8, [8, 3]) == ((8, 3), (1.0, 1.0))
     with pytest.raises(ValueError, match="exceeds the master bits"):
         resolve_bits_lambdas(4, [8, 4])

@@ -17,7 +17,7 @@ from matquant.format.config import QuantConfig
 from matquant.models.targets import find_targets
 from matquant.nn.replace import replace_with_matquant
 from matquant.quant.minmax import check_bits, resolve_group_size
-from matquant.quant.slicing import check_slicing
+from matquant.quant.slicing import DEFAULT_SLICING, check_slicing
 
 METHODS: dict[str, Callable] = {"rtn": rtn}
 CALIBRATED = set()  # methods that need calibration windows
@@ -42,7 +42,7 @@ register_method("omniquant", omniquant, needs_calibration=True)
 
 def quantize_model(
     model, method: str = "rtn", *, master_bits: int = 8, group_size: int = 64, scope: str = "ffn",
-    modules: str | None = None, symmetric: bool = False, slicing: str = "paper", param_dtype: str = "float16",
+    modules: str | None = None, symmetric: bool = False, slicing: str = DEFAULT_SLICING, param_dtype: str = "float16",
     calib: torch.Tensor | None = None, progress: bool = True, **method_args,
 ) -> QuantConfig:
     """Quantize `model` in place (targets become MatQuantLinear) and return its QuantConfig."""

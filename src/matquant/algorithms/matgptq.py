@@ -33,10 +33,11 @@ from matquant.algorithms.gptq import DEFAULT_BLOCKSIZE, blockwise_hessian_method
 from matquant.quant.minmax import QuantizedWeight, check_bits, resolve_group_size
 from matquant.quant.slicing import check_slicing, slice_master
 
-DEFAULT_BITS = (8, 4, 2)
-# Measured (docs/results.md): λ-weighted feedback with λ=(16,4,1) keeps int8 within 1 % of fp32 and gives the best
-# sliced int4; the team's QAT weights (0.1,0.1,1) wreck the int8 master in one-shot PTQ. Other R: all-ones.
-DEFAULT_LAMBDAS = {(8, 4, 2): (16.0, 4.0, 1.0)}
+DEFAULT_BITS = (8, 4, 3, 2)
+# Measured (docs/results.md, "MatGPTQ variants"): with λ-weighted feedback, R={8,4,3,2} λ=(16,4,2,1) gave the best
+# int4/int3/int2 of the variants tried (int8 within 1 % of fp32); R={8,4,2} λ=(16,4,1) keeps int8 closer (0.4 %);
+# the team's QAT weights (0.1,0.1,1) wreck the int8 master in one-shot PTQ. Other R: all-ones.
+DEFAULT_LAMBDAS = {(8, 4, 3, 2): (16.0, 4.0, 2.0, 1.0), (8, 4, 2): (16.0, 4.0, 1.0)}
 ERROR_FEEDBACK = ("weighted", "mean", "master")
 GROUP_PARAMS = ("minmax", "search")
 DEFAULT_ERROR_FEEDBACK = "weighted"  # with DEFAULT_LAMBDAS; measured best in docs/results.md
@@ -45,7 +46,10 @@ SEARCH_FACTORS = (0.85, 1.0, 1.15, 1.3)  # factors on each end of the MinMax ran
 
 
 def resolve_bits_lambdas(master_bits: int, bits_list=None, lambdas=None) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    bits = tuple(int(b) for b in (bits_list or DEFAULT_BITS))
+    if bits_list is None:  # the default R, cut to the master precision (e.g. master 6: 6,4,3,2)
+        bits_list = DEFAULT_BITS if master_bits == DEFAULT_BITS[0] else \
+            (master_bits,) + tuple(b for b in DEFAULT_BITS if b < master_bits)
+    bits = tuple(int(b) for b in bits_list)
     for b in bits:
         check_bits(b, "slice bits")
         if b > master_bits:

@@ -6,7 +6,7 @@ import time
 from matquant.commands.common import float_list, int_list
 from matquant.models.loading import DEFAULT_MODEL
 from matquant.models.targets import SCOPES
-from matquant.quant.slicing import SLICING_MODES
+from matquant.quant.slicing import DEFAULT_SLICING, SLICING_MODES
 
 
 def add_quant_args(p, method_default: str = "matgptq") -> None:
@@ -26,10 +26,12 @@ def add_quant_args(p, method_default: str = "matgptq") -> None:
     g.add_argument("--group-size", type=int, default=64,
                    help="input weights per (scale, zero) group; -1 = per output channel (default 64)")
     g.add_argument("--symmetric", action="store_true", help="symmetric quantizer (zero-point fixed at 2^(C-1))")
-    g.add_argument("--slicing", default="paper", choices=SLICING_MODES,
-                   help="how an r-bit slice is read from the C-bit codes: paper (round-half-up + clamp), "
-                        "nested (truncate + bucket centre: an exact bit prefix), extra (no clamp, 2^r+1 levels). "
-                        "Stored as the checkpoint's default; can be changed at eval time.")
+    g.add_argument("--slicing", default=DEFAULT_SLICING, choices=SLICING_MODES,
+                   help="how an r-bit slice is read from the C-bit codes: paper (round-half-up + clamp, the "
+                        "paper's), nested (truncate + bucket centre: an exact bit prefix; measured better at 2-4 "
+                        "bits), extra (no clamp, 2^r+1 levels). Data-driven methods optimise the codes for this mode; "
+                        "it is stored as the checkpoint's default and can be changed at eval time "
+                        "(default %(default)s)")
     g.add_argument("--param-dtype", default="float16", choices=("float16", "bfloat16", "float32"),
                    help="storage dtype of scales and zeros (default float16)")
     g.add_argument("--calib-text", default="calib", metavar="SRC",
@@ -42,12 +44,13 @@ def add_quant_args(p, method_default: str = "matgptq") -> None:
                         "papers use 2048)")
     g = p.add_argument_group("multi-precision objective (matgptq, qat, omniquant)")
     g.add_argument("--bits-list", type=int_list, default=None, metavar="R",
-                   help="precisions optimised jointly, e.g. 8,4,2 (default) or 8,4,3,2; '2' with --bits-master 8 is "
-                        "Single-Precision MatQuant; R = {C} with --bits-master C is a dedicated baseline")
+                   help="precisions optimised jointly (default: qat/omniquant 8,4,2 as in the paper; matgptq "
+                        "8,4,3,2, measured best one-shot); '2' with --bits-master 8 is Single-Precision MatQuant; "
+                        "R = {C} with --bits-master C is a dedicated baseline")
     g.add_argument("--lambdas", type=float_list, default=None, metavar="L",
-                   help="weight of each --bits-list precision, same order. Defaults for 8,4,2: qat/omniquant 0.1,0.1,1 "
-                        "(the paper's); matgptq 16,4,1 (measured best one-shot; 0.1,0.1,1 ruins int8 there). "
-                        "Other lists: qat/omniquant 1 for the lowest and 0.1 for the others, matgptq all 1")
+                   help="weight of each --bits-list precision, same order. Defaults: qat/omniquant 0.1,0.1,1 for "
+                        "8,4,2 (the paper's), else 1 for the lowest and 0.1 for the others; matgptq 16,4,2,1 for "
+                        "8,4,3,2 and 16,4,1 for 8,4,2 (measured; 0.1,0.1,1 ruins int8 in one-shot), else all 1")
     g.add_argument("--distill", default=None, metavar="SPEC",
                    help="qat: co-distillation in the paper's notation: '[8,4,2]' (none), '[8,4,8->2]' (int2 learns "
                         "only from the int8 slice), '[8,4,2,8->2]' (int2: ground truth + int8 teacher), '[8,4,2,8->4;2]'")

@@ -10,6 +10,7 @@ from matquant.quant.minmax import (
 )
 from matquant.quant.rounding import round_half_up, round_half_up_ste
 from matquant.quant.slicing import (
+    DEFAULT_SLICING,
     SLICING_MODES,
     check_slicing,
     codes_to_master_units,
@@ -30,7 +31,7 @@ def dequantize(qw: QuantizedWeight, bits: int | None = None, mode: str = "paper"
 
 __all__ = [
     "QuantizedWeight", "check_bits", "dequantize", "dequantize_codes", "minmax_params", "quantize_codes",
-    "quantize_minmax", "resolve_group_size", "round_half_up", "round_half_up_ste", "SLICING_MODES",
+    "quantize_minmax", "resolve_group_size", "round_half_up", "round_half_up_ste", "SLICING_MODES", "DEFAULT_SLICING",
     "check_slicing", "codes_to_master_units", "effective_code_bits", "overflow_fraction", "slice_codes",
     "slice_master", "slice_master_ste", "fake_quant_ste",
 ]
