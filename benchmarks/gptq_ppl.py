@@ -13,7 +13,7 @@ Configurations:
     gptqB                       dedicated GPTQ at B bits (evaluated at B only)
     matgptq-<fb>-<mode>[-<v>]   MatGPTQ built for slicing <mode> with error feedback <fb> (w=weighted, m=mean,
                                 x=master); variants: s = group-param search, r4 = R=(8,4,3,2) λ=(.1,.1,.5,1),
-                                l16 = λ=(16,4,1); generic: R8432 = R=(8,4,3,2), L16_4_2_1 = λ=(16,4,2,1)
+                                l16 = λ=(16,4,1); generic: R8432 = R=(8,4,3,2), L16_4_2_1 = λ=(16,4,2,1), P4 / Pfp = propagate
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def plan(name: str, bits: list[int], modes: list[str]):
     if name.startswith("matgptq-"):
         parts = name.split("-")
         fb, mode, variants = FB[parts[1]], parts[2], parts[3:]
-        kw = {"master_bits": 8, "slicing": mode, "error_feedback": fb, "lambdas": [0.1, 0.1, 1.0]}  # the QAT λ
+        kw = {"master_bits": 8, "slicing": mode, "error_feedback": fb, "bits_list": [8, 4, 2],
+              "lambdas": [0.1, 0.1, 1.0]}  # the QAT λ (names without R/L variants keep R = 8,4,2)
         if "s" in variants:
             kw["group_params"] = "search"
         if "l16" in variants:
@@ -65,6 +66,8 @@ def plan(name: str, bits: list[int], modes: list[str]):
                 kw["bits_list"] = [int(c) for c in v[1:]]
             elif v.startswith("L"):
                 kw["lambdas"] = [float(x) for x in v[1:].split("_")]
+            elif v.startswith("P"):  # P4 / Pfp: propagate the int4 slice / the fp weights
+                kw["propagate"] = v[1:]
         return "matgptq", kw, [(b, mode if b < 8 else "any") for b in bits]
     raise ValueError(f"unknown configuration {name}")
 

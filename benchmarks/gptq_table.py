@@ -27,6 +27,8 @@ def label(cfg: str) -> str:
                 return ", R=" + ",".join(v[1:])
             if v.startswith("L"):
                 return ", λ=(" + ",".join(v[1:].split("_")) + ")"
+            if v.startswith("P"):
+                return f", propagate {v[1:]}"
             return ", " + v
         if any(v.startswith("L") for v in p[3:]):  # explicit λ: the default-λ note does not apply
             fb = {"w": "λ-weighted", "m": "mean", "x": "master"}[p[1]]

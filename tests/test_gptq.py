@@ -402,3 +402,29 @@ def test_input_groups_not_fooled_by_recycled_memory():
             ctx = BlockContext(0, "blk", block, {"a": block.a, "b": block.b}, [torch.randn(1, s, d)], [((), {})],
                                torch.device("cpu"))
             assert ctx.input_groups() == [["a"], ["b"]], (d, s)
+
+
+@pytest.mark.parametrize("propagate", ["master", "fp", 4])
+def test_matgptq_propagate_options(propagate):
+    """What later layers see during the pass changes the codes of later layers but never the format."""
+    model = tiny_llama(layers=2)
+    calib = calib_windows(n=2, seqlen=16)
+    qc = quantize_model(model, "matgptq", calib=calib, scope="ffn", group_size=32, progress=False,
+                        propagate=propagate)
+    set_bits(model, 4)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=calib).logits).all()
+    assert qc.method_args["propagate"] == propagate
+
+
+def test_matgptq_propagate_fn():
+    """propagate='fp' keeps the fp weight in place; 'master' / the master bits mean the default; bad values fail."""
+    from matquant.algorithms.matgptq import propagate_fn
+
+    with pytest.raises(ValueError, match="propagate must be"):
+        propagate_fn("int4", 8, "nested")
+    with pytest.raises(ValueError, match="propagate must be"):
+        propagate_fn(9, 8, "nested")
+    assert propagate_fn("master", 8, "nested") is None and propagate_fn(8, 8, "nested") is None
+    W = torch.randn(4, 8)
+    assert propagate_fn("fp", 8, "nested")(None, W) is W

@@ -164,11 +164,13 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size
 
 
 def blockwise_hessian_method(model, targets, calib, quantize_layer, *, true_sequential: bool = True,
-                             device=None, batch_size: int = 1, progress: bool = True, desc: str = "GPTQ"):
+                             device=None, batch_size: int = 1, progress: bool = True, desc: str = "GPTQ",
+                             propagate=None):
     """Run `quantize_layer(name, W [out,in] on device, H) -> QuantizedWeight` block by block.
 
-    The layer's weight is replaced in place by its dequantized master weight (so later layers and blocks see the
-    quantized model's activations); returns {name: QuantizedWeight} on the model's original device.
+    The layer's weight is replaced in place by `propagate(qw, W)` (default: the dequantized master weight), so later
+    layers and blocks see the quantized model's activations; returns {name: QuantizedWeight} on the model's
+    original device.
     """
     out: dict[str, QuantizedWeight] = {}
 
@@ -184,7 +186,8 @@ def blockwise_hessian_method(model, targets, calib, quantize_layer, *, true_sequ
                 H = acc[n].H  # None if the forward never reached this layer: plain rounding (H = I)
                 qw = quantize_layer(n, W, torch.eye(W.shape[1], device=ctx.device) if H is None else H)
                 del acc[n]
-                wref.data.copy_(dequantize_codes(qw.codes, qw.scales, qw.zeros).to(wref.dtype))
+                wq = dequantize_codes(qw.codes, qw.scales, qw.zeros) if propagate is None else propagate(qw, W)
+                wref.data.copy_(wq.to(wref.dtype))
                 home = wref.device
                 out[n] = QuantizedWeight(qw.codes.to(home), qw.scales.to(home), qw.zeros.to(home), qw.bits,
                                          qw.group_size)

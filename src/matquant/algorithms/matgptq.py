@@ -39,6 +39,7 @@ DEFAULT_BITS = (8, 4, 3, 2)
 # the team's QAT weights (0.1,0.1,1) wreck the int8 master in one-shot PTQ. Other R: all-ones.
 DEFAULT_LAMBDAS = {(8, 4, 3, 2): (16.0, 4.0, 2.0, 1.0), (8, 4, 2): (16.0, 4.0, 1.0)}
 ERROR_FEEDBACK = ("weighted", "mean", "master")
+PROPAGATE_CHOICES = "master | fp | a slice precision (e.g. 4)"
 GROUP_PARAMS = ("minmax", "search")
 DEFAULT_ERROR_FEEDBACK = "weighted"  # with DEFAULT_LAMBDAS; measured best in docs/results.md
 DEFAULT_GROUP_PARAMS = "minmax"
@@ -206,15 +207,16 @@ def matgptq(model, targets: list[str], *, master_bits: int, group_size: int, sym
             slicing: str = "paper", calib=None, progress: bool = True, bits_list=None, lambdas=None,
             error_feedback: str = DEFAULT_ERROR_FEEDBACK, group_params: str = DEFAULT_GROUP_PARAMS, damp: float = 0.01,
             act_order: bool = False, blocksize: int = DEFAULT_BLOCKSIZE, true_sequential: bool = True, device=None,
-            batch_size: int = 1, **_) -> dict[str, QuantizedWeight]:
+            batch_size: int = 1, propagate="master", **_) -> dict[str, QuantizedWeight]:
     """Multi-precision GPTQ: int-`master_bits` codes good for every precision in `bits_list` under `slicing`.
 
-    The master precision propagates to the next blocks (the layer weights are replaced by their int-c
-    dequantized values while the pass runs).
+    `propagate` is what the next layers and blocks see while the pass runs: "master" (the int-c weights, default),
+    an int r (the r-bit slice, e.g. 4), or "fp" (the full-precision weights: every layer is calibrated on fp inputs).
     """
     rounder = MultiSliceRounder(master_bits, bits_list, lambdas, slicing, error_feedback)
     if group_params not in GROUP_PARAMS:
         raise ValueError(f"group params must be one of {', '.join(GROUP_PARAMS)}, got {group_params!r}")
+    prop = propagate_fn(propagate, master_bits, slicing)
 
     def q(name, W, H):
         qw, _ = matgptq_quantize_weight(W, H, rounder, group_size, symmetric, param_dtype, damp, act_order,
@@ -222,5 +224,18 @@ def matgptq(model, targets: list[str], *, master_bits: int, group_size: int, sym
         return qw
 
     return blockwise_hessian_method(model, targets, calib, q, true_sequential=true_sequential, device=device,
-                                    batch_size=batch_size, progress=progress,
+                                    batch_size=batch_size, progress=progress, propagate=prop,
                                     desc=f"MatGPTQ int{master_bits} {'/'.join(map(str, rounder.bits))}")
+
+
+def propagate_fn(propagate, master_bits: int, slicing: str):
+    """The `propagate` option of matgptq as a function (qw, W) -> weight for the rest of the pass (None: master)."""
+    if propagate in ("master", None) or (str(propagate).isdigit() and int(propagate) == master_bits):
+        return None
+    if propagate == "fp":
+        return lambda qw, W: W
+    if str(propagate).isdigit() and 1 <= int(propagate) < master_bits:
+        r = int(propagate)
+        from matquant.quant import dequantize
+        return lambda qw, W: dequantize(qw, r, slicing)
+    raise ValueError(f"propagate must be 'master', 'fp' or a slice precision 1..{master_bits}, got {propagate!r}.")

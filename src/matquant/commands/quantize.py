@@ -65,6 +65,9 @@ def add_quant_args(p, method_default: str = "matgptq") -> None:
     g.add_argument("--group-params", default=DEFAULT_GROUP_PARAMS, choices=GROUP_PARAMS,
                    help="matgptq: group scale/zero: MinMax at C bits, or a per-row search of the range that "
                         "minimises the lambda-weighted multi-slice error (default %(default)s)")
+    g.add_argument("--propagate", default="master", metavar="master|fp|BITS",
+                   help="matgptq: what later layers see during the pass: the int-C master weights (default), the "
+                        "full-precision weights (fp), or one slice (e.g. 4)")
     g.add_argument("--calib-batch-size", type=int, default=1, help="calibration windows per block forward")
     g.add_argument("--quant-device", default=None, metavar="DEV",
                    help="device for the block-by-block pass (default: cuda if available, else cpu); one block at "
@@ -91,7 +94,11 @@ def method_kwargs(args) -> dict:
         kw["device"] = args.quant_device
     if args.method == "matgptq":
         kw.update(bits_list=args.bits_list, lambdas=args.lambdas, error_feedback=args.error_feedback,
-                  group_params=args.group_params)
+                  group_params=args.group_params, propagate=args.propagate)
+        from matquant.algorithms.matgptq import propagate_fn, resolve_bits_lambdas
+
+        resolve_bits_lambdas(args.bits_master, args.bits_list, args.lambdas)  # bad R / λ: before the model loads
+        propagate_fn(args.propagate, args.bits_master, args.slicing)
     return kw
 
 
