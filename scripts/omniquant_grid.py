@@ -59,7 +59,7 @@ def run_one(a) -> dict:
     args = dict(kw)
     if method == "omniquant":
         args.update(epochs=a.epochs, lr=a.lr, lr_lwc=a.lr_lwc, let=a.let, block_inputs=a.block_inputs,
-                    work_dir=str(Path(a.out) / "work" / f"{a.run}_{a.slicing}"))
+                    work_dir=str(Path(a.out) / "work" / f"{a.run}_{a.slicing}{a.tag}"))
         rec.update(calib_windows=a.calib_windows, calib_seqlen=a.calib_seqlen, epochs=a.epochs, lr=a.lr, lr_lwc=a.lr_lwc, let=a.let,
                    block_inputs=a.block_inputs, method_args=kw)
     t0 = time.time()

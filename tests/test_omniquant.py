@@ -164,8 +164,9 @@ def test_resume_after_crash_is_identical(base, calib, tmp_path, capsys):
         for x, y in zip(a[n], b[n]):
             assert torch.equal(x, y), n
     # a different setting in the same work dir is refused
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match="different settings") as e:
         omni(copy.deepcopy(base), calib, work_dir=str(tmp_path / "b"), bits_list=[8, 2])
+    assert "spec:" in str(e.value) and len(str(e.value)) < 1000  # names what differs, briefly
 
 
 def test_nan_loss_stops_and_keeps_finished_blocks(base, calib, tmp_path):

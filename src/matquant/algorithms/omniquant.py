@@ -372,8 +372,15 @@ class _WorkDir:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{state} is corrupt ({e}); delete {self.path} to start over.") from None
             if st.get("fingerprint") != self.fp:
-                raise ValueError(f"work dir {self.path} holds a run with different settings; use another --work-dir "
-                                 f"or delete it to start over (saved: {st.get('settings')}).")
+                saved = json.loads(json.dumps(st.get("settings") or {}, default=str))
+                now = json.loads(json.dumps(settings, default=str))
+                diff = [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+                        if saved.get(k) != now.get(k)]
+                if len(diff) > 4:
+                    diff = diff[:4] + [f"... {len(diff) - 4} more"]
+                raise ValueError(f"work dir {self.path} holds a run with different settings ("
+                                 f"{'; '.join(d if len(d) < 200 else d[:200] + '...' for d in diff) or 'fingerprint'}"
+                                 f"); use another --work-dir or delete it to start over.")
         else:
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_json(state, {"fingerprint": self.fp, "settings": settings, "done": {}})
