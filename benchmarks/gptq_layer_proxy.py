@@ -5,6 +5,7 @@ Captures the calibration inputs of a few SmolLM2-135M FFN layers (fp32 model, fi
 calibration tokens (the second half of the captured tokens) for RTN, GPTQ and MatGPTQ variants.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/gptq_layer_proxy.py
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/gptq_layer_proxy.py --diag   # the R = {4} diagnosis
 """
 from __future__ import annotations
 
@@ -27,29 +28,56 @@ VARIANTS = [("weighted", (0.1, 0.1, 1.0), "minmax"), ("mean", (0.1, 0.1, 1.0), "
             ("weighted", (4, 2, 1), "minmax")]
 
 
+def capture(layers: list[str], windows: int):
+    """Per layer: (W, held-out inputs Xt, Hessian accumulator over the first half of the tokens)."""
+    model, tok, _ = load_model("smollm2-135m")
+    xs = {n: [] for n in layers}
+    hs = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: xs[n].append(i[0][0].detach()))
+          for n in layers]
+    with torch.no_grad():
+        for w in token_windows(tok, "calib", 512, windows):
+            model(input_ids=w[None], use_cache=False)
+    for h in hs:
+        h.remove()
+    out = {}
+    for n in layers:
+        X = torch.cat(xs[n])
+        acc = HessianAccumulator()
+        acc.add(X[: len(X) // 2])
+        out[n] = (model.get_submodule(n).weight.detach(), X[len(X) // 2:], acc)
+    return out
+
+
+def diag(layers: dict) -> None:
+    """MatGPTQ with R = {4} alone vs dedicated GPTQ int4: is the per-layer search/feedback right? (docs/results.md)"""
+    for n, (W, Xt, acc) in layers.items():
+        ref = (Xt @ W.T).pow(2).mean()
+
+        def err(Wq):
+            return (((Xt @ (W - Wq).T) ** 2).mean() / ref).item()
+
+        print(n)
+        print(" GPTQ int4 dedicated", err(dequantize(gptq_quantize_weight(W, acc.H, 4, 64)[0], 4, "paper")))
+        print(" RTN int4 dedicated", err(dequantize(quantize_minmax(W, 4, 64), 4, "paper")))
+        print(" RTN int8 nested->4", err(dequantize(quantize_minmax(W, 8, 64), 4, "nested")))
+        for R, lam in [((4,), (1.0,)), ((8, 4, 3, 2), (16, 4, 2, 1)), ((8, 4, 2), (16, 4, 1))]:
+            qw = matgptq_quantize_weight(W, acc.H, MultiSliceRounder(8, R, lam, "nested", "weighted"), 64)[0]
+            print(f" MatGPTQ R={R}", " ".join(f"int{b} {err(dequantize(qw, b, 'nested')):.2e}" for b in (8, 4, 3, 2)))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", default="model.layers.15.mlp.up_proj,model.layers.15.mlp.down_proj")
     ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--diag", action="store_true", help="only the R = {4} diagnosis (MatGPTQ vs dedicated GPTQ int4)")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    model, tok, _ = load_model("smollm2-135m")
-    names = a.layers.split(",")
-    xs = {n: [] for n in names}
-    hs = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: xs[n].append(i[0][0].detach()))
-          for n in names]
-    with torch.no_grad():
-        for w in token_windows(tok, "calib", 512, a.windows):
-            model(input_ids=w[None], use_cache=False)
-    for h in hs:
-        h.remove()
+    layers = capture(a.layers.split(","), a.windows)
+    if a.diag:
+        diag(layers)
+        return
     bits = (8, 6, 4, 3, 2)
-    for n in names:
-        X = torch.cat(xs[n])
-        Xc, Xt = X[: len(X) // 2], X[len(X) // 2:]
-        acc = HessianAccumulator()
-        acc.add(Xc)
-        W = model.get_submodule(n).weight.detach()
+    for n, (W, Xt, acc) in layers.items():
         ref = (Xt @ W.T).pow(2).mean()
 
         def err(qw, r, mode):

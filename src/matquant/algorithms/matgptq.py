@@ -39,7 +39,6 @@ DEFAULT_BITS = (8, 4, 3, 2)
 # the team's QAT weights (0.1,0.1,1) wreck the int8 master in one-shot PTQ. Other R: all-ones.
 DEFAULT_LAMBDAS = {(8, 4, 3, 2): (16.0, 4.0, 2.0, 1.0), (8, 4, 2): (16.0, 4.0, 1.0)}
 ERROR_FEEDBACK = ("weighted", "mean", "master")
-PROPAGATE_CHOICES = "master | fp | a slice precision (e.g. 4)"
 GROUP_PARAMS = ("minmax", "search")
 DEFAULT_ERROR_FEEDBACK = "weighted"  # with DEFAULT_LAMBDAS; measured best in docs/results.md
 DEFAULT_GROUP_PARAMS = "minmax"

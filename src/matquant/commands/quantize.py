@@ -121,7 +121,7 @@ def add_qat_args(p) -> None:
                         "resumes from here (qat default OUT.qat-work, deleted after a successful run unless "
                         "--keep-work-dir; a folder you name is always kept)")
     g.add_argument("--keep-work-dir", action="store_true",
-                   help="keep the default training-state folder (OUT.qat-work, ~8 bytes per trained weight) after "
+                   help="keep the default training-state folder (OUT.qat-work: weights + AdamW moments, ~12 bytes per trained weight) after "
                         "success")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps; 0 = only at the end "
                                                                  "(default 50)")

@@ -149,7 +149,7 @@ def schedule_map(model, spec: dict) -> dict[str, int]:
         blocks.setdefault(layer_index(n) or 0, []).append(n)
     numels = {n: m.qweight.numel() for n, m in mods.items()}
     return bits_map_for_schedule(blocks, spec["target"], spec["schedule"], spec["ladder"], numels,
-                                 spec.get("floor", "min"))  # records made before floors existed spanned the ladder
+                                 spec.get("floor", "auto"))
 
 
 def _host(grid: Grid, settings: dict) -> dict:

@@ -12,8 +12,8 @@ average bits is as close as possible to (never above) `target`:
 The lowest precision a schedule may use (its *floor*) depends on the budget by default (``floor="auto"``): the
 largest ladder value strictly below the target (the ladder's lowest when the target is that value). So a pyramid at
 6 bits puts int4 at its ends, not int2: untrained int2 slices are catastrophic (≫1000× fp32 perplexity with RTN),
-so a high-budget map with int2 ends can be far worse than uniform. ``floor="min"`` always spans the whole ladder (the ends go to its lowest
-value, the earlier behaviour); an int floor sets it directly.
+so a high-budget map with int2 ends can be far worse than uniform. ``floor="min"`` always spans the whole ladder
+(the ends go to its lowest value, the earlier behaviour); an int floor sets it directly.
 """
 from __future__ import annotations
 

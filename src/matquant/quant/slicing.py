@@ -19,8 +19,8 @@ import torch
 from matquant.quant.rounding import floor_ste, round_half_up_ste
 
 SLICING_MODES = ("paper", "nested", "extra")
-# What `quantize` builds for when not told: nested, because it is measured better at 2-4 bits for every method we ran
-# on SmolLM2 (RTN, MatGPTQ, QAT; docs/results.md) and its slices are exact bit prefixes. "paper" stays one flag away.
+# What `quantize` builds for when not told: nested, measured better at 2-4 bits on SmolLM2 for RTN, MatGPTQ and
+# OmniQuant (docs/results.md) and for the team's QAT runs, and its slices are exact bit prefixes. "paper" is one flag away.
 DEFAULT_SLICING = "nested"
 
 
