@@ -72,6 +72,7 @@ def test_parse_distill_paper_specs():
     ({"bits_list": [8, 2], "distill": "[8,4,2]"}, "disagrees"),
     ({"block_inputs": "both"}, "block_inputs"),
     ({"lr": -1.0}, "--lr"),
+    ({"loss_balance": "max"}, "--loss-balance"),
 ])
 def test_bad_specs_fail_before_work(base, calib, kw, msg, tmp_path):
     model = copy.deepcopy(base)
@@ -109,6 +110,22 @@ def test_lwc_reduces_block_error_vs_rtn(base, calib):
     assert sum(lam[r] * e[1] for r, e in err.items()) < sum(lam[r] * e[0] for r, e in err.items()), err
 
 
+def test_initial_loss_balance_protects_int8(base, calib):
+    """Unbalanced, the int2 term dominates Σ λ_r·loss_r and the shared clipping shrinks toward int2, costing int8;
+    'initial' weights each precision's relative improvement, so int8 (and int4) stay close to their MinMax error."""
+    ref = block0_out(base, calib)
+    err = {}
+    for lb in ("none", "initial"):
+        m = copy.deepcopy(base)
+        omni(m, calib, modules=r"model\.layers\.0\.mlp\..*", epochs=6, bits_list=[8, 4, 2], loss_balance=lb)
+        err[lb] = {}
+        for r in (8, 4):
+            set_bits(m, r)
+            err[lb][r] = (block0_out(m, calib) - ref).pow(2).mean().item()
+    assert err["initial"][8] < 0.5 * err["none"][8], err
+    assert err["initial"][4] < err["none"][4], err
+
+
 def test_let_folding_is_exact_without_quantization(base, calib):
     model = copy.deepcopy(base)
     block = model.model.layers[0]
@@ -132,6 +149,7 @@ def test_let_folding_is_exact_without_quantization(base, calib):
     {"bits_list": [2], "master_bits": 2},                # dedicated int2 baseline
     {"bits_list": [8, 4, 3, 2], "slicing": "extra"},     # Extra-Precision
     {"bits_list": [4, 2], "symmetric": True},
+    {"bits_list": [8, 4, 2], "loss_balance": "initial"},
 ])
 def test_variants_run_and_store_valid_codes(base, calib, kw):
     model = copy.deepcopy(base)

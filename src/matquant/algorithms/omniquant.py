@@ -55,6 +55,7 @@ DEFAULT_LR = 1e-3  # MatQuant paper: AdamW, constant lr 1e-3
 DEFAULT_LR_LWC = 2e-1  # OmniQuant uses 1e-2 with ~40x more steps; see docs/omniquant.md
 LWC_INIT = 4.0  # sigmoid(4) = 0.982, OmniQuant's initial clipping factor
 BLOCK_INPUTS = ("quant", "fp")
+LOSS_BALANCE = ("none", "initial")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,14 +425,16 @@ def omniquant(
     model, targets: list[str], *, master_bits: int, group_size: int, symmetric: bool, param_dtype, slicing: str,
     calib: torch.Tensor, progress: bool = True, bits_list=None, lambdas=None, distill: str | None = None,
     epochs: int = 2, lr: float = DEFAULT_LR, lr_lwc: float | None = DEFAULT_LR_LWC, lr_let: float | None = None,
-    weight_decay: float = 0.0, let: bool = False, block_inputs: str = "quant", work_dir=None, seed: int = 0,
-    device: str = "cpu", _crash_after_block: int | None = None, **_,
+    weight_decay: float = 0.0, let: bool = False, block_inputs: str = "quant", loss_balance: str = "none",
+    work_dir=None, seed: int = 0, device: str = "cpu", _crash_after_block: int | None = None, **_,
 ) -> dict[str, QuantizedWeight]:
     spec = make_spec(master_bits, bits_list, lambdas, distill)
     check_slicing(slicing)
     lr_lwc = DEFAULT_LR_LWC if lr_lwc is None else lr_lwc
     if block_inputs not in BLOCK_INPUTS:
         raise ValueError(f"block_inputs must be one of {BLOCK_INPUTS}, got {block_inputs!r}.")
+    if loss_balance not in LOSS_BALANCE:
+        raise ValueError(f"--loss-balance must be one of {LOSS_BALANCE}, got {loss_balance!r}.")
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"--epochs must be a non-negative integer, got {epochs!r}.")
     for name, v in (("--lr", lr), ("--lr-lwc", lr_lwc), ("--lr-let", lr_let)):
@@ -445,6 +448,8 @@ def omniquant(
                     param_dtype=str(param_dtype), slicing=slicing, spec=spec.describe(), epochs=epochs, lr=lr,
                     lr_lwc=lr_lwc, lr_let=lr_let, weight_decay=weight_decay, let=let, block_inputs=block_inputs,
                     seed=seed, calib=_fingerprint(calib.tolist()), calib_shape=list(calib.shape))
+    if loss_balance != "none":  # only when set, so work dirs made before the option existed still resume
+        settings["loss_balance"] = loss_balance
     wd = _WorkDir(work_dir, settings)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -476,7 +481,7 @@ def omniquant(
                 t0 = time.time()
                 qws, fp, info = _train_block(block, per_block[i], spec, streams, y_fp, args, kwargs, i, epochs, lr,
                                              lr_lwc, lr_let, weight_decay, let, master_bits, group_size, symmetric,
-                                             param_dtype, slicing, seed, progress, dev)
+                                             param_dtype, slicing, seed, progress, dev, loss_balance)
                 info["seconds"] = round(time.time() - t0, 2)
                 qws = {t: QuantizedWeight(q.codes.cpu(), q.scales.cpu(), q.zeros.cpu(), q.bits, q.group_size)
                        for t, q in qws.items()}
@@ -507,7 +512,8 @@ def omniquant(
 
 
 def _train_block(block, rel_targets, spec: OmniSpec, streams, y_fp, args, kwargs, idx, epochs, lr, lr_lwc, lr_let,
-                 weight_decay, let, c, group_size, symmetric, param_dtype, slicing, seed, progress, dev):
+                 weight_decay, let, c, group_size, symmetric, param_dtype, slicing, seed, progress, dev,
+                 loss_balance="none"):
     torch.manual_seed(seed * 100003 + idx)
     bq = _BlockQuant(block, rel_targets, c, group_size, symmetric, let,
                      block_x=(streams["fp"], args, kwargs) if let else None).to(dev)
@@ -523,32 +529,52 @@ def _train_block(block, rel_targets, spec: OmniSpec, streams, y_fp, args, kwargs
     needed = spec.needed()
     teacher_bits = {t for ts in spec.teachers.values() for t in ts if t != "fp"}
     first = last = None
+
+    def slice_losses(j, on_loss):
+        """on_loss(r, loss) for each student r on window j: its unweighted loss (relative MSE to its teachers,
+        averaged), called as soon as it is computed, so a backward there frees the graph before the next slice."""
+        outs = {}
+        for r in needed:  # descending: int-t teachers are computed before their students
+            x = streams[r][j] if r in streams else streams["fp"][j]
+            if r not in spec.students:
+                with torch.no_grad():
+                    outs[r] = _run(block, bq.fake_params(r, slicing), x, args, kwargs)
+                continue
+            y = _run(block, bq.fake_params(r, slicing), x, args, kwargs)
+            if r in teacher_bits:
+                outs[r] = y.detach()
+            ts = spec.teachers[r]
+            on_loss(r, sum(F.mse_loss(y, y_fp[j] if t == "fp" else outs[t]) for t in ts) / len(ts) / norm)
+
+    # loss balance: 'none' = the paper's Σ λ_r·loss_r; 'initial' divides each loss_r by its value at the starting
+    # (MinMax) clipping, so λ_r weights relative improvement and the large int2 error does not drown int8's
+    base = {r: 1.0 for r in spec.students}
+    if loss_balance == "initial":
+        with torch.no_grad():
+            sums = {r: 0.0 for r in spec.students}
+            for j in range(n):
+                slice_losses(j, lambda r, v: sums.__setitem__(r, sums[r] + v.item()))
+        base = {r: max(sums[r] / n, 1e-12) for r in spec.students}
     bar = tqdm(total=epochs * n, desc=f"block {idx}", disable=not progress, leave=False)
     for ep in range(epochs):
         tot = 0.0
         for j in torch.randperm(n, generator=gen).tolist():
             opt.zero_grad(set_to_none=True)
-            outs, step = {}, 0.0
-            for r in needed:  # descending: int-t teachers are computed before their students
-                x = streams[r][j] if r in streams else streams["fp"][j]
-                if r not in spec.students:
-                    with torch.no_grad():
-                        outs[r] = _run(block, bq.fake_params(r, slicing), x, args, kwargs)
-                    continue
-                y = _run(block, bq.fake_params(r, slicing), x, args, kwargs)
-                if r in teacher_bits:
-                    outs[r] = y.detach()
-                ts = spec.teachers[r]
-                loss = sum(F.mse_loss(y, y_fp[j] if t == "fp" else outs[t]) for t in ts) / len(ts)
-                loss = spec.lambdas[r] * loss / norm
+            step = [0.0]
+
+            def backward(r, loss):
+                loss = spec.lambdas[r] * loss / base[r]
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"omniquant: non-finite loss ({loss.item()}) in block {idx}, epoch {ep}, int{r}. "
                         "Blocks finished before this one are kept in --work-dir; lower --lr (or --lr-lwc/--lr-let) "
                         "and rerun the same command to resume.")
                 loss.backward()
-                step += loss.item()
+                step[0] += loss.item()
+
+            slice_losses(j, backward)
             opt.step()
+            step = step[0]
             tot += step
             bar.update(1)
             bar.set_postfix(loss=f"{step:.3g}")
@@ -578,6 +604,10 @@ def add_omniquant_args(p) -> None:
     g.add_argument("--lr-let", type=float, default=None, help="learning rate of the LET scales (default --lr)")
     g.add_argument("--let", action="store_true",
                    help="also learn the equivalent transformation (Llama-style blocks: norm → gate/up, up → down)")
+    g.add_argument("--loss-balance", default="none", choices=LOSS_BALANCE,
+                   help="none: the paper's sum of lambda_r * loss_r; initial: each loss_r divided by its value at the "
+                        "starting (MinMax) clipping, so lambda weights relative improvement and int2's large error "
+                        "does not drown int8's (a deviation; see docs/omniquant.md) (default none)")
     g.add_argument("--block-inputs", default="quant", choices=BLOCK_INPUTS,
                    help="quant: each slice sees the quantized previous blocks' output at its precision (OmniQuant); "
                         "fp: every slice sees the full-precision inputs (default quant)")
@@ -588,6 +618,6 @@ def omniquant_kwargs(args) -> dict:
         return {}
     kw = dict(bits_list=args.bits_list, lambdas=args.lambdas, distill=args.distill, epochs=args.epochs,
               lr=args.lr if args.lr is not None else DEFAULT_LR, lr_lwc=args.lr_lwc, lr_let=args.lr_let, let=args.let,
-              block_inputs=args.block_inputs, work_dir=args.work_dir, seed=args.seed if args.seed is not None else 0)
+              block_inputs=args.block_inputs, loss_balance=args.loss_balance, work_dir=args.work_dir, seed=args.seed if args.seed is not None else 0)
     make_spec(args.bits_master, kw["bits_list"], kw["lambdas"], kw["distill"])  # fail before loading the model
     return {k: v for k, v in kw.items() if v is not None}
