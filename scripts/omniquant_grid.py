@@ -51,7 +51,7 @@ def run_one(a) -> dict:
     cache = Path(a.out).parent / "fp_model"
     model, tok, _ = load_model(str(cache) if (cache / "config.json").exists() else "smollm2-135m")
     ev = token_windows(tok, "eval", 2048, a.eval_windows)
-    rec = {"run": a.run, "slicing": a.slicing, "threads": a.threads, "eval_windows": a.eval_windows,
+    rec = {"run": a.run, "tag": a.tag, "slicing": a.slicing, "threads": a.threads, "eval_windows": a.eval_windows,
            "eval_seqlen": 2048}
     if method == "fp":
         t0 = time.time()
@@ -66,7 +66,8 @@ def run_one(a) -> dict:
         rec.update(calib_windows=a.calib_windows, calib_seqlen=a.calib_seqlen, epochs=a.epochs, lr=a.lr, lr_lwc=a.lr_lwc, let=a.let,
                    block_inputs=a.block_inputs, method_args=kw)
     t0 = time.time()
-    quantize_model(model, method, master_bits=master, group_size=64, scope="ffn", slicing=a.slicing,
+    rec["group_size"] = a.group_size
+    quantize_model(model, method, master_bits=master, group_size=a.group_size, scope="ffn", slicing=a.slicing,
                    calib=calib, progress=not a.quiet, **args)
     rec["train_s"] = round(time.time() - t0, 1)
     rec["peak_rss_gib_after_train"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
@@ -88,7 +89,7 @@ def table(out: Path) -> str:
         cells = []
         for b in (8, 6, 4, 3, 2):
             cells.append("—" if b not in by else f"{by[b]:.2f} ({by[b] / fp:.2f}×)" if fp else f"{by[b]:.2f}")
-        lines.append(f"| {r['run']} | {r['slicing']} | " + " | ".join(cells) +
+        lines.append(f"| {r['run']}{r.get('tag', '')} | {r['slicing']} | " + " | ".join(cells) +
                      f" | {r.get('train_s', 0):.0f} | {r.get('peak_rss_gib_after_train', float('nan')):.2f} |")
     head = f"fp32 reference perplexity: {fp:.3f}\n\n" if fp else ""
     return head + "\n".join(lines)
@@ -107,6 +108,7 @@ def main():
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-lwc", type=float, default=2e-1)
+    p.add_argument("--group-size", type=int, default=64, help="(use --tag to keep runs apart, e.g. _g192)")
     p.add_argument("--let", action="store_true")
     p.add_argument("--block-inputs", default="quant", choices=("quant", "fp"))
     p.add_argument("--tag", default="", help="suffix for the result file name")
