@@ -78,7 +78,11 @@ def run_one(a) -> dict:
 
 
 def table(out: Path) -> str:
-    recs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    recs = []
+    for p in sorted(out.glob("*.json")):
+        r = json.loads(p.read_text())
+        r.setdefault("tag", p.stem[len(f"{r['run']}_{r.get('slicing', '')}"):] if r["run"] != "fp" else "")
+        recs.append(r)
     fp = next((r["rows"][0]["ppl"] for r in recs if r["run"] == "fp"), None)
     lines = ["| run | train slicing | int8 | int6 | int4 | int3 | int2 | train s | peak RSS GiB |",
              "|---|---|---|---|---|---|---|---|---|"]
