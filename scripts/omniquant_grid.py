@@ -27,6 +27,8 @@ RUNS = {  # name: (method, master bits, omniquant args, bits to evaluate)
     "matquant_842_bal": ("omniquant", 8, {"bits_list": [8, 4, 2], "loss_balance": "initial"}, [8, 6, 4, 3, 2]),
     "matquant_842_bal_l111": ("omniquant", 8, {"bits_list": [8, 4, 2], "lambdas": [1.0, 1.0, 1.0],
                                                "loss_balance": "initial"}, [8, 6, 4, 3, 2]),
+    "matquant_842_bal_l001": ("omniquant", 8, {"bits_list": [8, 4, 2], "lambdas": [0.01, 0.01, 1.0],
+                                               "loss_balance": "initial"}, [8, 6, 4, 3, 2]),
     "codistill_842_8to2": ("omniquant", 8, {"distill": "[8,4,2,8->2]"}, [8, 6, 4, 3, 2]),
     "codistill_84_8to2": ("omniquant", 8, {"distill": "[8,4,8->2]"}, [8, 6, 4, 3, 2]),
     "sp_int2": ("omniquant", 8, {"bits_list": [2]}, [8, 6, 4, 3, 2]),
