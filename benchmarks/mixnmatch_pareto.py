@@ -195,10 +195,12 @@ def write_outputs(results: dict, out: Path) -> None:
         lines.append(f"| {r['budget']:g} | {r['kind']} | {r['label']} | {r['mode']} | {r['average_bits']:.3f} | "
                      f"{r['effective_bits']:.3f} | {r['ppl']:.3f} |{ratio}")
     atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
-    plot(rows, fp32, out / "pareto.png")
+    plot(rows, fp32, out / "pareto.png", pr)
 
 
-def plot(rows, fp32, path) -> None:
+def plot(rows, fp32, path, protocol=None, ymax_ratio: float = 30.0) -> None:
+    """Perplexity (÷ fp32 when known) vs average code bits. Schedules with a non-default floor ('pyramid/min') are
+    left to the table; points above `ymax_ratio`× fp32 are drawn as triangles on the top edge."""
     import io
 
     import matplotlib
@@ -209,23 +211,37 @@ def plot(rows, fp32, path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     styles = {"uniform": ("-", "o"), "schedule": ("", "x"), "search": ("-", "*")}
     series: dict[tuple, list] = {}
+    ref = fp32 or 1.0
+    top = ymax_ratio * ref if fp32 else None
     for r in rows:
+        if r["kind"] == "schedule" and "/" in r["label"]:
+            continue
         name = (r["kind"], r["label"] if r["kind"] == "schedule" else r["kind"], r["mode"])
         series.setdefault(name, []).append((r["average_bits"], r["ppl"]))
     for i, ((kind, label, mode), pts) in enumerate(sorted(series.items())):
         pts = sorted(set(pts))
         ls, mk = styles.get(kind, ("-", "."))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=ls or "none", marker=mk,
-                ms=9 if kind == "search" else 5, lw=1.2, alpha=0.9,
-                label=f"{'uniform slice' if kind == 'uniform' else label} ({mode})")
+        inside = [p for p in pts if top is None or p[1] <= top]
+        line, = ax.plot([p[0] for p in inside], [p[1] / ref for p in inside], linestyle=ls or "none", marker=mk,
+                        ms=11 if kind == "search" else 5, lw=1.6 if kind == "search" else 1.2, alpha=0.9,
+                        zorder=3 if kind == "search" else 2,
+                        label=f"{'uniform slice' if kind == 'uniform' else label} ({mode})")
+        above = [p for p in pts if top is not None and p[1] > top]
+        if above:
+            ax.plot([p[0] for p in above], [ymax_ratio] * len(above), linestyle="none", marker="^", ms=5,
+                    color=line.get_color(), alpha=0.9, clip_on=False)
     if fp32:
-        ax.axhline(fp32, ls="--", c="k", lw=1, label=f"fp32 ({fp32:.2f})")
+        ax.axhline(1.0, ls="--", c="k", lw=1, label=f"fp32 (ppl {fp32:.2f})")
     ax.set_yscale("log")
-    ax.set_xlabel("average code bits per FFN weight")
-    ax.set_ylabel("perplexity on 'eval' (log)")
-    ax.set_title("SmolLM2-135M Mix'n'Match: one int8 RTN checkpoint")
+    if fp32:
+        ax.set_ylim(0.95, ymax_ratio)
+    pr = protocol or {}
+    ax.set_xlabel(f"average code bits per quantized weight ({pr.get('scope', '?')} layers; +0.5 for scales/zeros)")
+    ax.set_ylabel(f"perplexity {'÷ fp32 ' if fp32 else ''}on 'eval' (log" +
+                  (f"; ▲ > {ymax_ratio:g}×)" if fp32 else ")"))
+    ax.set_title(f"SmolLM2-135M Mix'n'Match: one int8 {pr.get('method', '')} checkpoint, {pr.get('scope', '')}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6.5, ncol=2)
+    ax.legend(fontsize=6.5, ncol=2, loc="lower left")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
