@@ -241,7 +241,7 @@ def plot(rows, fp32, path, protocol=None, ymax_ratio: float = 30.0) -> None:
                   (f"; ▲ > {ymax_ratio:g}×)" if fp32 else ")"))
     ax.set_title(f"SmolLM2-135M Mix'n'Match: one int8 {pr.get('method', '')} checkpoint, {pr.get('scope', '')}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6.5, ncol=2, loc="lower left")
+    ax.legend(fontsize=6.5, ncol=2, loc="upper right", bbox_to_anchor=(1, 0.93))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
