@@ -31,6 +31,8 @@ RUNS = {  # name: (method, master bits, omniquant args, bits to evaluate)
                                                "loss_balance": "initial"}, [8, 6, 4, 3, 2]),
     "matquant_842_bal_l0001": ("omniquant", 8, {"bits_list": [8, 4, 2], "lambdas": [0.001, 0.001, 1.0],
                                                 "loss_balance": "initial"}, [8, 6, 4, 3, 2]),
+    "codistill_842_8to2_bal_l001": ("omniquant", 8, {"distill": "[8,4,2,8->2]", "lambdas": [0.01, 0.01, 1.0],
+                                                     "loss_balance": "initial"}, [8, 6, 4, 3, 2]),
     "codistill_842_8to2": ("omniquant", 8, {"distill": "[8,4,2,8->2]"}, [8, 6, 4, 3, 2]),
     "codistill_84_8to2": ("omniquant", 8, {"distill": "[8,4,8->2]"}, [8, 6, 4, 3, 2]),
     "sp_int2": ("omniquant", 8, {"bits_list": [2]}, [8, 6, 4, 3, 2]),
