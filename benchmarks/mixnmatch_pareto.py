@@ -201,9 +201,13 @@ def write_outputs(results: dict, out: Path) -> None:
 def summary(rows, fp32) -> str:
     """Per budget and slicing mode: the uniform mix, the best fixed schedule (default floor), the searched map."""
     ref = fp32 or 1.0
-    unit = "÷ fp32" if fp32 else "ppl"
-    out = [f"Summary ({unit}; search vs the best other map at the same budget)", "",
-           "| budget | mode | uniform slice (or mix) | best fixed schedule | search | search vs best other |", "|---|---|---|---|---|---|"]
+
+    def cell(r):
+        return "—" if r is None else f"{r['ppl'] / ref:.3g}×" if fp32 else f"{r['ppl']:.3g}"
+
+    out = [f"Summary ({'÷ fp32' if fp32 else 'ppl'}; search vs the best other map at the same budget)", "",
+           "| budget | mode | uniform slice (or mix) | best fixed schedule | search | search vs best other |",
+           "|---|---|---|---|---|---|"]
     for b, mode in sorted({(r["budget"], r["mode"]) for r in rows if r["kind"] != "uniform"}):
         at = [r for r in rows if r["budget"] == b and r["mode"] == mode]
         uni = next((r for r in at if r["kind"] == "uniform"), None) or next(
@@ -211,7 +215,6 @@ def summary(rows, fp32) -> str:
         fixed = sorted((r for r in at if r["kind"] == "schedule" and "/" not in r["label"]), key=lambda r: r["ppl"])
         srch = next((r for r in at if r["kind"] == "search"), None)
         others = [r["ppl"] for r in at if r["kind"] != "search"]
-        cell = lambda r: f"{r['ppl'] / ref:.3g}×" if fp32 and r else (f"{r['ppl']:.3g}" if r else "—")  # noqa: E731
         gain = f"{100 * (srch['ppl'] / min(others) - 1):+.1f} %" if srch and others else "—"
         best = f"{fixed[0]['label']} {cell(fixed[0])}" if fixed else "—"
         out.append(f"| {b:g} | {mode} | {cell(uni)} | {best} | {cell(srch)} | {gain} |")

@@ -530,9 +530,9 @@ def _train_block(block, rel_targets, spec: OmniSpec, streams, y_fp, args, kwargs
     teacher_bits = {t for ts in spec.teachers.values() for t in ts if t != "fp"}
     first = last = None
 
-    def slice_losses(j, on_loss):
-        """on_loss(r, loss) for each student r on window j: its unweighted loss (relative MSE to its teachers,
-        averaged), called as soon as it is computed, so a backward there frees the graph before the next slice."""
+    def slice_losses(j):
+        """(r, unweighted loss) for each student r on window j: relative MSE to its teachers, averaged. A generator,
+        so a backward on one slice's loss frees its graph before the next slice is computed."""
         outs = {}
         for r in needed:  # descending: int-t teachers are computed before their students
             x = streams[r][j] if r in streams else streams["fp"][j]
@@ -544,25 +544,25 @@ def _train_block(block, rel_targets, spec: OmniSpec, streams, y_fp, args, kwargs
             if r in teacher_bits:
                 outs[r] = y.detach()
             ts = spec.teachers[r]
-            on_loss(r, sum(F.mse_loss(y, y_fp[j] if t == "fp" else outs[t]) for t in ts) / len(ts) / norm)
+            yield r, sum(F.mse_loss(y, y_fp[j] if t == "fp" else outs[t]) for t in ts) / len(ts) / norm
 
     # loss balance: 'none' = the paper's Σ λ_r·loss_r; 'initial' divides each loss_r by its value at the starting
     # (MinMax) clipping, so λ_r weights relative improvement and the large int2 error does not drown int8's
     base = {r: 1.0 for r in spec.students}
-    if loss_balance == "initial":
+    if loss_balance == "initial" and epochs > 0:
+        sums = {r: 0.0 for r in spec.students}
         with torch.no_grad():
-            sums = {r: 0.0 for r in spec.students}
             for j in range(n):
-                slice_losses(j, lambda r, v: sums.__setitem__(r, sums[r] + v.item()))
+                for r, v in slice_losses(j):
+                    sums[r] += v.item()
         base = {r: max(sums[r] / n, 1e-12) for r in spec.students}
     bar = tqdm(total=epochs * n, desc=f"block {idx}", disable=not progress, leave=False)
     for ep in range(epochs):
         tot = 0.0
         for j in torch.randperm(n, generator=gen).tolist():
             opt.zero_grad(set_to_none=True)
-            step = [0.0]
-
-            def backward(r, loss):
+            step = 0.0
+            for r, loss in slice_losses(j):
                 loss = spec.lambdas[r] * loss / base[r]
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
@@ -570,11 +570,8 @@ def _train_block(block, rel_targets, spec: OmniSpec, streams, y_fp, args, kwargs
                         "Blocks finished before this one are kept in --work-dir; lower --lr (or --lr-lwc/--lr-let) "
                         "and rerun the same command to resume.")
                 loss.backward()
-                step[0] += loss.item()
-
-            slice_losses(j, backward)
+                step += loss.item()
             opt.step()
-            step = step[0]
             tot += step
             bar.update(1)
             bar.set_postfix(loss=f"{step:.3g}")
@@ -618,6 +615,7 @@ def omniquant_kwargs(args) -> dict:
         return {}
     kw = dict(bits_list=args.bits_list, lambdas=args.lambdas, distill=args.distill, epochs=args.epochs,
               lr=args.lr if args.lr is not None else DEFAULT_LR, lr_lwc=args.lr_lwc, lr_let=args.lr_let, let=args.let,
-              block_inputs=args.block_inputs, loss_balance=args.loss_balance, work_dir=args.work_dir, seed=args.seed if args.seed is not None else 0)
+              block_inputs=args.block_inputs, loss_balance=args.loss_balance, work_dir=args.work_dir,
+              seed=args.seed if args.seed is not None else 0)
     make_spec(args.bits_master, kw["bits_list"], kw["lambdas"], kw["distill"])  # fail before loading the model
     return {k: v for k, v in kw.items() if v is not None}
