@@ -136,7 +136,7 @@ def gptq_columns(W: torch.Tensor, H: torch.Tensor, *, group_size: int, params_fn
 
 def minmax_params_fn(bits: int, symmetric: bool, param_dtype: torch.dtype) -> ParamsFn:
     def fn(wg: torch.Tensor):
-        s, z = minmax_params(wg, bits, wg.shape[1], symmetric)
+        s, z = minmax_params(wg, bits, wg.shape[1], symmetric, param_dtype)
         return s[:, 0].to(param_dtype).float(), z[:, 0].to(param_dtype).float()
     return fn
 

@@ -30,7 +30,7 @@ from functools import lru_cache
 import torch
 
 from matquant.algorithms.gptq import DEFAULT_BLOCKSIZE, blockwise_hessian_method, gptq_columns
-from matquant.quant.minmax import QuantizedWeight, check_bits, resolve_group_size
+from matquant.quant.minmax import QuantizedWeight, affine_params, check_bits, resolve_group_size, symmetric_scale
 from matquant.quant.slicing import check_slicing, slice_master
 
 DEFAULT_BITS = (8, 4, 3, 2)
@@ -161,22 +161,21 @@ class MultiSliceRounder:
 
 def search_params_fn(rounder: MultiSliceRounder, symmetric: bool, param_dtype, factors=SEARCH_FACTORS):
     """Per-row (α, z) of a group minimising the λ-weighted multi-slice error of its nearest codes."""
-    qmax = 2**rounder.c - 1
     half = 2 ** (rounder.c - 1)
 
     def fn(wg: torch.Tensor):
         f = torch.tensor(factors, device=wg.device, dtype=torch.float32)
         if symmetric:
             amax = wg.abs().amax(1, keepdim=True)  # [out, 1]
-            s = (amax * f / max(half - 1, 1)).clamp_min(1e-8)  # [out, K]
+            s = symmetric_scale(amax * f, rounder.c, param_dtype)  # [out, K]
             z = torch.full_like(s, float(half))
         else:
             lo, hi = wg.amin(1, keepdim=True), wg.amax(1, keepdim=True)  # [out, 1]
             mid, rad = (lo + hi) / 2, (hi - lo) / 2
             lo = (mid - rad * f)[:, :, None]  # [out, K, 1]: each end moved away from / towards the mid-point
             hi = (mid + rad * f)[:, None, :]  # [out, 1, K]
-            s = ((hi - lo) / qmax).clamp_min(1e-8).reshape(wg.shape[0], -1)
-            z = (-lo.expand(-1, -1, len(factors))).reshape(wg.shape[0], -1) / s
+            s, z = affine_params(lo, hi, rounder.c, param_dtype)  # [out, K, K], floored for param_dtype
+            s, z = s.reshape(wg.shape[0], -1), z.reshape(wg.shape[0], -1)
         s, z = s.to(param_dtype).float(), z.to(param_dtype).float()
         u = wg[:, None, :] / s[:, :, None] + z[:, :, None]  # [out, K, g]
         q = rounder.codes(u)

@@ -49,24 +49,58 @@ def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out_f, in_f // group_size, group_size)
 
 
-def minmax_params(
-    w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, eps: float = 1e-8
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales α and zero-points z ([out, n_groups], float32) of the MinMax quantizer."""
-    g = grouped(w.float(), group_size)
-    qmax = 2**bits - 1
-    if symmetric:
-        absmax = g.abs().amax(dim=-1)
-        half = 2 ** (bits - 1)
-        # codes 0..2^c-1 centred on z = 2^(c-1): the largest positive value α·(2^(c-1)-1) reaches absmax
-        scale = (absmax / max(half - 1, 1)).clamp_min(eps)
-        zero = torch.full_like(scale, float(half))
-    else:
-        lo = g.amin(dim=-1)
-        hi = g.amax(dim=-1)
-        scale = ((hi - lo) / qmax).clamp_min(eps)
-        zero = -lo / scale
+def param_limits(param_dtype: torch.dtype) -> tuple[float, float]:
+    """(smallest scale, largest |zero-point|) that survive storage in `param_dtype`.
+
+    The scale floor is the dtype's smallest normal number (a floor such as 1e-8 rounds to 0 in float16, and z = −min/α
+    then becomes ±inf). The zero-point bound 2/eps is the largest magnitude the dtype still stores to within one code
+    unit (float16: 2048, bfloat16: 256, float32: 2^24); it is above 2^8 − 1, so every group that contains 0 (every
+    group of a real weight, in practice) keeps the paper's α and z exactly.
+    """
+    fi = torch.finfo(param_dtype)
+    return float(fi.tiny), 2.0 / float(fi.eps)
+
+
+def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int,
+                  param_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """MinMax α = (hi − lo)/(2^c − 1), z = −lo/α (float32, broadcast of lo and hi), floored to survive `param_dtype`.
+
+    α is at least the dtype's smallest normal and at least max(|lo|, |hi|)/zmax (see `param_limits`), which keeps
+    |z| <= zmax: a constant group (hi == lo != 0) gets a small α and a finite z instead of α = 0, z = inf.
+    """
+    tiny, zmax = param_limits(param_dtype)
+    lo, hi = lo.float(), hi.float()
+    absmax = torch.maximum(lo.abs(), hi.abs())
+    scale = torch.maximum((hi - lo) / (2**bits - 1), absmax / zmax).clamp_min(tiny)
+    zero = (-lo / scale).clamp(-zmax, zmax)
     return scale, zero
+
+
+def symmetric_scale(absmax: torch.Tensor, bits: int, param_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """α of the symmetric quantizer (codes centred on z = 2^(c−1)), floored at `param_dtype`'s smallest normal."""
+    half = 2 ** (bits - 1)
+    # codes 0..2^c-1 centred on z = 2^(c-1): the largest positive value α·(2^(c-1)-1) reaches absmax
+    return (absmax.float() / max(half - 1, 1)).clamp_min(param_limits(param_dtype)[0])
+
+
+def minmax_params(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, param_dtype: torch.dtype = torch.float16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales α and zero-points z ([out, n_groups], float32) of the MinMax quantizer, valid once stored in
+    `param_dtype` (see `affine_params`)."""
+    g = grouped(w.float(), group_size)
+    if symmetric:
+        scale = symmetric_scale(g.abs().amax(dim=-1), bits, param_dtype)
+        return scale, torch.full_like(scale, float(2 ** (bits - 1)))
+    return affine_params(g.amin(dim=-1), g.amax(dim=-1), bits, param_dtype)
+
+
+def check_storable(scale: torch.Tensor, zero: torch.Tensor, param_dtype: torch.dtype) -> None:
+    """Refuse parameters that overflow `param_dtype` (weights too large for it), naming the fix."""
+    if not (torch.isfinite(scale).all() and torch.isfinite(zero).all()):
+        big = float(scale.float().nan_to_num(float("inf")).abs().max())
+        raise ValueError(f"the quantization scales (up to {big:.3g}) do not fit in {str(param_dtype).split('.')[-1]}: "
+                         "the weights are too large for it; store the parameters as float32 (--param-dtype float32).")
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -104,7 +138,8 @@ def quantize_minmax(
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or Inf values; cannot quantize. Check the source model.")
     gs = resolve_group_size(w.shape[1], group_size)
-    scale, zero = minmax_params(w, bits, gs, symmetric)
+    scale, zero = minmax_params(w, bits, gs, symmetric, param_dtype)
     scale, zero = scale.to(param_dtype), zero.to(param_dtype)
+    check_storable(scale, zero, param_dtype)
     codes = quantize_codes(w, scale, zero, bits)
     return QuantizedWeight(codes=codes, scales=scale, zeros=zero, bits=bits, group_size=gs)
