@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "quantize", "eval", "slice", "info", "mixnmatch", "experiment", "report")
+COMMANDS = ("demo", "quantize", "eval", "slice", "info", "mixnmatch", "experiment", "report", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
