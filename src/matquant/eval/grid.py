@@ -7,7 +7,7 @@ from matquant.eval.perplexity import perplexity
 from matquant.nn.bits import effective_bits, get_bits, set_bits
 
 
-def ppl_grid(model, windows, bits_list, modes=("paper",), bits_map=None, batch_size: int = 1,
+def ppl_grid(model, windows, bits_list, modes, bits_map=None, batch_size: int = 1,
              progress: bool = True) -> list[dict]:
     """One row per (bits, mode): {"bits", "slicing", "ppl", "effective_bits", "tokens", ...}.
 

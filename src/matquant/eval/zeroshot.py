@@ -270,7 +270,7 @@ def _num(x):
     return x if isinstance(x, (int, float)) else None
 
 
-def zeroshot_grid(model, tok, bits_list, modes=("paper",), tasks=DEFAULT_TASKS, limit="default",
+def zeroshot_grid(model, tok, bits_list, modes, tasks=DEFAULT_TASKS, limit="default",
                   batch_size: int = 16, bits_map=None, progress: bool = True) -> list[dict]:
     """Tidy rows (one per bits × slicing × task, plus "average" rows), switching precision in place with set_bits.
 

@@ -14,9 +14,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from matquant.format import validate as V
 from matquant.format.atomic import atomic_dir
 from matquant.format.config import FORMAT_VERSION, CheckpointError, QuantConfig
 from matquant.nn.bits import set_bits
@@ -24,8 +24,8 @@ from matquant.nn.linear import MatQuantLinear
 from matquant.nn.replace import set_submodule
 from matquant.quant.minmax import resolve_group_size
 
-WEIGHTS_NAME = "model.safetensors"
-CODE_TENSORS = ("qweight", "scales", "zeros")
+WEIGHTS_NAME = V.WEIGHTS_NAME
+CODE_TENSORS = V.CODE_LEAVES
 
 
 def _dedup_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -66,47 +66,46 @@ def save_checkpoint(model, tokenizer, out_dir, qconfig: QuantConfig, overwrite: 
 
 
 def read_quant_config(ckpt_dir) -> tuple[dict, QuantConfig]:
-    d = Path(ckpt_dir)
-    if not d.is_dir():
-        raise CheckpointError(f"{ckpt_dir} is not a folder; pass a matquant checkpoint folder (from `matquant quantize`).")
-    cfg_path = d / "config.json"
-    if not cfg_path.exists():
-        raise CheckpointError(f"{ckpt_dir} has no config.json: not a matquant checkpoint.")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the file is corrupt.") from None
-    if "quantization_config" not in cfg:
-        raise CheckpointError(f"{cfg_path} has no quantization_config: this is a plain model, not a matquant "
-                              "checkpoint. Quantize it with `matquant quantize --model DIR`.")
+    """(config.json as a dict, its validated QuantConfig); checks the folder's files first (see format/validate.py)."""
+    cfg_path, _ = V.checkpoint_files(ckpt_dir)
+    cfg = V.read_config(cfg_path)
     return cfg, QuantConfig.from_dict(cfg["quantization_config"])
 
 
-def _open_weights(d: Path):
-    wpath = d / WEIGHTS_NAME
-    if not wpath.exists():
-        pickles = [p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
-        hint = f" (found pickle file(s) {pickles}; matquant never loads pickle)" if pickles else ""
-        raise CheckpointError(f"{d} has no {WEIGHTS_NAME}{hint}.")
-    try:
-        return safe_open(str(wpath), framework="pt", device="cpu")
-    except (SafetensorError, OSError, Exception) as e:
-        raise CheckpointError(f"{wpath} is corrupt or truncated ({e}); re-create the checkpoint.") from None
-
-
-def build_skeleton(cfg: dict, qconfig: QuantConfig, dtype=torch.float32):
-    """The model with its quantized layers as (empty) MatQuantLinear, no weights loaded."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+def hf_config(cfg: dict, path="config.json"):
+    """The transformers config of a checkpoint's config.json; anything transformers refuses is a CheckpointError."""
+    from transformers import AutoConfig
 
     cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
     model_type = cfg.pop("model_type", None)
-    if model_type is None:
-        raise CheckpointError("config.json has no model_type")
-    hf_cfg = AutoConfig.for_model(model_type, **cfg)
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
-    replace_skeleton(model, qconfig, dtype)
+    if not isinstance(model_type, str):
+        raise CheckpointError(f"{path} has no model_type (or not a string); the file is corrupt.")
+    try:
+        return AutoConfig.for_model(model_type, **cfg)
+    except Exception as e:  # the input decides what transformers raises: ValueError, TypeError, KeyError, ...
+        raise CheckpointError(f"{path} is not a valid {model_type!r} config: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def build_skeleton(cfg: dict, qconfig: QuantConfig, dtype=torch.float32, header=None):
+    """The model with its quantized layers as MatQuantLinear, every parameter on the meta device (nothing allocated
+    for weights; buffers such as rotary tables are real). `header` (of the weights file) bounds the config's size."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    if header is not None:
+        V.check_config_size(cfg, header)
+    hf_cfg = hf_config(cfg)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+    except Exception as e:  # e.g. hidden_size not divisible by num_attention_heads: the config is inconsistent
+        raise CheckpointError(f"config.json describes a model transformers cannot build: {_one_line(e)}") from None
+    replace_skeleton(model, qconfig, dtype, device="meta")
     return model
 
 
@@ -118,8 +117,14 @@ def replace_skeleton(model, qconfig: QuantConfig, dtype=torch.float32, device=No
             old = model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"quantized module {name!r} does not exist in this architecture.") from None
-        out_f, in_f = linear_weight(old).shape
-        gs = resolve_group_size(in_f, qconfig.group_size)
+        try:
+            out_f, in_f = linear_weight(old).shape
+        except Exception:
+            raise CheckpointError(f"quantized module {name!r} is a {type(old).__name__}, not a linear layer.") from None
+        try:
+            gs = resolve_group_size(in_f, qconfig.group_size)
+        except ValueError as e:
+            raise CheckpointError(f"quantization_config: {e}") from None
         new = MatQuantLinear(in_f, out_f, bias=getattr(old, "bias", None) is not None, group_size=gs,
                              master_bits=qconfig.master_bits, slicing=qconfig.slicing,
                              param_dtype=getattr(torch, qconfig.param_dtype), dtype=dtype, device=device)
@@ -127,41 +132,21 @@ def replace_skeleton(model, qconfig: QuantConfig, dtype=torch.float32, device=No
 
 
 def load_state(model, ckpt_dir, qconfig: QuantConfig) -> None:
-    """Load and strictly validate every tensor of the checkpoint into `model`."""
-    d = Path(ckpt_dir)
+    """Load every tensor of the checkpoint into `model` (a meta skeleton), each checked by format/validate.py."""
+    _, wpath = V.checkpoint_files(ckpt_dir)
+    sd = V.validate_tensors(wpath, model, qconfig, tied_keys(model))
     expected = model.state_dict()
-    with _open_weights(d) as f:
-        keys = set(f.keys())
-        tied = _tied_keys(model)
-        missing = [k for k in expected if k not in keys and k not in tied]
-        if missing:
-            raise CheckpointError(f"{d / WEIGHTS_NAME} is missing {len(missing)} tensor(s), e.g. {missing[:3]}.")
-        unexpected = sorted(keys - set(expected))
-        if unexpected:
-            raise CheckpointError(f"{d / WEIGHTS_NAME} has tensor(s) this model does not use, e.g. {unexpected[:3]}.")
-        sd = {}
-        for k in keys:
-            try:
-                t = f.get_tensor(k)
-            except Exception as e:  # truncated data region
-                raise CheckpointError(f"tensor {k} in {d / WEIGHTS_NAME} cannot be read ({e}); file truncated?") from None
-            ref = expected[k]
-            if tuple(t.shape) != tuple(ref.shape):
-                raise CheckpointError(f"tensor {k} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}.")
-            leaf = k.rsplit(".", 1)[-1]
-            if leaf == "qweight" and t.dtype != torch.uint8:
-                raise CheckpointError(f"tensor {k} has dtype {t.dtype}, expected torch.uint8 codes.")
-            if leaf == "qweight" and int(t.max()) >= 2**qconfig.master_bits:
-                raise CheckpointError(f"tensor {k} holds codes >= 2^{qconfig.master_bits} (master_bits).")
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise CheckpointError(f"tensor {k} contains NaN/Inf values.")
-            sd[k] = t.to(ref.dtype) if (t.is_floating_point() and ref.is_floating_point()) else t
+    sd = {k: t.to(expected[k].dtype) if t.is_floating_point() else t for k, t in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{wpath} does not provide {len(left)} tensor(s) of this model, e.g. {left[:3]}.")
 
 
-def _tied_keys(model) -> set[str]:
+def tied_keys(model) -> set[str]:
+    """State-dict names stored once because they are tied to another (lm_head = embed_tokens)."""
     if not getattr(model.config, "tie_word_embeddings", False):
         return set()
     out = model.get_output_embeddings()
@@ -174,21 +159,33 @@ def _tied_keys(model) -> set[str]:
 def load_checkpoint(ckpt_dir, bits=None, slicing: str | None = None, device: str = "cpu",
                     dtype: torch.dtype = torch.float32):
     """(model, tokenizer, qconfig). `bits` (int or map) overrides the stored default precision / bits map."""
-    from transformers import AutoTokenizer
-
     cfg, qconfig = read_quant_config(ckpt_dir)
-    model = build_skeleton(cfg, qconfig, dtype)
+    _, wpath = V.checkpoint_files(ckpt_dir)
+    model = build_skeleton(cfg, qconfig, dtype, header=V.read_header(wpath))
     load_state(model, ckpt_dir, qconfig)
     model.to(device).eval()
     set_bits(model, qconfig.default_bits, slicing or qconfig.slicing)
-    if qconfig.bits_map:
-        set_bits(model, qconfig.bits_map)
+    try:
+        if qconfig.bits_map:
+            set_bits(model, qconfig.bits_map)
+    except ValueError as e:
+        raise CheckpointError(f"quantization_config.bits_map: {e}") from None
     if bits is not None:
         set_bits(model, bits)
-    tok = None
-    if any(Path(ckpt_dir, n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
-        tok = AutoTokenizer.from_pretrained(str(ckpt_dir))
-    return model, tok, qconfig
+    return model, load_tokenizer(ckpt_dir), qconfig
+
+
+def load_tokenizer(ckpt_dir):
+    """The checkpoint's tokenizer, or None when it has none; unreadable tokenizer files are a CheckpointError."""
+    from transformers import AutoTokenizer
+
+    if not any(Path(ckpt_dir, n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(ckpt_dir))
+    except Exception as e:
+        raise CheckpointError(f"the tokenizer files in {ckpt_dir} cannot be loaded ({_one_line(e)}); copy them "
+                              "again from the source model.") from None
 
 
 def checkpoint_size_bytes(ckpt_dir) -> int:

@@ -5,11 +5,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from matquant.quant.minmax import check_bits
-from matquant.quant.slicing import check_slicing
+from matquant.quant.slicing import DEFAULT_SLICING, check_slicing
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "matquant"
 PARAM_DTYPES = ("float16", "bfloat16", "float32")
+
+
+# Keys a checkpoint's quantization_config must have. "slicing" is one: the same codes read with the wrong rule give a
+# different (much worse) model, so no default is ever guessed at load time.
+REQUIRED_KEYS = ("quant_method", "format_version", "master_bits", "group_size", "slicing", "modules")
 
 
 class CheckpointError(ValueError):
@@ -21,7 +26,7 @@ class QuantConfig:
     master_bits: int = 8
     group_size: int = 64  # -1: per output channel
     symmetric: bool = False
-    slicing: str = "paper"  # default slicing mode at load time
+    slicing: str = DEFAULT_SLICING  # the slicing the codes were built for: the mode a loaded model reads them with
     scope: str = "ffn"
     modules: list[str] = field(default_factory=list)  # the quantized module names
     default_bits: int = 8  # precision a loaded model starts at
@@ -36,6 +41,13 @@ class QuantConfig:
         def fail(msg):
             raise CheckpointError(f"invalid quantization_config: {msg}")
 
+        for key, types in (("modules", list), ("bits_map", (dict, type(None))), ("method_args", dict),
+                           ("symmetric", bool), ("scope", (str, type(None))), ("method", str), ("slicing", str),
+                           ("param_dtype", str), ("quant_method", str)):
+            if not isinstance(getattr(self, key), types):
+                fail(f"{key} has the wrong type ({type(getattr(self, key)).__name__}: {getattr(self, key)!r:.80})")
+        if not isinstance(self.format_version, int) or isinstance(self.format_version, bool):
+            fail(f"format_version must be an integer, got {self.format_version!r:.80}")
         if self.quant_method != QUANT_METHOD:
             fail(f"quant_method is {self.quant_method!r}, expected {QUANT_METHOD!r}")
         if self.format_version != FORMAT_VERSION:
@@ -58,8 +70,10 @@ class QuantConfig:
             fail(f"group_size must be a positive integer or -1 (per channel), got {self.group_size!r}")
         if self.param_dtype not in PARAM_DTYPES:
             fail(f"param_dtype {self.param_dtype!r} not in {PARAM_DTYPES}")
-        if not self.modules or not all(isinstance(m, str) for m in self.modules):
+        if not self.modules or not all(isinstance(m, str) and m for m in self.modules):
             fail("modules must be a non-empty list of module names")
+        if len(set(self.modules)) != len(self.modules):
+            fail("modules lists a module twice")
         return self
 
     def to_dict(self) -> dict:
@@ -70,8 +84,13 @@ class QuantConfig:
         if not isinstance(d, dict):
             raise CheckpointError("quantization_config must be a JSON object")
         known = set(cls.__dataclass_fields__)
-        required = {"quant_method", "format_version", "master_bits", "group_size", "modules"}
-        missing = sorted(required - set(d))
+        missing = sorted(set(REQUIRED_KEYS) - set(d))
+        if missing == ["slicing"]:
+            raise CheckpointError(
+                "quantization_config has no 'slicing': the codes cannot be read without knowing the slicing they "
+                "were built for (older matquant wrote none and read them as 'paper'). Add \"slicing\": \"paper\" or "
+                "\"slicing\": \"nested\" to quantization_config in config.json, as the checkpoint was built "
+                "(`matquant quantize --slicing ...`; the quantize default was 'nested').")
         if missing:
             raise CheckpointError(f"quantization_config is missing required key(s) {missing}")
         unknown = sorted(set(d) - known)

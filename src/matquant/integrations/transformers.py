@@ -8,7 +8,7 @@ from __future__ import annotations
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from matquant.format.config import QUANT_METHOD, QuantConfig
+from matquant.format.config import QUANT_METHOD, CheckpointError, QuantConfig
 
 
 class MatQuantHfConfig(QuantizationConfigMixin):
@@ -45,12 +45,33 @@ class MatQuantHfQuantizer(HfQuantizer):
             raise ValueError("matquant cannot quantize on the fly inside from_pretrained; "
                              "run `matquant quantize --model ... --out DIR` and load DIR.")
 
-    def _process_model_before_weight_loading(self, model, dtype=None, **kwargs):
+    def update_attn_implementation(self, config):
+        # The one hook that sees the config before transformers builds the model: for a local folder, run the same
+        # pre-build checks as `matquant.load` (files are regular, no pickle, the config is no bigger than the
+        # tensors in the file), so a hostile config.json is refused before any module is created.
+        from pathlib import Path
+
+        from matquant.format import validate as V
+
+        d = getattr(config, "_name_or_path", None)
+        if d and Path(d).is_dir():
+            _, wpath = V.checkpoint_files(d)
+            V.check_config_size(config.to_dict(), V.read_header(wpath), Path(d) / V.CONFIG_NAME)
+        return super().update_attn_implementation(config)
+
+    def _process_model_before_weight_loading(self, model, dtype=None, checkpoint_files=None, **kwargs):
         import torch
 
-        from matquant.format.checkpoint import replace_skeleton
+        from matquant.format import validate as V
+        from matquant.format.checkpoint import replace_skeleton, tied_keys
 
-        replace_skeleton(model, self.quantization_config.qconfig, dtype=dtype or torch.float32)
+        if not checkpoint_files:
+            raise CheckpointError("transformers found no weights file for this matquant checkpoint; it needs "
+                                  f"{V.WEIGHTS_NAME}.")
+        qconfig = self.quantization_config.qconfig
+        replace_skeleton(model, qconfig, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
+        # every tensor checked exactly as `matquant.load` checks it, before transformers reads any of them
+        V.validate_tensors(checkpoint_files, model, qconfig, tied_keys(model))
         return model
 
     def get_new_dtype(self, converter, param, dtype):
@@ -66,8 +87,11 @@ class MatQuantHfQuantizer(HfQuantizer):
 
         q = self.quantization_config.qconfig
         set_bits(model, q.default_bits, q.slicing)
-        if q.bits_map:
-            set_bits(model, q.bits_map)
+        try:
+            if q.bits_map:
+                set_bits(model, q.bits_map)
+        except ValueError as e:
+            raise CheckpointError(f"quantization_config.bits_map: {e}") from None
         return model
 
     def is_serializable(self, safe_serialization=None):

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from matquant.quant.slicing import DEFAULT_SLICING
+
 CHUNKS_DEFAULT = (2, 2, 4)
 CHUNKS_EXACT = (2, 1, 1, 2, 2)
 BITPLANES = (1,) * 8
@@ -51,7 +53,7 @@ def check_chunks(chunks: tuple[int, ...], master_bits: int = 8) -> tuple[int, ..
     return chunks
 
 
-def planes_needed(chunks: tuple[int, ...], bits: int, mode: str = "nested", master_bits: int = 8) -> int:
+def planes_needed(chunks: tuple[int, ...], bits: int, mode: str = DEFAULT_SLICING, master_bits: int = 8) -> int:
     """Number of leading planes an r-bit slice must read (nested: r bits; paper/extra: r+1 bits for the carry)."""
     need = bits if (mode == "nested" or bits >= master_bits) else bits + 1
     covered = 0
@@ -62,7 +64,7 @@ def planes_needed(chunks: tuple[int, ...], bits: int, mode: str = "nested", mast
     return len(chunks)
 
 
-def bits_read(chunks: tuple[int, ...], bits: int, mode: str = "nested", master_bits: int = 8) -> int:
+def bits_read(chunks: tuple[int, ...], bits: int, mode: str = DEFAULT_SLICING, master_bits: int = 8) -> int:
     """Code bits read per weight by an r-bit slice in this layout."""
     return sum(chunks[: planes_needed(chunks, bits, mode, master_bits)])
 
@@ -91,7 +93,7 @@ class PackedCodes:
         off = self.plane_offset(p)
         return self.data[off: off + n].view(self.out_features, self.k_pad * w // 8)
 
-    def nbytes_read(self, bits: int, mode: str = "nested") -> int:
+    def nbytes_read(self, bits: int, mode: str = DEFAULT_SLICING) -> int:
         """Bytes of code data an r-bit slice reads (the contiguous prefix of `data`)."""
         return self.plane_offset(planes_needed(self.chunks, bits, mode, self.master_bits))
 
@@ -150,7 +152,7 @@ def unpack_codes(packed: PackedCodes) -> torch.Tensor:
     return unpack_planes(packed).contiguous()
 
 
-def slice_packed(packed: PackedCodes, bits: int, mode: str = "nested", dtype: torch.dtype = torch.int32,
+def slice_packed(packed: PackedCodes, bits: int, mode: str = DEFAULT_SLICING, dtype: torch.dtype = torch.int32,
                  rows: slice | None = None) -> torch.Tensor:
     """r-bit slice codes [out, in] read from only the planes the layout needs; equals
     `matquant.quant.slicing.slice_codes(codes, c, r, mode)` for modes 'nested' and 'paper' ('extra' = no clamp).

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from matquant.quant.minmax import check_bits
-from matquant.quant.slicing import OVERFLOW_INDEX_BITS, check_slicing, overflow_fraction
+from matquant.quant.slicing import DEFAULT_SLICING, OVERFLOW_INDEX_BITS, check_slicing, overflow_fraction
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -70,7 +70,7 @@ class CostModel:
     param_bits: dict[str, int]  # quantized module -> bits of its scales + zeros (+ bias)
     unquantized_bytes: int
     master_bits: int = 8
-    slicing: str = "paper"
+    slicing: str = DEFAULT_SLICING
     overflow: dict[tuple[str, int], float] = field(default_factory=dict)  # (module, r) -> fraction, extra only
 
     @property

@@ -6,7 +6,7 @@ from torch import nn
 
 from matquant.kernels import dispatch, torch_ref
 from matquant.quant.minmax import QuantizedWeight, check_bits
-from matquant.quant.slicing import check_slicing, effective_code_bits
+from matquant.quant.slicing import DEFAULT_SLICING, check_slicing, effective_code_bits
 
 
 class MatQuantLinear(nn.Module):
@@ -25,7 +25,7 @@ class MatQuantLinear(nn.Module):
         bias: bool = False,
         group_size: int = 64,
         master_bits: int = 8,
-        slicing: str = "paper",
+        slicing: str = DEFAULT_SLICING,
         param_dtype: torch.dtype = torch.float16,
         device=None,
         dtype: torch.dtype | None = None,
@@ -59,7 +59,7 @@ class MatQuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(
-        cls, qw: QuantizedWeight, bias: torch.Tensor | None, slicing: str = "paper", dtype=torch.float32
+        cls, qw: QuantizedWeight, bias: torch.Tensor | None, slicing: str = DEFAULT_SLICING, dtype=torch.float32
     ) -> "MatQuantLinear":
         out_f, in_f = qw.codes.shape
         m = cls(in_f, out_f, bias=bias is not None, group_size=qw.group_size, master_bits=qw.bits,

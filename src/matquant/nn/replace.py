@@ -6,6 +6,7 @@ from torch import nn
 from matquant.models.targets import is_linear_like
 from matquant.nn.linear import MatQuantLinear
 from matquant.quant.minmax import QuantizedWeight
+from matquant.quant.slicing import DEFAULT_SLICING
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -14,7 +15,7 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def replace_with_matquant(model: nn.Module, qweights: dict[str, QuantizedWeight], slicing: str = "paper") -> None:
+def replace_with_matquant(model: nn.Module, qweights: dict[str, QuantizedWeight], slicing: str = DEFAULT_SLICING) -> None:
     for name, qw in qweights.items():
         old = model.get_submodule(name)
         if isinstance(old, MatQuantLinear):

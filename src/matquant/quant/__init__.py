@@ -23,7 +23,7 @@ from matquant.quant.slicing import (
 from matquant.quant.ste import fake_quant_ste
 
 
-def dequantize(qw: QuantizedWeight, bits: int | None = None, mode: str = "paper"):
+def dequantize(qw: QuantizedWeight, bits: int | None = None, mode: str = DEFAULT_SLICING):
     """Float32 weight of the `bits`-bit slice (default: the master precision) of a QuantizedWeight."""
     r = qw.bits if bits is None else bits
     return dequantize_codes(slice_master(qw.codes, qw.bits, r, mode), qw.scales, qw.zeros)

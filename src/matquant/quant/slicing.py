@@ -21,7 +21,7 @@ from matquant.quant.rounding import floor_ste, round_half_up_ste
 SLICING_MODES = ("paper", "nested", "extra")
 # What `quantize` builds for when not told: nested, measured better at 2-4 bits on SmolLM2 for RTN, MatGPTQ and
 # OmniQuant (docs/results.md) and for the team's QAT runs, and its slices are exact bit prefixes. "paper" is one flag away.
-DEFAULT_SLICING = "nested"
+DEFAULT_SLICING = "nested"  # the ONE default: every signature that defaults a slicing mode refers to this name
 
 
 def check_slicing(mode: str) -> str:
@@ -36,7 +36,7 @@ def _check(c: int, r: int) -> int:
     return c - r
 
 
-def slice_codes(q: torch.Tensor, c: int, r: int, mode: str = "paper") -> torch.Tensor:
+def slice_codes(q: torch.Tensor, c: int, r: int, mode: str) -> torch.Tensor:
     """r-bit integer codes of master codes q (int tensor or uint8). `extra` may return 2^r (overflow)."""
     shift = _check(c, r)
     check_slicing(mode)
@@ -51,7 +51,7 @@ def slice_codes(q: torch.Tensor, c: int, r: int, mode: str = "paper") -> torch.T
     return s
 
 
-def codes_to_master_units(qr: torch.Tensor, c: int, r: int, mode: str = "paper") -> torch.Tensor:
+def codes_to_master_units(qr: torch.Tensor, c: int, r: int, mode: str) -> torch.Tensor:
     """Map r-bit codes back to (float) master-code units: the value that is dequantized with α, z."""
     shift = _check(c, r)
     v = qr.float() * float(2**shift)
@@ -60,12 +60,12 @@ def codes_to_master_units(qr: torch.Tensor, c: int, r: int, mode: str = "paper")
     return v
 
 
-def slice_master(q: torch.Tensor, c: int, r: int, mode: str = "paper") -> torch.Tensor:
+def slice_master(q: torch.Tensor, c: int, r: int, mode: str) -> torch.Tensor:
     """Sliced value of master codes q in master units (float32)."""
     return codes_to_master_units(slice_codes(q, c, r, mode), c, r, mode)
 
 
-def slice_master_ste(q: torch.Tensor, c: int, r: int, mode: str = "paper") -> torch.Tensor:
+def slice_master_ste(q: torch.Tensor, c: int, r: int, mode: str) -> torch.Tensor:
     """Differentiable (straight-through) slicing of float master codes q, for training."""
     shift = _check(c, r)
     check_slicing(mode)

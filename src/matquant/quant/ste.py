@@ -14,7 +14,7 @@ def fake_quant_ste(
     zero: torch.Tensor,
     master_bits: int,
     bits: int,
-    mode: str = "paper",
+    mode: str,
 ) -> torch.Tensor:
     """α·(S(Q(w), r) − z) with STE through every rounding; gradients flow to w, α and z.
 

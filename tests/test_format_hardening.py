@@ -1,0 +1,213 @@
+"""Strict loading, the same on both paths (`matquant.load` and `AutoModelForCausalLM.from_pretrained` after
+`import matquant`): slicing required, dtypes/codes/NaN/shapes/pickle checked, hostile configs refused before building."""
+import ast
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import matquant
+from matquant.algorithms import quantize_model
+from matquant.format import CheckpointError, QuantConfig, load_checkpoint, save_checkpoint
+from matquant.nn import MatQuantLinear
+from matquant.quant.slicing import DEFAULT_SLICING
+
+from conftest import tiny_model
+
+SRC = Path(matquant.__file__).parent
+UP = "model.layers.0.mlp.up_proj"
+
+
+@pytest.fixture
+def ckpt(tmp_path, tiny_tokenizer):
+    model = tiny_model("llama")
+    qcfg = quantize_model(model, "rtn", group_size=32, scope="ffn")  # slicing not given: the default
+    d = tmp_path / "ckpt"
+    save_checkpoint(model, tiny_tokenizer, d, qcfg)
+    return d, model
+
+
+def _from_pretrained(d):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(d)
+
+
+LOADERS = {"matquant.load": matquant.load, "from_pretrained": _from_pretrained}
+
+
+def _edit_config(d, fn):
+    cfg = json.loads((d / "config.json").read_text())
+    fn(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _edit_tensors(d, **kv):
+    sd = load_file(str(d / "model.safetensors"))
+    sd.update(kv)
+    save_file(sd, str(d / "model.safetensors"))
+    return sd
+
+
+# ---- one slicing default ----
+
+def test_one_slicing_default_everywhere():
+    assert QuantConfig().slicing == DEFAULT_SLICING == "nested"
+    assert MatQuantLinear(64, 8).slicing == DEFAULT_SLICING
+
+
+def test_no_signature_in_src_defaults_to_a_literal_slicing_mode():
+    """Every default slicing refers to DEFAULT_SLICING (quant/slicing.py), never to a literal mode."""
+    modes = {"paper", "nested", "extra"}
+    found = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            defaults = []
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                args = node.args
+                named = args.posonlyargs + args.args
+                defaults += list(zip(named[len(named) - len(args.defaults):], args.defaults))
+                defaults += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+                defaults = [(a.arg, d) for a, d in defaults]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+                defaults = [(node.target.id, node.value)]
+            for name, d in defaults:
+                if "slic" in name or name == "mode":
+                    if isinstance(d, ast.Constant) and d.value in modes:
+                        found.append(f"{path.relative_to(SRC)}:{d.lineno} {name}={d.value!r}")
+    assert not found, found
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_config_without_slicing_is_refused_with_the_fix(ckpt, loader):
+    d, _ = ckpt
+    _edit_config(d, lambda c: c["quantization_config"].pop("slicing"))
+    with pytest.raises(CheckpointError, match=r"no 'slicing'.*\"slicing\": \"paper\" or \"slicing\": \"nested\""):
+        LOADERS[loader](d)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_nested_built_codes_are_read_nested(ckpt, loader):
+    d, model = ckpt
+    assert json.loads((d / "config.json").read_text())["quantization_config"]["slicing"] == "nested"
+    out = LOADERS[loader](d)
+    loaded = out[0] if isinstance(out, tuple) else out
+    layers = [m for m in loaded.modules() if isinstance(m, MatQuantLinear)]
+    assert layers and all(m.slicing == "nested" for m in layers)
+    x = torch.randint(0, 320, (1, 8))
+    matquant.set_bits(model, 2)
+    matquant.set_bits(loaded, 2)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+# ---- the same tensor checks on both paths ----
+
+def _int_embedding(sd):
+    return {"model.embed_tokens.weight": sd["model.embed_tokens.weight"].to(torch.int32)}
+
+
+CORRUPTIONS = {
+    "integer where a float is expected": (_int_embedding, "expected a floating-point"),
+    "float codes": (lambda sd: {f"{UP}.qweight": sd[f"{UP}.qweight"].float()}, "expected uint8"),
+    "scales in the wrong dtype": (lambda sd: {f"{UP}.scales": sd[f"{UP}.scales"].float()}, "expected float16"),
+    "NaN scale": (lambda sd: {f"{UP}.scales": torch.full_like(sd[f"{UP}.scales"], float("nan"))}, "NaN"),
+    "Inf weight": (lambda sd: {"model.norm.weight": torch.full_like(sd["model.norm.weight"], float("inf"))}, "NaN/Inf"),
+    "zero scale": (lambda sd: {f"{UP}.scales": torch.zeros_like(sd[f"{UP}.scales"])}, "scales <= 0"),
+    "wrong shape": (lambda sd: {f"{UP}.zeros": sd[f"{UP}.zeros"][:, :1].contiguous()}, "shape"),
+    "extra tensor": (lambda sd: {"model.surprise": torch.zeros(3)}, "does not use"),
+}
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("what", CORRUPTIONS)
+def test_corrupt_tensors_are_refused_on_both_paths(ckpt, loader, what):
+    d, _ = ckpt
+    fn, match = CORRUPTIONS[what]
+    _edit_tensors(d, **fn(load_file(str(d / "model.safetensors"))))
+    with pytest.raises(CheckpointError, match=match):
+        LOADERS[loader](d)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_codes_beyond_master_bits_are_refused_on_both_paths(ckpt, loader):
+    d, _ = ckpt
+    _edit_config(d, lambda c: c["quantization_config"].update(master_bits=4, default_bits=4))
+    with pytest.raises(CheckpointError, match=r"codes >= 2\^4"):
+        LOADERS[loader](d)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_missing_tensor_and_pickle_are_refused_on_both_paths(ckpt, loader):
+    d, _ = ckpt
+    sd = load_file(str(d / "model.safetensors"))
+    del sd[f"{UP}.scales"]
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing 1 tensor"):
+        LOADERS[loader](d)
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(CheckpointError, match="never loads pickle"):
+        LOADERS[loader](d)
+
+
+# ---- hostile configs: refused before anything is built ----
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("key,value", [("hidden_size", 10_000_000), ("num_hidden_layers", 100_000),
+                                       ("intermediate_size", 10**9), ("vocab_size", 2**40)])
+def test_oversized_config_is_refused_before_building(ckpt, loader, key, value):
+    import resource
+
+    d, _ = ckpt
+    _edit_config(d, lambda c: c.update({key: value}))
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=key):
+        LOADERS[loader](d)
+    assert time.perf_counter() - t0 < 10
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 512 * 1024  # KiB: nothing was allocated
+
+
+def test_skeleton_is_built_on_the_meta_device(ckpt):
+    from matquant.format.checkpoint import build_skeleton, read_quant_config
+
+    d, _ = ckpt
+    cfg, q = read_quant_config(d)
+    model = build_skeleton(cfg, q)
+    assert all(p.is_meta for p in model.parameters())
+    up = model.get_submodule(UP)
+    assert up.qweight.is_meta and up.scales.is_meta
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.update(model_type=7), "model_type"),
+    (lambda c: c.update(model_type="no-such-arch"), "not a valid"),
+    (lambda c: c.update(num_attention_heads=3), "cannot build|not a valid"),
+    (lambda c: c["quantization_config"].update(modules="model.layers.0.mlp.up_proj"), "wrong type"),
+    (lambda c: c["quantization_config"].update(bits_map=[1, 2]), "wrong type"),
+    (lambda c: c["quantization_config"].update(format_version=True), "format_version"),
+    (lambda c: c["quantization_config"].update(modules=["model.layers.0.input_layernorm"]), "not a linear layer"),
+])
+def test_malformed_configs_are_checkpoint_errors(ckpt, edit, match):
+    d, _ = ckpt
+    _edit_config(d, edit)
+    with pytest.raises(CheckpointError, match=match):
+        matquant.load(d)
+
+
+def test_non_regular_weights_file_is_refused(ckpt, tmp_path):
+    import os
+
+    d, _ = ckpt
+    (d / "model.safetensors").unlink()
+    os.mkfifo(d / "model.safetensors")  # reading it would block forever
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        matquant.load(d)
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="dangling symlink"):
+        matquant.load(d)
