@@ -10,8 +10,13 @@ Backends (``MatQuantLinear.backend``, set for a whole model with `matquant.set_b
              on CUDA (or CPU under TRITON_INTERPRET=1); larger batches (prefill) use dequantize + dense matmul
              (cuBLAS). ``layout='packed'`` keeps a nested-exact 2|2|4 copy of the codes so an r-bit nested slice
              reads only r bits per weight (for r ∈ {2, 4, 8}).
-- ``auto``   ``triton`` on CUDA when triton is installed, else ``cpu``; calls the kernel does not take (e.g. fp32
-             activations) go to the ``cpu`` path silently (it is the intended choice there, not a fallback).
+- ``packed`` the memory-true CPU runtime (`kernels.cpu_packed`): each layer holds its slice as packed 4-bit codes
+             (two 4-bit planes for r > 4) and runs torch's int4 CPU kernel; no dense weight is built. Precisions
+             listed in ``keep`` stay packed side by side (switching among them is free); others are re-packed from
+             the master codes on the next forward. A layer the kernel cannot take runs on the ``cpu`` path with one
+             warning.
+- ``auto``   ``packed`` for CPU tensors; on CUDA ``triton`` when triton is installed (calls the kernel does not take,
+             e.g. fp32 activations, go to the ``cpu`` path silently), else ``cpu``.
 
 A call a kernel cannot handle (dtype, device, group size, ...) falls back to the reference path with a one-time
 warning naming the reason: the answer is never wrong, only slower.
@@ -22,10 +27,10 @@ import warnings
 
 import torch
 
-from matquant.kernels import cpu, torch_ref
+from matquant.kernels import cpu, cpu_packed, torch_ref
 from matquant.kernels.packing import CHUNKS_DEFAULT, pack_codes
 
-BACKENDS = ("torch", "cpu", "triton", "auto")
+BACKENDS = ("torch", "cpu", "triton", "packed", "auto")
 LAYOUTS = ("master", "packed")
 _warned: set[tuple[str, str]] = set()
 
@@ -67,6 +72,7 @@ class BackendState:
         self.params: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layout = layout
         self.packed = None
+        self.slices: dict[tuple[int, str], cpu_packed.PackedSlice] = {}  # packed backend, per (bits, mode)
 
     def slice_params(self, mod, bits: int, mode: str):
         key = (bits, mode, mod.scales.device)
@@ -118,13 +124,62 @@ def _triton_forward(mod, x, quiet: bool = False):
     return y if bias is None else y + bias
 
 
+def packed_reason(mod, bits: int | None = None, mode: str | None = None) -> str | None:
+    """Why the packed runtime cannot hold this layer at (bits, mode) (default: its current ones); None if it can."""
+    return cpu_packed.layer_reason(mod.out_features, mod.in_features, mod.group_size,
+                                   mod.bits if bits is None else bits, mod.master_bits,
+                                   mod.slicing if mode is None else mode, mod.high_format)
+
+
+def packed_slice(mod, bits: int | None = None, mode: str | None = None) -> cpu_packed.PackedSlice:
+    """The layer's PackedSlice at (bits, mode), built from the master codes if not resident. Precisions not in
+    ``mod.keep_bits`` (other than the one asked for) are dropped, so at most len(keep) + 1 stay resident."""
+    bits = mod.bits if bits is None else bits
+    mode = mod.slicing if mode is None else mode
+    if bits >= mod.master_bits:
+        mode = "paper"  # the full-precision slice is the same in every mode
+    st = _state(mod)
+    key = (bits, mode)
+    ps = st.slices.get(key)
+    if ps is None:
+        if mod.master_dropped:
+            raise ValueError(f"int{bits} ({mode}) is not resident and the master codes were dropped "
+                             f"(keep_master=False); resident: {sorted(st.slices)}. Reload the checkpoint with "
+                             "keep_master=True, or list this precision in keep=[...].")
+        ps = cpu_packed.pack_slice(mod.qweight, mod.scales, mod.zeros, mod.master_bits, bits, mode,
+                                   mod.group_size, mod.high_format)
+        for k in [k for k in st.slices if k[0] not in mod.keep_bits]:
+            del st.slices[k]
+        st.slices[key] = ps
+    return ps
+
+
+def _packed_forward(mod, x):
+    reason = packed_reason(mod) or cpu_packed.input_reason(x)
+    if reason is not None:
+        if mod.master_dropped:
+            raise ValueError(f"this layer cannot run its packed slice on {reason} and its master codes were dropped "
+                             "(keep_master=False); reload with keep_master=True to use other backends.")
+        key = ("packed", reason)
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(f"matquant packed backend cannot handle {reason}; such layers run on the 'cpu' path "
+                          "instead (correct, but it holds a dense weight of the slice). This warning is shown once.",
+                          RuntimeWarning, stacklevel=4)
+        return _cpu_forward(mod, x)
+    return cpu_packed.linear(x, packed_slice(mod), mod.bias)
+
+
 def forward(mod, x: torch.Tensor) -> torch.Tensor:
     """MatQuantLinear forward through its backend; reference path when the backend declines the call."""
     backend = mod.backend
     if backend == "auto":
-        backend = "triton-auto" if (x.is_cuda and triton_available()) else "cpu"
+        backend = "triton-auto" if (x.is_cuda and triton_available()) else ("packed" if x.device.type == "cpu"
+                                                                            else "cpu")
     y = None
-    if backend == "cpu":
+    if backend == "packed":
+        y = _packed_forward(mod, x)
+    elif backend == "cpu":
         y = _cpu_forward(mod, x)
     elif backend == "triton":
         y = _triton_forward(mod, x)

@@ -72,6 +72,8 @@ def set_bits(model: nn.Module, bits: BitsSpec, slicing: str | None = None) -> di
         n, b = next(iter(too_high.items()))
         raise ValueError(f"{len(too_high)} module(s) asked for more bits than their master codes hold, e.g. {n}: "
                          f"{b} > {mods[n].master_bits}.")
+    for n, m in mods.items():  # validate every layer first: a failed switch leaves the model unchanged
+        m.check_precision(per_module.get(n, m.bits), slicing)
     for n, b in per_module.items():
         mods[n].set_bits(b, slicing)
     if slicing is not None:
@@ -98,17 +100,20 @@ def effective_bits(model: nn.Module) -> float:
     return sum(m.effective_bits() * m.qweight.numel() for m in mods) / max(total, 1)
 
 
-def set_backend(model: nn.Module, backend: str, cache_precisions: int | None = None, layout: str | None = None
-                ) -> int:
-    """Choose the compute path of every MatQuantLinear: 'torch' (reference, default), 'cpu', 'triton' or 'auto'.
+def set_backend(model: nn.Module, backend: str, cache_precisions: int | None = None, layout: str | None = None,
+                keep=None, high_format: str | None = None) -> int:
+    """Choose the compute path of every MatQuantLinear: 'torch' (reference, default), 'cpu', 'triton', 'packed'
+    (memory-true CPU runtime) or 'auto' (packed on CPU, triton on CUDA).
 
     `cache_precisions` (cpu/triton): how many precisions' dequantized weights each layer keeps (switching among
     them with `set_bits` is then free; each costs one dense weight of memory). `layout` (triton): 'master' or
-    'packed' (nested-exact 2|2|4 planes). Returns the number of layers changed.
+    'packed' (nested-exact 2|2|4 planes). `keep` (packed): precisions kept packed side by side (switching among
+    them is free); `high_format` (packed): 'int4x2' (default) or 'bf16' for r > 4. Returns the number of layers
+    changed.
     """
     mods = matquant_modules(model)
     if not mods:
         raise ValueError("model has no MatQuantLinear layers: quantize it first or load a matquant checkpoint.")
     for m in mods.values():
-        m.set_backend(backend, cache_precisions, layout)
+        m.set_backend(backend, cache_precisions, layout, keep, high_format)
     return len(mods)

@@ -1,0 +1,107 @@
+"""Elastic loading: the Mix'n'Match map whose *packed runtime* memory fits a byte budget.
+
+What the packed CPU runtime (`kernels.cpu_packed`) holds per quantized layer at r bits:
+
+- r ≤ 4  4-bit codes (int2/int3 are stored as 4-bit codes too) + one bf16 (scale, zero) pair per kernel group
+- r > 4  ``int4x2``: two 4-bit planes = 8 bits + two pairs per group; ``bf16``: a dense bf16 weight (16 bits)
+- bias, and for a layer the kernel declines: the master codes, scales, zeros and a dense fp32 weight (cpu path)
+
+So in memory only two precisions differ: int4 and int8 (int2/3 cost what int4 costs; int5-7 what int8 costs). The
+map is the existing fixed *pyramid* schedule (`schedules.schedule_map`, the paper's best fixed schedule: more bits
+to the middle blocks) on the ladder (4, 8), at the largest target whose exact runtime bytes fit. It uses no
+sensitivity data; pass an explicit bits map (e.g. from `matquant mixnmatch search`) for a searched one.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from matquant.mixnmatch.budget import CostModel, parse_budget
+from matquant.mixnmatch.schedules import schedule_map
+
+RUNTIME_LADDER = (4, 8)
+DEFAULT_SCHEDULE = "pyramid"
+
+
+def packed_layer_bytes(m, bits: int, high_format: str = "int4x2", keep_master: bool = False) -> int:
+    """Bytes the packed runtime holds for MatQuantLinear `m` at `bits` (see the module docstring)."""
+    from matquant.kernels import cpu_packed, dispatch
+
+    n, k = m.out_features, m.in_features
+    bias = 0 if m.bias is None else m.bias.numel() * m.bias.element_size()
+    master = n * k * m.master_bits // 8 + (m.scales.numel() * m.scales.element_size()
+                                           + m.zeros.numel() * m.zeros.element_size())
+    if dispatch.packed_reason(m, bits) is not None:  # declined: master + a dense fp32 weight on the cpu path
+        return master + n * k * 4 + bias
+    if bits > 4 and high_format == "bf16":
+        body = n * k * 2
+    else:
+        planes = 1 if bits <= 4 else 2
+        groups = k // cpu_packed.kernel_group(m.group_size)
+        body = planes * (n * k // 2 + groups * n * 2 * 2)
+    return body + bias + (master if keep_master else 0)
+
+
+def runtime_bytes(model: nn.Module, bits_map: Mapping[str, int], fixed_bytes: int, high_format: str = "int4x2",
+                  keep_master: bool = False) -> int:
+    from matquant.nn.bits import matquant_modules
+
+    mods = matquant_modules(model)
+    return fixed_bytes + sum(packed_layer_bytes(mods[n], b, high_format, keep_master) for n, b in bits_map.items())
+
+
+def fit_bits_map(model: nn.Module, budget, fixed_bytes: int, high_format: str = "int4x2",
+                 keep_master: bool = False, schedule: str = DEFAULT_SCHEDULE) -> tuple[dict[str, int], int]:
+    """(bits map, predicted resident bytes) of the highest pyramid map on (4, 8) within `budget`.
+
+    `budget`: total bytes ('100MB', '95MiB', an int) or average bits per quantized weight ('6.0', storage bits:
+    int4 = 4, int8 = 8). `fixed_bytes`: everything outside the quantized layers (embeddings, norms, ...).
+    """
+    b = parse_budget(budget)
+    cost = CostModel.from_model(model)
+    total_w = cost.total_weights
+
+    def bytes_of(bm):
+        return runtime_bytes(model, bm, fixed_bytes, high_format, keep_master)
+
+    lo_map, hi_map = cost.uniform(RUNTIME_LADDER[0]), cost.uniform(RUNTIME_LADDER[-1])
+    if b.kind == "bits":
+        if b.value < RUNTIME_LADDER[0] - 1e-9:
+            raise ValueError(f"budget {b.text} average bits is below what the packed CPU runtime holds: int2/int3 "
+                             "slices are stored as 4-bit codes, so every layer at int4 (4.0) is the smallest. "
+                             "Give at least 4.0, or a byte budget.")
+        cap = min(b.value, RUNTIME_LADDER[-1]) * total_w
+        bm = schedule_map(cost, cap, schedule, RUNTIME_LADDER)
+        return bm, bytes_of(bm)
+    lo, hi = bytes_of(lo_map), bytes_of(hi_map)
+    if b.value < lo:
+        raise ValueError(f"budget {b.text} ({b.value / 2**20:.1f} MiB) is below the smallest model the packed CPU "
+                         f"runtime can hold: every quantized layer at int4 = {lo / 2**20:.1f} MiB ({lo} bytes; "
+                         "int2/int3 slices are stored as 4-bit codes, so they are no smaller). Raise the budget"
+                         + (" or load with keep_master=False." if keep_master else "."))
+    if b.value >= hi:
+        return hi_map, hi
+    # bisect the code-bit cap of the schedule on the exact runtime bytes
+    lo_cap, hi_cap = RUNTIME_LADDER[0] * total_w, RUNTIME_LADDER[-1] * total_w
+    best = lo_map
+    for _ in range(40):
+        mid = (lo_cap + hi_cap) / 2
+        bm = schedule_map(cost, mid, schedule, RUNTIME_LADDER)
+        if bytes_of(bm) <= b.value:
+            best, lo_cap = bm, mid
+        else:
+            hi_cap = mid
+        if hi_cap - lo_cap < 8 * 1024:
+            break
+    return best, bytes_of(best)
+
+
+def describe(bits_map: Mapping[str, int]) -> str:
+    counts: dict[int, int] = {}
+    for v in bits_map.values():
+        counts[v] = counts.get(v, 0) + 1
+    return ", ".join(f"{c} layers int{b}" for b, c in sorted(counts.items(), reverse=True))
+
+
+__all__ = ["RUNTIME_LADDER", "DEFAULT_SCHEDULE", "packed_layer_bytes", "runtime_bytes", "fit_bits_map", "describe"]
