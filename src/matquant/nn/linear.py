@@ -46,6 +46,9 @@ class MatQuantLinear(nn.Module):
         self.backend = "torch"
         self.cache_precisions = 1  # cpu/triton backends: dequantized weights kept per precision
         self.layout = "master"  # triton backend: 'master' uint8 codes or 'packed' nested-exact 2|2|4 planes
+        self.keep_bits: tuple[int, ...] = ()  # packed backend: precisions kept packed side by side
+        self.high_format = "int4x2"  # packed backend: r > 4 as two 4-bit planes ('int4x2') or a bf16 weight ('bf16')
+        self.master_dropped = False  # drop_master(): qweight/scales/zeros freed, only packed slices remain
         self._backend_state = None
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=param_dtype, device=device))
@@ -75,20 +78,50 @@ class MatQuantLinear(nn.Module):
         return QuantizedWeight(self.qweight, self.scales, self.zeros, self.master_bits, self.group_size)
 
     # ---- precision ----
-    def set_bits(self, bits: int, slicing: str | None = None) -> None:
+    def check_precision(self, bits: int, slicing: str | None = None) -> None:
+        """Raise a clear error if this layer cannot run at (bits, slicing); changes nothing."""
         check_bits(bits)
         if bits > self.master_bits:
             raise ValueError(f"cannot run at {bits} bits: this layer's master codes have {self.master_bits} bits.")
         if slicing is not None:
             check_slicing(slicing)
+        if self.master_dropped:
+            mode = "paper" if bits >= self.master_bits else (slicing or self.slicing)
+            resident = sorted(self._backend_state.slices) if self._backend_state else []
+            if (bits, mode) not in resident:
+                raise ValueError(
+                    f"cannot switch to int{bits} ({mode} slicing): the model was loaded with keep_master=False, so "
+                    f"the master codes are gone and only {', '.join(f'int{b} ({m})' for b, m in resident)} can run. "
+                    "Reload with keep_master=True (8 bits/weight more) or add the precision to keep=[...].")
+
+    def set_bits(self, bits: int, slicing: str | None = None) -> None:
+        self.check_precision(bits, slicing)
+        if slicing is not None:
             self.slicing = slicing
         if bits != self.bits or (self._cached and self._cached[0][1] != self.slicing):
             self._cached = None
         self.bits = bits
 
-    def set_backend(self, backend: str, cache_precisions: int | None = None, layout: str | None = None) -> None:
-        """Choose the compute path; results match the reference (a declined call falls back to it)."""
-        self.backend = dispatch.check_backend(backend)
+    def set_backend(self, backend: str, cache_precisions: int | None = None, layout: str | None = None,
+                    keep=None, high_format: str | None = None) -> None:
+        """Choose the compute path; results match the reference (a declined call falls back to it).
+        `keep` (packed): precisions kept packed side by side; `high_format` (packed): 'int4x2' or 'bf16' for r > 4."""
+        backend = dispatch.check_backend(backend)
+        if self.master_dropped:
+            raise ValueError("this layer's master codes were dropped (keep_master=False): it can only run its packed "
+                             "slices; reload the checkpoint with keep_master=True to change the backend.")
+        if keep is not None:
+            keep = tuple(sorted({int(b) for b in keep}))
+            for b in keep:
+                check_bits(b, "keep bits")
+            self.keep_bits = keep
+        if high_format is not None:
+            from matquant.kernels.cpu_packed import HIGH_FORMATS
+
+            if high_format not in HIGH_FORMATS:
+                raise ValueError(f"unknown high_format {high_format!r}; choose one of {', '.join(HIGH_FORMATS)}.")
+            self.high_format = high_format
+        self.backend = backend
         if cache_precisions is not None:
             if isinstance(cache_precisions, bool) or not isinstance(cache_precisions, int) or cache_precisions < 0:
                 raise ValueError(f"cache_precisions must be an integer >= 0, got {cache_precisions!r}.")
@@ -123,16 +156,38 @@ class MatQuantLinear(nn.Module):
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return torch_ref.linear(x, w, bias)
 
+    def drop_master(self) -> int:
+        """Free the master codes, scales and zeros (replaced by shape-only meta tensors); only the packed slices
+        already resident can run afterwards. Returns the bytes freed."""
+        if self.backend not in ("packed", "auto") or not self._backend_state or not self._backend_state.slices:
+            raise ValueError("drop_master needs the packed backend with at least one precision packed "
+                             "(set_backend('packed'), then prepare it: matquant.nn.memory.prepare_packed).")
+        freed = 0
+        for name in ("qweight", "scales", "zeros"):
+            t = getattr(self, name)
+            freed += t.numel() * t.element_size()
+            setattr(self, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+        self._cached = None
+        self._backend_state.weights.clear()
+        self.master_dropped = True
+        return freed
+
     def _drop_cache_hook(self, *args, **kwargs):
+        if self.master_dropped:
+            raise ValueError("cannot load a state dict into a layer whose master codes were dropped "
+                             "(keep_master=False); build a fresh model with matquant.load.")
         self._cached = None
         self._backend_state = None
 
     def _apply(self, fn, *args, **kwargs):
         self._cached = None
+        if self.master_dropped:  # the packed slices are all that is left: keep them (CPU-only runtime)
+            return self
         self._backend_state = None
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"master_bits={self.master_bits}, bits={self.bits}, group_size={self.group_size}, "
-                f"slicing={self.slicing}" + (f", backend={self.backend}" if self.backend != "torch" else ""))
+                f"slicing={self.slicing}" + (f", backend={self.backend}" if self.backend != "torch" else "")
+                + (", master dropped" if self.master_dropped else ""))
