@@ -28,6 +28,12 @@ def register(sub) -> None:
     p.add_argument("--k-quants", action="store_true",
                    help="gguf: write 6/3/2-bit slices as Q6_K/Q3_K/Q2_K (nearest, smaller) where the rows are "
                         "divisible by 256, instead of Q8_0 (nearest) / Q4_1 (exact)")
+    p.add_argument("--pack-bits", type=int, default=None, metavar="N",
+                   help="compressed-tensors: store r-bit slices in N-bit codes (N > r shrinks the integer-zero-point "
+                        "error; 4 and 8 are the widths vLLM's WNA16 kernels take)")
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+                   help="compressed-tensors: dtype of the scales and the non-quantized tensors (default float16: "
+                        "holds our fp16 scales exactly)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=run)
@@ -41,6 +47,10 @@ def run(args) -> int:
     check_out_path(args.out, args.overwrite)  # fail before loading anything
     if args.format != "gguf" and (args.template or args.k_quants):
         raise ValueError("--template and --k-quants apply to --format gguf only.")
+    if args.format == "gguf" and args.pack_bits:
+        raise ValueError("--pack-bits applies to --format compressed-tensors only.")
+    if args.pack_bits is not None and not 1 <= args.pack_bits <= 8:
+        raise ValueError(f"--pack-bits must be in 1..8, got {args.pack_bits}")
     bits = args.bits if args.bits is not None else load_bits_map(args.bits_map)
     model, tok, qcfg = load_for_export(args.checkpoint, bits, args.slicing)
     what = {"checkpoint": str(args.checkpoint), "bits": args.bits, "bits_map": args.bits_map,
@@ -55,7 +65,10 @@ def run(args) -> int:
     else:
         from matquant.integrations.compressed_tensors_export import export_compressed_tensors
 
-        rep = export_compressed_tensors(model, tok, args.out, overwrite=args.overwrite)
+        import torch
+
+        rep = export_compressed_tensors(model, tok, args.out, dtype=getattr(torch, args.dtype),
+                                        pack_bits=args.pack_bits, overwrite=args.overwrite)
         print(rep.summary())
         print(f"serve: vllm serve {args.out}   |   read back: AutoModelForCausalLM.from_pretrained({args.out!r})")
     return 0

@@ -1,0 +1,210 @@
+"""Export a slice (or a Mix'n'Match bits map) as a compressed-tensors `pack-quantized` folder (what llm-compressor
+writes and vLLM serves): group-wise, asymmetric, integer zero points, codes packed into int32 by the
+compressed-tensors package's own compressor, `quantization_config` written by its own ModelCompressor.
+
+compressed-tensors dequantizes W = scale · (q − zp) with q, zp signed r-bit integers (q in −2^(r−1)..2^(r−1)−1).
+Our slice is W = A · (q_r + B/A), so it is exactly representable iff zp = −2^(r−1) − B/A is an integer (and in
+range) for every group: always for r = master bits with integer zeros (RTN/GPTQ MinMax), otherwise only where
+(z − c)/2^s happens to be an integer. Elsewhere we fit, per group, the integer-zero grid nearest to OUR slice values
+(scale searched around A, zp the two integers around the fractional one, codes re-rounded) and report the error.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from matquant.integrations.export_slices import ExportError, SliceTensor, check_out_path, model_slices
+
+SCALE_STEPS = 17  # candidate scales A·(1 + t), t in [−1/2, 1/2]/(2^r − 1) (stretch the grid by up to ±½ step)
+
+
+def _rows(x: torch.Tensor, g: int) -> torch.Tensor:
+    """[rows, cols] -> [rows, n_groups, g]."""
+    return x.reshape(x.shape[0], -1, g)
+
+
+def integer_zero_fit(st: SliceTensor, scale_dtype: torch.dtype, pack_bits: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale [rows, G] in scale_dtype, zp int8 [rows, G], q int8 [rows, cols], exact bool [rows, G]) with
+    scale·(q − zp) the compressed-tensors grid nearest to the slice; `exact` where it equals the slice's own.
+
+    `pack_bits` R >= r stores the r-bit slice in R-bit codes: the grid step becomes A/n, n = (2^R − 1) // (2^r − 1)
+    (our 2^r levels are every n-th of the 2^R), so the integer-zero offset error shrinks n-fold (2-bit in 4-bit
+    codes: n = 5; in 8-bit: n = 85)."""
+    r = st.bits
+    big = max(r, pack_bits or r)
+    if big > 8:
+        raise ExportError(f"{st.module}: compressed-tensors packs 1..8-bit codes, not {big}.")
+    if st.levels > 2**big:
+        raise ExportError(f"{st.module}: '{st.mode}' slicing at {r} bits has {st.levels} levels; a {big}-bit "
+                          "compressed-tensors grid holds 2^{big}. Use --slicing nested/paper or a larger --pack-bits.")
+    n = (2**big - 1) // max(st.levels - 1, 1)
+    lo, hi = -(2 ** (big - 1)), 2 ** (big - 1) - 1
+    g = st.group_size
+    v = _rows(st.reference.double(), g)
+    a, b = st.a.double() / n, st.b.double()
+    r = big
+    zp_frac = lo - b / torch.where(a == 0, torch.ones_like(a), a)
+    exact = ((zp_frac - torch.round(zp_frac)).abs() < 1e-6) & (zp_frac.round() >= lo) & (zp_frac.round() <= hi)
+    best_err = best_s = best_z = None
+    ts = torch.linspace(-0.5, 0.5, SCALE_STEPS, dtype=torch.float64) / (2**r - 1)
+    for t in [torch.zeros((), dtype=torch.float64), *ts]:
+        s = (a * (1 + t)).to(scale_dtype).double()
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        for z in (torch.floor(zp_frac), torch.ceil(zp_frac)):
+            z = z.clamp(lo, hi)
+            q = torch.clamp(torch.round(v / s[..., None]) + z[..., None], lo, hi)
+            err = ((v - s[..., None] * (q - z[..., None])) ** 2).sum(-1)
+            if best_err is None:
+                best_err, best_s, best_z = err, s, z
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    q = torch.clamp(torch.round(v / best_s[..., None]) + best_z[..., None], lo, hi)
+    return (best_s.to(scale_dtype), best_z.to(torch.int8), q.reshape(st.shape).to(torch.int8), exact)
+
+
+@dataclass
+class ModuleReport:
+    module: str
+    bits: int
+    exact_groups: float      # fraction of groups whose integer zero point is exact
+    rms_error: float         # vs matquant's slice (decompressed by compressed-tensors)
+    max_error: float
+    rel_rms_error: float
+
+
+@dataclass
+class CTExportReport:
+    path: Path
+    modules: list[ModuleReport] = field(default_factory=list)
+    config_groups: int = 0
+    weight_bytes: int = 0
+
+    def summary(self) -> str:
+        exact = sum(m.exact_groups == 1.0 for m in self.modules)
+        worst = max(self.modules, key=lambda m: m.rel_rms_error)
+        return (f"wrote {self.path}: pack-quantized, {self.config_groups} config group(s), {len(self.modules)} "
+                f"modules ({exact} exact, {len(self.modules) - exact} nearest-fitted integer zero points)\n"
+                f"  weight error vs the slice: worst relative rms {worst.rel_rms_error:.2e} ({worst.module}), "
+                f"worst max abs {max(m.max_error for m in self.modules):.2e}; model.safetensors "
+                f"{self.weight_bytes / 2**20:.1f} MiB")
+
+
+def _config_groups(slices: dict[str, SliceTensor]) -> dict[str, dict]:
+    """One config group per (bits, group size), targets = exact module names (a bits map -> several groups)."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, st in slices.items():
+        groups.setdefault((st.bits, st.group_size), []).append(name)
+    out = {}
+    for i, ((bits, gs), names) in enumerate(sorted(groups.items(), reverse=True)):
+        out[f"group_{i}"] = {
+            "targets": names,
+            "weights": {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "group",
+                        "group_size": gs, "dynamic": False, "actorder": None, "observer": "minmax"},
+            "input_activations": None, "output_activations": None, "format": "pack-quantized",
+        }
+    return out
+
+
+def export_compressed_tensors(model, tokenizer, out, dtype: torch.dtype = torch.float16, pack_bits: int | None = None,
+                              overwrite: bool = False) -> CTExportReport:
+    """Write the model's current slice (per-module bits) as a compressed-tensors pack-quantized HF folder."""
+    try:
+        from compressed_tensors.compressors import ModelCompressor
+        from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    except ImportError:
+        raise ImportError("compressed-tensors export needs the compressed-tensors package: "
+                          "pip install 'matquant[export]'") from None
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from matquant.format.atomic import atomic_dir
+    from matquant.format.export import plain_state_dict
+
+    check_out_path(out, overwrite)
+    if tokenizer is None:
+        raise ExportError("the exported folder needs a tokenizer; the checkpoint has none.")
+    slices = model_slices(model)
+    bad = [n for n, st in slices.items() if st.shape[1] % st.group_size]
+    if bad:
+        raise ExportError(f"{bad[0]}: input width {slices[bad[0]].shape[1]} is not a multiple of the group size.")
+    fits = {n: integer_zero_fit(st, dtype, pack_bits) for n, st in slices.items()}
+    if pack_bits:
+        slices = {n: replace(st, bits=max(st.bits, pack_bits)) for n, st in slices.items()}  # the stored widths
+
+    cfg = model.config.__class__.from_dict({k: v for k, v in model.config.to_dict().items()
+                                            if k != "quantization_config"})
+    with no_init_weights():
+        plain = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in plain_state_dict(model).items()}
+    missing, unexpected = plain.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+        raise ExportError(f"model mismatch building the dense model: missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}")
+    plain.tie_weights()
+    qcfg = QuantizationConfig.model_validate({
+        "config_groups": _config_groups(slices), "format": "pack-quantized", "quant_method": "compressed-tensors",
+        "quantization_status": "initialized", "ignore": ["lm_head"], "kv_cache_scheme": None,
+        "global_compression_ratio": None})
+    apply_quantization_config(plain, qcfg)
+    report = CTExportReport(Path(out), config_groups=len(qcfg.config_groups))
+    for name, (scale, zp, q, exact) in fits.items():
+        mod = plain.get_submodule(name)
+        st = slices[name]
+        with torch.no_grad():
+            mod.weight_scale.copy_(scale)
+            mod.weight_zero_point.copy_(zp.to(mod.weight_zero_point.dtype))
+            # the dense weight ON the fitted grid, so the compressor's own quantize() recovers exactly q
+            w = scale.to(torch.float64).repeat_interleave(st.group_size, 1) * (
+                q.double() - zp.double().repeat_interleave(st.group_size, 1))
+            mod.weight.copy_(w.to(dtype))
+        report.modules.append(ModuleReport(name, st.bits, float(exact.float().mean()), 0.0, 0.0, 0.0))
+    compressor = ModelCompressor.from_pretrained_model(plain, quantization_format="pack-quantized")
+    compressor.compress_model(plain)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        plain.save_pretrained(tmp)
+        compressor.update_config(str(tmp))
+        tokenizer.save_pretrained(tmp)
+        _record(tmp, slices)
+        report.weight_bytes = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
+    _measure(report, slices, out)
+    return report
+
+
+def _record(folder: Path, slices: dict[str, SliceTensor]) -> None:
+    """What was exported, next to the model (config.json stays exactly as compressed-tensors writes it)."""
+    info = {"bits": {n: st.bits for n, st in slices.items()}, "slicing": sorted({st.mode for st in slices.values()})}
+    (Path(folder) / "matquant_export.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def _measure(report: CTExportReport, slices: dict[str, SliceTensor], out) -> None:
+    """Weight error vs the slice, decompressing the written folder with compressed-tensors' own decompressor."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors import safe_open
+
+    cfg = json.loads((Path(out) / "config.json").read_text())["quantization_config"]
+    schemes = {}
+    for g in cfg["config_groups"].values():
+        for t in g["targets"]:
+            schemes[t] = QuantizationScheme(targets=[t], weights=g["weights"])
+    files = list(Path(out).glob("*.safetensors"))
+    tensors = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                tensors[k] = h.get_tensor(k)
+    for m in report.modules:
+        sd = {k.rsplit(".", 1)[-1]: tensors[f"{m.module}.{k.rsplit('.', 1)[-1]}"]
+              for k in ("x.weight_packed", "x.weight_scale", "x.weight_zero_point", "x.weight_shape")}
+        w = PackedQuantizationCompressor.decompress(sd, schemes[m.module])["weight"].double()
+        ref = slices[m.module].reference.double()
+        err = w - ref
+        m.rms_error = float(err.pow(2).mean().sqrt())
+        m.max_error = float(err.abs().max())
+        m.rel_rms_error = m.rms_error / max(float(ref.pow(2).mean().sqrt()), 1e-30)
