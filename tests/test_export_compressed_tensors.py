@@ -105,7 +105,10 @@ def test_bits_map_becomes_config_groups(ckpts, tmp_path):
     groups = json.loads((tmp_path / "mix" / "config.json").read_text())["quantization_config"]["config_groups"]
     by_bits = {g["weights"]["num_bits"]: g["targets"] for g in groups.values()}
     assert sorted(by_bits) == [4, 8] and by_bits[8] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
-    assert rep.config_groups == 2
+    assert rep.config_groups == 2 and rep.unfusable == []
+    split = export_compressed_tensors(*load_for_export(ckpts["g32"], {"*.gate_proj": 8, ".*": 4})[:2],
+                                      tmp_path / "split", dtype=torch.float32)
+    assert split.unfusable and "vLLM will refuse" in split.summary()
     assert _logit_gap(model, _read_back(tmp_path / "mix")) < 0.1
 
 

@@ -78,12 +78,30 @@ class ModuleReport:
     rel_rms_error: float
 
 
+# vLLM fuses these projections into one layer whose shards must share one scheme (same bits and group size)
+FUSED_SHARDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def unfusable_shards(slices: dict[str, SliceTensor]) -> list[str]:
+    """Layers where a bits map gives the shards vLLM fuses (q/k/v, gate/up) different bits: vLLM refuses them."""
+    bad = []
+    for name in slices:
+        parent, _, leaf = name.rpartition(".")
+        for group in FUSED_SHARDS:
+            if leaf == group[0]:
+                bits = {slices[f"{parent}.{x}"].bits for x in group if f"{parent}.{x}" in slices}
+                if len(bits) > 1:
+                    bad.append(f"{parent}.{{{','.join(group)}}}")
+    return bad
+
+
 @dataclass
 class CTExportReport:
     path: Path
     modules: list[ModuleReport] = field(default_factory=list)
     config_groups: int = 0
     weight_bytes: int = 0
+    unfusable: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         exact = sum(m.exact_groups == 1.0 for m in self.modules)
@@ -92,7 +110,10 @@ class CTExportReport:
                 f"modules ({exact} exact, {len(self.modules) - exact} nearest-fitted integer zero points)\n"
                 f"  weight error vs the slice: worst relative rms {worst.rel_rms_error:.2e} ({worst.module}), "
                 f"worst max abs {max(m.max_error for m in self.modules):.2e}; model.safetensors "
-                f"{self.weight_bytes / 2**20:.1f} MiB")
+                f"{self.weight_bytes / 2**20:.1f} MiB" + (
+                    f"\n  warning: vLLM fuses q/k/v and gate/up and needs one scheme per fused layer; the bits map "
+                    f"splits {len(self.unfusable)} of them (e.g. {self.unfusable[0]}): transformers loads this folder, "
+                    "vLLM will refuse it" if self.unfusable else ""))
 
 
 def _config_groups(slices: dict[str, SliceTensor]) -> dict[str, dict]:
@@ -152,7 +173,7 @@ def export_compressed_tensors(model, tokenizer, out, dtype: torch.dtype = torch.
         "quantization_status": "initialized", "ignore": ["lm_head"], "kv_cache_scheme": None,
         "global_compression_ratio": None})
     apply_quantization_config(plain, qcfg)
-    report = CTExportReport(Path(out), config_groups=len(qcfg.config_groups))
+    report = CTExportReport(Path(out), config_groups=len(qcfg.config_groups), unfusable=unfusable_shards(slices))
     for name, (scale, zp, q, exact) in fits.items():
         mod = plain.get_submodule(name)
         st = slices[name]
