@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "quantize", "eval", "slice", "info", "mixnmatch", "experiment", "report", "export")
+COMMANDS = ("demo", "quantize", "eval", "slice", "info", "mixnmatch", "experiment", "report", "export", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -148,9 +148,10 @@ def packed_slice(mod, bits: int | None = None, mode: str | None = None) -> cpu_p
                              "keep_master=True, or list this precision in keep=[...].")
         ps = cpu_packed.pack_slice(mod.qweight, mod.scales, mod.zeros, mod.master_bits, bits, mode,
                                    mod.group_size, mod.high_format)
-        for k in [k for k in st.slices if k[0] not in mod.keep_bits]:
-            del st.slices[k]
         st.slices[key] = ps
+    if len(st.slices) > 1 and not mod.master_dropped:  # a switch: free the precision(s) left that are not kept
+        for k in [k for k in st.slices if k != key and k[0] not in mod.keep_bits]:
+            del st.slices[k]
     return ps
 
 
