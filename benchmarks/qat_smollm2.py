@@ -117,8 +117,12 @@ def main(argv=None) -> int:
             train_s, train_cpu_s = time.time() - t, time.process_time() - c
             hist = []
             if method == "qat":
-                latest = json.loads((work / "latest.json").read_text())
-                hist = json.loads((work / latest["dir"] / "state.json").read_text())["history"]
+                from safetensors import safe_open
+
+                from matquant.algorithms.training.qat_loop import latest_checkpoint
+
+                with safe_open(str(latest_checkpoint(work)), framework="pt") as f:  # the final step's unit
+                    hist = json.loads(f.metadata()["matquant"])["history"]
             shutil.rmtree(work, ignore_errors=True)
             if ck:
                 save_checkpoint(model, tok, ck, qcfg, overwrite=True)

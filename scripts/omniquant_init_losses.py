@@ -10,7 +10,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from matquant.algorithms.omniquant import _BlockQuant, _capture_inputs, _run
+from matquant.algorithms.blocks import capture_block_inputs
+from matquant.algorithms.training.lwc import BlockQuant, run_block
 from matquant.data import token_windows
 from matquant.models import load_model
 
@@ -24,18 +25,20 @@ def main():
     a = ap.parse_args()
     show, bits = {int(b) for b in a.blocks.split(",")}, [int(b) for b in a.bits.split(",")]
     model, tok, _ = load_model("smollm2-135m")
-    x, args, kw = _capture_inputs(model, model.model.layers, token_windows(tok, "calib", 256, a.windows))
+    hidden, block_args = capture_block_inputs(model, token_windows(tok, "calib", 256, a.windows), "cpu")
+    x = torch.stack(hidden)  # [windows, 1, seq, hidden]
     targets = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     print("| block | " + " | ".join(f"int{r} loss" for r in bits) + " | " +
           " | ".join(f"int{r} / int{bits[-1]}" for r in bits[:-1]) + " |")
     print("|---" * (2 * len(bits)) + "|")
     with torch.no_grad():
         for i, block in enumerate(model.model.layers[: max(show) + 1]):
-            y = torch.stack([_run(block, {}, xx, args, kw) for xx in x])  # fp stream, as the default loss target
+            args = block_args[i]  # per window: (positional args, keyword args)
+            y = torch.stack([run_block(block, {}, xx, *args[j]) for j, xx in enumerate(x)])  # fp stream, as the default loss target
             if i in show:
-                bq = _BlockQuant(block, targets, max(bits), 64, False, False)
+                bq = BlockQuant(block, targets, max(bits), 64, False, False)
                 norm = y.pow(2).mean()
-                loss = {r: sum(F.mse_loss(_run(block, bq.fake_params(r, a.slicing), x[j], args, kw), y[j])
+                loss = {r: sum(F.mse_loss(run_block(block, bq.fake_params(r, a.slicing), x[j], *args[j]), y[j])
                                for j in range(len(x))).item() / len(x) / norm.item() for r in bits}
                 print(f"| {i} | " + " | ".join(f"{loss[r]:.3g}" for r in bits) + " | " +
                       " | ".join(f"{loss[r] / loss[bits[-1]]:.2g}" for r in bits[:-1]) + " |")

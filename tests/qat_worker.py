@@ -58,14 +58,16 @@ def main(argv=None) -> int:
     p.add_argument("--dropout", type=float, default=0.1)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    from matquant.algorithms.objectives import build_objective
-    from matquant.algorithms.qat import init_distributed, make_config, train_qat
+    from matquant.algorithms.training.distributed import init_distributed
+    from matquant.algorithms.training.objective import build_objective
+    from matquant.algorithms.training.qat_config import make_config
+    from matquant.algorithms.training.qat_loop import train_qat
     from matquant.models.targets import find_targets
 
     d = init_distributed("cpu")
     model = tiny_llama(0, dropout=a.dropout)
     calib = structured_windows()
-    obj = build_objective(None, None, a.distill)
+    obj = build_objective(None, None, a.distill, slicing="paper")  # as tests/test_qat.py's single-process runs
     cfg = make_config(steps=a.steps, lr=5e-3, batch_size=a.batch, grad_accum=a.grad_accum, save_every=a.save_every,
                       work_dir=a.work_dir, device="cpu")
 

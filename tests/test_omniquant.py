@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from matquant.algorithms import quantize_model
-from matquant.algorithms.omniquant import _BlockQuant, _capture_inputs, _run, make_spec, parse_distill
+from matquant.algorithms.blocks import capture_block_inputs
+from matquant.algorithms.training.lwc import BlockQuant, run_block
+from matquant.algorithms.training.objective import build_objective
 from matquant.format.checkpoint import load_checkpoint, save_checkpoint
 from matquant.nn.bits import matquant_modules, set_bits
 
@@ -48,28 +49,34 @@ def block0_out(model, calib):
 
 
 # ---- spec parsing / bad input ----------------------------------------------------------------------------------
-def test_parse_distill_paper_specs():
-    assert parse_distill("[8,4,2]") == {8: ["fp"], 4: ["fp"], 2: ["fp"]}
-    assert parse_distill("[8,4,8->2]") == {8: ["fp"], 4: ["fp"], 2: [8]}
-    assert parse_distill("[8,4,2,8->2]") == {8: ["fp"], 4: ["fp"], 2: ["fp", 8]}
-    assert parse_distill("[8, 4, 2, 8→4;2]") == {8: ["fp"], 4: ["fp", 8], 2: ["fp", 8]}
-    spec = make_spec(8, distill="[8,4,2,8->2]")
-    assert spec.students == (8, 4, 2) and spec.lambdas == {8: 0.1, 4: 0.1, 2: 1.0}
-    assert make_spec(8, bits_list=[8, 4, 3, 2], lambdas=[1, 1, 1, 2]).lambdas == {8: 1, 4: 1, 3: 1, 2: 2}
+def test_distill_sources_paper_specs():
+    """OmniQuant reads the shared objective (the one --distill parser): what each slice learns from, in order."""
+    def sources(spec):
+        obj = build_objective(distill=spec)
+        return {r: list(obj.sources(r)) for r in obj.students}
+
+    assert sources("[8,4,2]") == {8: ["fp"], 4: ["fp"], 2: ["fp"]}
+    assert sources("[8,4,8->2]") == {8: ["fp"], 4: ["fp"], 2: [8]}
+    assert sources("[8,4,2,8->2]") == {8: ["fp"], 4: ["fp"], 2: ["fp", 8]}
+    assert sources("[8, 4, 2, 8→4;2]") == {8: ["fp"], 4: ["fp", 8], 2: ["fp", 8]}
+    obj = build_objective(distill="[8,4,2,8->2]")
+    assert obj.students == (8, 4, 2) and obj.lambdas == (0.1, 0.1, 1.0)
+    assert build_objective([8, 4, 3, 2], [1, 1, 1, 2]).lambdas == (1, 1, 1, 2)
+    assert build_objective(distill="[4,2,8->2]").needed() == (8, 4, 2)  # a teacher that is not trained
 
 
 @pytest.mark.parametrize("kw, msg", [
-    ({"distill": "[8,4,x]"}, "bad item"),
+    ({"distill": "[8,4,x]"}, "cannot read"),
     ({"distill": "[4->8]"}, "more bits"),
-    ({"distill": "[]"}, "empty"),
-    ({"distill": "[8,4,2,8->2;2]"}, "twice"),
-    ({"distill": "[9,4]"}, "outside 1..8"),
-    ({"bits_list": [8, 4, 2], "lambdas": [0.1, 1.0]}, "one λ per precision"),
-    ({"bits_list": [8, 4, 2], "lambdas": [0.1, -1.0, 1.0]}, "finite, >= 0"),
-    ({"bits_list": [8, 4, 2], "lambdas": [0.0, 0.0, 0.0]}, "not all zero"),
-    ({"bits_list": [8, 4, 4]}, "repeats"),
-    ({"bits_list": [8, 4, 2], "master_bits": 4}, "exceed the master bits"),
-    ({"bits_list": [8, 2], "distill": "[8,4,2]"}, "disagrees"),
+    ({"distill": "[]"}, "brackets"),
+    ({"distill": "[8,4,2,8->2;2]"}, "more than one teacher"),
+    ({"distill": "[9,4]"}, "1..8"),
+    ({"bits_list": [8, 4, 2], "lambdas": [0.1, 1.0]}, "one λ per bit-width"),
+    ({"bits_list": [8, 4, 2], "lambdas": [0.1, -1.0, 1.0]}, "positive"),
+    ({"bits_list": [8, 4, 2], "lambdas": [0.0, 0.0, 0.0]}, "positive"),
+    ({"bits_list": [8, 4, 4]}, "twice"),
+    ({"bits_list": [8, 4, 2], "master_bits": 4}, "<= --bits-master"),
+    ({"bits_list": [8, 2], "distill": "[8,4,2]"}, "disagree"),
     ({"block_inputs": "both"}, "block_inputs"),
     ({"lr": -1.0}, "--lr"),
     ({"loss_balance": "max"}, "--loss-balance"),
@@ -90,7 +97,7 @@ def test_cli_rejects_bad_spec_before_loading(tmp_path, capsys):
     out = tmp_path / "never"
     rc = main(["quantize", "--model", "/nonexistent/model", "--out", str(out), "--method", "omniquant",
                "--distill", "[8,4,->2]"])
-    assert rc == 1 and "bad item" in capsys.readouterr().err and not out.exists()  # spec checked before loading
+    assert rc == 1 and "cannot read" in capsys.readouterr().err and not out.exists()  # spec checked before loading
 
 
 # ---- training ----------------------------------------------------------------------------------------------------
@@ -129,16 +136,17 @@ def test_initial_loss_balance_protects_int8(base, calib):
 def test_let_folding_is_exact_without_quantization(base, calib):
     model = copy.deepcopy(base)
     block = model.model.layers[0]
-    x, args, kw = _capture_inputs(model, model.model.layers, calib[:2])
-    bq = _BlockQuant(block, ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"], 8, 32, False, True,
-                     block_x=(x, args, kw))
+    hidden, block_args = capture_block_inputs(model, calib[:2], "cpu")
+    x, args = torch.stack(hidden), block_args[0]
+    bq = BlockQuant(block, ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"], 8, 32, False, True,
+                    block_x=(x, args))
     with torch.no_grad():
         for s in bq.let_scales:  # any positive scales
             s.mul_(torch.rand_like(s) + 0.5)
         w, over = bq.effective()
         params = dict(over, **{f"{t}.weight": w[t] for t in w})
         for i in range(2):
-            torch.testing.assert_close(_run(block, params, x[i], args, kw), _run(block, {}, x[i], args, kw),
+            torch.testing.assert_close(run_block(block, params, x[i], *args[i]), run_block(block, {}, x[i], *args[i]),
                                        rtol=1e-4, atol=1e-5)
 
 
@@ -171,8 +179,8 @@ def test_resume_after_crash_is_identical(base, calib, tmp_path, capsys):
     crashed = copy.deepcopy(base)
     with pytest.raises(RuntimeError, match="simulated crash after block 0"):
         omni(crashed, calib, work_dir=str(tmp_path / "b"), distill="[8,4,2,8->2]", _crash_after_block=0)
-    state = json.loads((tmp_path / "b" / "state.json").read_text())
-    assert list(state["done"]) == ["0"]
+    assert sorted(p.name for p in (tmp_path / "b").glob("block_*")) == \
+        ["block_000.safetensors"]
     resumed = copy.deepcopy(base)
     capsys.readouterr()
     omni(resumed, calib, work_dir=str(tmp_path / "b"), distill="[8,4,2,8->2]", progress=False)
@@ -184,16 +192,16 @@ def test_resume_after_crash_is_identical(base, calib, tmp_path, capsys):
     # a different setting in the same work dir is refused
     with pytest.raises(ValueError, match="different settings") as e:
         omni(copy.deepcopy(base), calib, work_dir=str(tmp_path / "b"), bits_list=[8, 2])
-    assert "spec:" in str(e.value) and len(str(e.value)) < 1000  # names what differs, briefly
+    assert "objective." in str(e.value) and len(str(e.value)) < 1000  # names what differs, briefly
 
 
 def test_nan_loss_stops_and_keeps_finished_blocks(base, calib, tmp_path):
     model = copy.deepcopy(base)
     with torch.no_grad():
         model.model.layers[1].post_attention_layernorm.weight[0] = float("nan")
-    with pytest.raises(FloatingPointError, match="non-finite loss .* block 1"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* block 1.*kept in .*--lr-lwc"):
         omni(model, calib, work_dir=str(tmp_path / "w"))
-    assert list(json.loads((tmp_path / "w" / "state.json").read_text())["done"]) == ["0"]
+    assert sorted(p.name for p in (tmp_path / "w").glob("block_*")) == ["block_000.safetensors"]
 
 
 def test_checkpoint_round_trip(base, calib, tmp_path):

@@ -1,7 +1,7 @@
 """Multi-precision objective: R, λ, co-distillation specs (paper notation), S.P., E.P., dedicated; bad specs."""
 import pytest
 
-from matquant.algorithms.objectives import build_objective, parse_distill
+from matquant.algorithms.training.objective import build_objective, parse_distill
 from matquant.cli import main
 
 

@@ -1,13 +1,17 @@
 """Quantization methods. Each is a plain function
 
-    method(model, targets, *, master_bits, group_size, symmetric, param_dtype, slicing, calib, progress, **kw)
-        -> {module name: QuantizedWeight}
+    method(model, targets, *, master_bits, group_size, symmetric, param_dtype, slicing, calib, progress,
+           <its own keyword options>) -> {module name: QuantizedWeight}
 
-that may use calibration token windows `calib` ([n, seqlen] LongTensor). `quantize_model` swaps the returned
-codes into the model as MatQuantLinear layers and returns the checkpoint's QuantConfig.
+that may use calibration token windows `calib` ([n, seqlen] LongTensor). `quantize_model` checks the options
+against the method's signature (an unknown option is an error naming the valid ones: nothing is silently dropped,
+so the checkpoint's `method_args` are exactly the options that were used), swaps the returned codes into the model
+as MatQuantLinear layers and returns the checkpoint's QuantConfig.
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -40,14 +44,41 @@ from matquant.algorithms.omniquant import omniquant  # noqa: E402
 register_method("omniquant", omniquant, needs_calibration=True)
 
 
+# keyword arguments quantize_model passes to every method itself (not method options)
+COMMON_ARGS = ("master_bits", "group_size", "symmetric", "param_dtype", "slicing", "calib", "progress")
+
+
+def method_options(method: str) -> list[str]:
+    """The method-specific keyword options `method` accepts (private `_test_hooks` not listed)."""
+    sig = inspect.signature(METHODS[method])
+    return [n for n, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY and n not in COMMON_ARGS
+            and not n.startswith("_")]
+
+
+def check_method_options(method: str, options: dict) -> None:
+    """Raise ValueError naming the valid options if `options` holds one that `method` does not take."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}.")
+    params = inspect.signature(METHODS[method]).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return  # a registered third-party method that takes **kwargs checks its own options
+    valid = method_options(method)
+    unknown = [k for k in options if k not in params or k in ("model", "targets")]
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, valid, 1)) else repr(k)
+                 for k in unknown]
+        raise ValueError(f"unknown option(s) for method {method!r}: {', '.join(hints)}. Its options: "
+                         f"{', '.join(valid) or '(none)'}; every method also takes master_bits, group_size, scope, "
+                         "modules, symmetric, slicing, param_dtype, calib, progress.")
+
+
 def quantize_model(
     model, method: str = "rtn", *, master_bits: int = 8, group_size: int = 64, scope: str = "ffn",
     modules: str | None = None, symmetric: bool = False, slicing: str = DEFAULT_SLICING, param_dtype: str = "float16",
     calib: torch.Tensor | None = None, progress: bool = True, **method_args,
 ) -> QuantConfig:
     """Quantize `model` in place (targets become MatQuantLinear) and return its QuantConfig."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}.")
+    check_method_options(method, method_args)
     check_bits(master_bits, "master bits")
     check_slicing(slicing)
     if method in CALIBRATED and calib is None:
@@ -76,4 +107,5 @@ from matquant.algorithms.qat import qat  # noqa: E402  (needs register_method de
 
 register_method("qat", qat, needs_calibration=True)
 
-__all__ = ["METHODS", "register_method", "quantize_model", "rtn", "gptq", "matgptq", "qat"]
+__all__ = ["METHODS", "register_method", "quantize_model", "check_method_options", "method_options", "rtn", "gptq",
+           "matgptq", "omniquant", "qat"]

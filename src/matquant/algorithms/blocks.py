@@ -75,6 +75,11 @@ class _Recorder(nn.Module):
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         rest = args[1:]
+        for k in ("past_key_values", "past_key_value", "layer_past"):  # replayed calls must not grow a KV cache
+            if k in kwargs:
+                kwargs[k] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
         self.store.setdefault(self.index, []).append((rest, kwargs))
         if self.index == 0:
             self.store.setdefault("hidden", []).append(hidden.detach())
@@ -219,6 +224,20 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
 
 
+def targets_by_block(model: nn.Module, targets: list[str]) -> tuple[str, nn.ModuleList, dict[int, list[str]]]:
+    """(block list name, the blocks, {block index: [full target names in that block]}); every target must be
+    inside a block (block-wise methods quantize only linear layers inside the transformer blocks)."""
+    prefix, blocks = decoder_blocks(model)
+    by_block: dict[int, list[str]] = {}
+    for t in targets:
+        head, _, rest = t[len(prefix) + 1:].partition(".")
+        if not t.startswith(prefix + ".") or not head.isdigit() or not rest:
+            raise ValueError(f"{t} is not inside a transformer block ({prefix}.N.…); block-wise methods quantize "
+                             "only linear layers inside the blocks: choose them with --scope / --modules.")
+        by_block.setdefault(int(head), []).append(t)
+    return prefix, blocks, by_block
+
+
 def run_blockwise(model: nn.Module, calib: torch.Tensor, targets: list[str],
                   quantize_block: Callable[[BlockContext], None], *, device=None, batch_size: int = 1,
                   cache_device=None, progress: bool = True, desc: str = "blocks") -> None:
@@ -229,15 +248,9 @@ def run_blockwise(model: nn.Module, calib: torch.Tensor, targets: list[str],
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     cache_device = device if cache_device is None else torch.device(cache_device)
-    prefix, blocks = decoder_blocks(model)
+    prefix, blocks, names = targets_by_block(model, targets)
     mods = dict(model.named_modules())
-    by_block: dict[int, dict[str, nn.Module]] = {}
-    for t in targets:
-        if not t.startswith(prefix + "."):
-            raise ValueError(f"{t} is not inside a transformer block ({prefix}.N); block-wise methods quantize "
-                             "only linear layers inside the blocks.")
-        i = int(t[len(prefix) + 1:].split(".")[0])
-        by_block.setdefault(i, {})[t] = mods[t]
+    by_block = {i: {t: mods[t] for t in ts} for i, ts in names.items()}
     if not by_block:
         return
     last = max(by_block)

@@ -29,6 +29,7 @@ from matquant.algorithms.blocks import BlockContext, run_blockwise
 from matquant.models.targets import linear_weight
 from matquant.quant.minmax import QuantizedWeight, check_bits, dequantize_codes, minmax_params, resolve_group_size
 from matquant.quant.rounding import round_half_up
+from matquant.quant.slicing import DEFAULT_SLICING
 
 DEFAULT_BLOCKSIZE = 128
 
@@ -201,10 +202,11 @@ def blockwise_hessian_method(model, targets, calib, quantize_layer, *, true_sequ
 
 
 def gptq(model, targets: list[str], *, master_bits: int, group_size: int, symmetric: bool, param_dtype,
-         calib=None, progress: bool = True, damp: float = 0.01, act_order: bool = False,
-         blocksize: int = DEFAULT_BLOCKSIZE, true_sequential: bool = True, device=None, batch_size: int = 1,
-         **_) -> dict[str, QuantizedWeight]:
-    """Standard GPTQ at `master_bits` bits (the dedicated per-bit baseline; same checkpoint format)."""
+         slicing: str = DEFAULT_SLICING, calib=None, progress: bool = True, damp: float = 0.01,
+         act_order: bool = False, blocksize: int = DEFAULT_BLOCKSIZE, true_sequential: bool = True, device=None,
+         batch_size: int = 1) -> dict[str, QuantizedWeight]:
+    """Standard GPTQ at `master_bits` bits (the dedicated per-bit baseline; same checkpoint format). Its codes do
+    not depend on `slicing` (only the checkpoint's default reading rule does)."""
     def q(name, W, H):
         qw, _ = gptq_quantize_weight(W, H, master_bits, group_size, symmetric, param_dtype, damp, act_order,
                                      blocksize, name)

@@ -31,7 +31,7 @@ import torch
 
 from matquant.algorithms.gptq import DEFAULT_BLOCKSIZE, blockwise_hessian_method, gptq_columns
 from matquant.quant.minmax import QuantizedWeight, affine_params, check_bits, resolve_group_size, symmetric_scale
-from matquant.quant.slicing import check_slicing, slice_master
+from matquant.quant.slicing import DEFAULT_SLICING, check_slicing, slice_master
 
 DEFAULT_BITS = (8, 4, 3, 2)
 # Measured (docs/results.md, "MatGPTQ variants"): with λ-weighted feedback, R={8,4,3,2} λ=(16,4,2,1) gave the best
@@ -109,7 +109,7 @@ def envelope(c: int, bits: tuple, lam: tuple, mode: str) -> tuple[torch.Tensor, 
 class MultiSliceRounder:
     """Code choice and feedback value of MatGPTQ for one (c, R, λ, slicing mode, feedback rule)."""
 
-    def __init__(self, master_bits: int, bits=DEFAULT_BITS, lambdas=None, mode: str = "paper",
+    def __init__(self, master_bits: int, bits=DEFAULT_BITS, lambdas=None, mode: str = DEFAULT_SLICING,
                  error_feedback: str = "weighted"):
         check_slicing(mode)
         if error_feedback not in ERROR_FEEDBACK:
@@ -202,10 +202,10 @@ def matgptq_quantize_weight(W, H, rounder: MultiSliceRounder, group_size: int, s
 
 
 def matgptq(model, targets: list[str], *, master_bits: int, group_size: int, symmetric: bool, param_dtype,
-            slicing: str = "paper", calib=None, progress: bool = True, bits_list=None, lambdas=None,
+            slicing: str = DEFAULT_SLICING, calib=None, progress: bool = True, bits_list=None, lambdas=None,
             error_feedback: str = DEFAULT_ERROR_FEEDBACK, group_params: str = DEFAULT_GROUP_PARAMS, damp: float = 0.01,
             act_order: bool = False, blocksize: int = DEFAULT_BLOCKSIZE, true_sequential: bool = True, device=None,
-            batch_size: int = 1, propagate="master", **_) -> dict[str, QuantizedWeight]:
+            batch_size: int = 1, propagate="master") -> dict[str, QuantizedWeight]:
     """Multi-precision GPTQ: int-`master_bits` codes good for every precision in `bits_list` under `slicing`.
 
     `propagate` is what the next layers and blocks see while the pass runs: "master" (the int-c weights, default),

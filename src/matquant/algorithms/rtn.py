@@ -5,10 +5,12 @@ from tqdm.auto import tqdm
 
 from matquant.models.targets import linear_weight
 from matquant.quant.minmax import QuantizedWeight, quantize_minmax
+from matquant.quant.slicing import DEFAULT_SLICING
 
 
 def rtn(model, targets: list[str], *, master_bits: int, group_size: int, symmetric: bool, param_dtype,
-        progress: bool = True, **_) -> dict[str, QuantizedWeight]:
+        slicing: str = DEFAULT_SLICING, calib=None, progress: bool = True) -> dict[str, QuantizedWeight]:
+    """MinMax round-half-up at `master_bits` (data-free: `calib` is ignored; codes do not depend on `slicing`)."""
     mods = dict(model.named_modules())
     out = {}
     for name in tqdm(targets, desc="RTN", disable=not progress, leave=False):

@@ -73,8 +73,6 @@ def add_quant_args(p, method_default: str = "matgptq") -> None:
                    help="device for the block-by-block pass (default: cuda if available, else cpu); one block at "
                         "a time is moved there")
     add_qat_args(p)
-    from matquant.algorithms.omniquant import add_omniquant_args
-
     add_omniquant_args(p)
 
 
@@ -84,8 +82,6 @@ def method_kwargs(args) -> dict:
     if args.method == "qat":
         return qat_kwargs(args)
     if args.method == "omniquant":
-        from matquant.algorithms.omniquant import omniquant_kwargs
-
         return omniquant_kwargs(args)
     if args.method not in ("gptq", "matgptq"):
         return {}
@@ -132,13 +128,49 @@ def add_qat_args(p) -> None:
 
 def qat_kwargs(args) -> dict:
     """--method qat keyword arguments, validated before any work starts."""
-    from matquant.algorithms.objectives import build_objective
-    from matquant.algorithms.qat import QAT_ARG_NAMES, make_config
+    from matquant.algorithms import method_options
+    from matquant.algorithms.training.objective import build_objective
+    from matquant.algorithms.training.qat_config import make_config
 
-    kw = {k: getattr(args, k, None) for k in QAT_ARG_NAMES if k not in ("device",)}
+    kw = {k: getattr(args, k, None) for k in method_options("qat") if k not in ("device", "step_callback")}
     kw["device"] = getattr(args, "train_device", None)
     build_objective(kw["bits_list"], kw["lambdas"], kw["distill"], master_bits=args.bits_master, slicing=args.slicing)
     make_config(**{k: v for k, v in kw.items() if k not in ("bits_list", "lambdas", "distill")})
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def add_omniquant_args(p) -> None:
+    from matquant.algorithms.omniquant import BLOCK_INPUTS, DEFAULT_EPOCHS, DEFAULT_LR_LWC, LOSS_BALANCE
+
+    g = p.add_argument_group("omniquant (--method omniquant; also --bits-list, --lambdas, --distill, --lr, --seed, "
+                             "--work-dir)")
+    g.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
+                   help="passes over the calibration windows per block (default %(default)s)")
+    g.add_argument("--lr-lwc", type=float, default=None,
+                   help=f"learning rate of the clipping logits (default {DEFAULT_LR_LWC:g}; see docs/omniquant.md)")
+    g.add_argument("--lr-let", type=float, default=None, help="learning rate of the LET scales (default --lr)")
+    g.add_argument("--let", action="store_true",
+                   help="also learn the equivalent transformation (Llama-style blocks: norm → gate/up, up → down)")
+    g.add_argument("--loss-balance", default="none", choices=LOSS_BALANCE,
+                   help="none: the paper's sum of lambda_r * loss_r; initial: each loss_r divided by its value at the "
+                        "starting (MinMax) clipping, so lambda weights relative improvement and int2's large error "
+                        "does not drown int8's (a deviation; see docs/omniquant.md) (default none)")
+    g.add_argument("--block-inputs", default="quant", choices=BLOCK_INPUTS,
+                   help="quant: each slice sees the quantized previous blocks' output at its precision (OmniQuant); "
+                        "fp: every slice sees the full-precision inputs (default quant)")
+
+
+def omniquant_kwargs(args) -> dict:
+    """--method omniquant keyword arguments, validated before any work starts."""
+    from matquant.algorithms.omniquant import DEFAULT_LR
+    from matquant.algorithms.training.objective import build_objective
+
+    kw = dict(bits_list=args.bits_list, lambdas=args.lambdas, distill=args.distill, epochs=args.epochs,
+              lr=args.lr if args.lr is not None else DEFAULT_LR, lr_lwc=args.lr_lwc, lr_let=args.lr_let, let=args.let,
+              block_inputs=args.block_inputs, loss_balance=args.loss_balance, work_dir=args.work_dir,
+              seed=args.seed if args.seed is not None else 0)
+    build_objective(kw["bits_list"], kw["lambdas"], kw["distill"], master_bits=args.bits_master,
+                    slicing=args.slicing)  # fail before loading the model
     return {k: v for k, v in kw.items() if v is not None}
 
 
@@ -178,7 +210,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from matquant.algorithms import quantize_model
-    from matquant.algorithms.qat import finish_distributed, is_main_process
+    from matquant.algorithms.training.distributed import finish_distributed, is_main_process
     from matquant.format.checkpoint import save_checkpoint
     from matquant.models import load_model
 

@@ -1,5 +1,7 @@
-"""The multi-precision MatQuant training objective: which slices r ∈ R are trained, their weights λ_r, and
-co-distillation, parsed and validated before any work starts.
+"""The multi-precision MatQuant training objective, shared by both training routes (`--method qat`, end to end,
+and `--method omniquant`, block-wise): which slices r ∈ R are trained, their weights λ_r, and co-distillation,
+parsed and validated before any work starts. This is the only parser of `--bits-list` / `--lambdas` / `--distill`
+for the training methods.
 
 Paper notation (MatQuant, Nair et al. 2025, §5 co-distillation), accepted by `parse_distill` / `--distill`:
 
@@ -15,8 +17,10 @@ for `->`). The teacher's output is detached (stop-gradient). The loss of slice r
     L_r = KD(t → r)                           teacher only
     L_r = (CE(r) + KD(t → r)) / 2             both, at equal weight (so λ_r stays the total weight of slice r)
 
-with KD the soft cross-entropy −Σ softmax(teacher)·log softmax(student) per token, and the total loss
-Σ_r λ_r · L_r. Single-Precision MatQuant is R = {2} with an int8 master (`bits=[2]`, master 8); Extra-Precision
+with (QAT) CE the next-token cross-entropy and KD the soft cross-entropy −Σ softmax(teacher)·log softmax(student)
+per token, or (OmniQuant) both the relative MSE of the block output to the fp block output / the int-t slice's
+block output; the total loss is Σ_r λ_r · L_r. Each λ_r must be > 0 (a slice with no weight is not trained: drop
+it from R instead). Single-Precision MatQuant is R = {2} with an int8 master (`bits=[2]`, master 8); Extra-Precision
 MatQuant is slicing mode 'extra'; a dedicated baseline is R = {c} with master bits c.
 """
 from __future__ import annotations
@@ -26,7 +30,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from matquant.quant.minmax import check_bits
-from matquant.quant.slicing import check_slicing
+from matquant.quant.slicing import DEFAULT_SLICING, check_slicing
 
 # The paper's λ for R = (8, 4, 2) (Nair et al. 2025, Tables 1-2).
 PAPER_LAMBDAS = {(8, 4, 2): (0.1, 0.1, 1.0)}
@@ -60,6 +64,24 @@ class Objective:
     def teachers(self) -> tuple[int, ...]:
         """Teacher slices, each computed once per batch (descending)."""
         return tuple(sorted({t.teacher for t in self.terms if t.teacher is not None}, reverse=True))
+
+    @property
+    def students(self) -> tuple[int, ...]:
+        """The trained slices (descending); same as `bits`."""
+        return self.bits
+
+    def term(self, bits: int) -> Term:
+        return next(t for t in self.terms if t.bits == bits)
+
+    def sources(self, bits: int) -> tuple:
+        """What slice `bits` learns from, in loss order: 'fp' (ground truth / full-precision output) and/or the
+        teacher slice's bits."""
+        t = self.term(bits)
+        return (("fp",) if t.ground_truth else ()) + ((t.teacher,) if t.teacher is not None else ())
+
+    def needed(self) -> tuple[int, ...]:
+        """Every slice whose output a step needs: the trained ones and their teachers (descending)."""
+        return tuple(sorted(set(self.bits) | set(self.teachers), reverse=True))
 
     def notation(self) -> str:
         """The objective in the paper's bracket notation, e.g. '[8,4,2,8->2]'."""
@@ -161,7 +183,7 @@ def default_lambdas(bits: list[int]) -> list[float]:
 
 
 def build_objective(bits=None, lambdas=None, distill: str | None = None, *, master_bits: int = 8,
-                    slicing: str = "paper") -> Objective:
+                    slicing: str = DEFAULT_SLICING) -> Objective:
     """Validate and assemble the objective. `bits` (R), `lambdas` (one per r, same order) and `distill` (paper
     notation) may be strings or lists; with `distill` alone R is read from it; with both they must agree."""
     check_bits(master_bits, "master bits")

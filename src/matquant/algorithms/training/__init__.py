@@ -1,0 +1,13 @@
+"""What the two MatQuant training routes share, one concept per module:
+
+- `objective`   R, λ and co-distillation (`--bits-list`, `--lambdas`, `--distill`): the one parser and its data;
+- `workdir`     the work dir: settings fingerprint, atomically written units of finished work, resume;
+- `diverged`    the error a NaN/Inf loss raises, with what to try;
+- `fake_quant`  fake-quantized linear layers (STE) for end-to-end QAT;
+- `lwc`         the learnable clipping (LWC) / equivalent transformation (LET) of one transformer block;
+- `block_loop`  the block-wise (OmniQuant-style) calibration loop over activation streams;
+- `qat_config`, `distributed`, `qat_loop`   QAT hyper-parameters and schedule, torchrun helpers, the training loop.
+
+Block-input capture is `matquant.algorithms.blocks` (shared with GPTQ / MatGPTQ). The methods themselves are the
+thin entry points `matquant.algorithms.omniquant` and `matquant.algorithms.qat`.
+"""

@@ -1,0 +1,73 @@
+"""torchrun helpers for QAT: join the process group set up by torchrun (WORLD_SIZE > 1; gloo on CPU, nccl on CUDA),
+pick this rank's device, and leave the group after rank 0 has written its output."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_pref: str = "auto") -> Dist:
+    """Join the torch.distributed job set up by torchrun (WORLD_SIZE > 1); a no-op for a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    use_cuda = torch.cuda.is_available() and device_pref != "cpu"
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local, initialized_here=True)
+
+
+def is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def finish_distributed() -> None:
+    """Wait for every rank, then leave the process group (call once, after rank 0 has written its output)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.on:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def pick_device(pref: str, d: Dist) -> torch.device:
+    if pref == "auto":
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if pref.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but no CUDA GPU is available; use --device cpu.")
+        return torch.device(f"cuda:{d.local_rank}") if pref == "cuda" else torch.device(pref)
+    return torch.device(pref)
