@@ -61,6 +61,10 @@ def load(ckpt_dir, bits=None, slicing: str | None = None, device: str = "cpu", d
     return model, tok
 
 
+# quantize_model's own keyword arguments (everything else is an option of the method)
+QUANTIZE_MODEL_ARGS = ("master_bits", "group_size", "scope", "modules", "symmetric", "slicing", "param_dtype", "progress")
+
+
 def quantize(model: str = DEFAULT_MODEL, out: str | None = None, method: str = "matgptq", overwrite: bool = False,
              calib=None, **kw):
     """Load a full-precision model, quantize it, optionally save the checkpoint. Returns (model, tok, qconfig).
@@ -68,9 +72,10 @@ def quantize(model: str = DEFAULT_MODEL, out: str | None = None, method: str = "
     Data-driven methods (matgptq, gptq, omniquant, qat) calibrate on the embedded 'calib' text with the method's
     default number of windows unless `calib` (token windows [n, seqlen]) is given.
     """
-    from matquant.algorithms import CALIBRATED, METHODS
+    from matquant.algorithms import CALIBRATED, METHODS, check_method_options
     from matquant.data import token_windows
 
+    check_method_options(method, {k: v for k, v in kw.items() if k not in QUANTIZE_MODEL_ARGS})  # before loading
     m, tok, _ = load_model(model)
     if calib is None and method in CALIBRATED:
         n, seqlen = getattr(METHODS[method], "calib_defaults", (32, 512))
