@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--work", default="/work/artifacts/export/bench")
     p.add_argument("--keep", action="store_true", help="keep the exported files")
+    p.add_argument("--skip-ppl", action="store_true", help="weight error only (no read-back, no perplexity)")
     p.add_argument("--out", default="/work/artifacts/export/results.jsonl")
     a = p.parse_args(argv)
 
@@ -66,9 +67,9 @@ def main(argv=None) -> int:
         for spec in specs:
             set_bits(model, spec, mode)
             t0 = time.time()
-            ppl_mq = perplexity(model, windows, progress=False).ppl
+            ppl_mq = None if a.skip_ppl else perplexity(model, windows, progress=False).ppl
             label = spec if isinstance(spec, int) else os.path.basename(a.bits_map)
-            print(f"[{mode} {label}] matquant ppl {ppl_mq:.4f} ({time.time() - t0:.0f}s)", flush=True)
+            print(f"[{mode} {label}] matquant ppl {ppl_mq} ({time.time() - t0:.0f}s)", flush=True)
             for fmt in a.formats.split(","):
                 t0 = time.time()
                 row = {**base, "slicing": mode, "bits": label, "format": fmt, "ppl_matquant": ppl_mq}
@@ -79,8 +80,8 @@ def main(argv=None) -> int:
                         row.update(types=sorted({f"{t.qtype}{'=' if t.exact else '~'}" for t in rep.tensors}),
                                    bits_per_weight=rep.bits_per_weight, file_mib=rep.file_bytes / 2**20,
                                    exact=all(t.exact for t in rep.tensors), **weight_error(rep.tensors))
-                        back = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name,
-                                                                    dtype=torch.float32)
+                        back = None if a.skip_ppl else AutoModelForCausalLM.from_pretrained(
+                            str(out.parent), gguf_file=out.name, dtype=torch.float32)
                     else:
                         out = work / f"m-{mode}-{label}-{fmt}"
                         rep = export_compressed_tensors(model, tok, out, dtype=torch.float32,
@@ -91,10 +92,11 @@ def main(argv=None) -> int:
                         row.update(exact_groups=sum(m.exact_groups * m.numel for m in mods) / sum(m.numel for m in mods),
                                    exact=all(m.exact_groups == 1.0 for m in mods), file_mib=rep.weight_bytes / 2**20,
                                    **weight_error(mods))
-                        back = AutoModelForCausalLM.from_pretrained(
+                        back = None if a.skip_ppl else AutoModelForCausalLM.from_pretrained(
                             str(out), dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
-                    row["ppl_export"] = perplexity(back.eval(), windows, progress=False).ppl
-                    row["ppl_rel_diff"] = row["ppl_export"] / ppl_mq - 1
+                    if back is not None:
+                        row["ppl_export"] = perplexity(back.eval(), windows, progress=False).ppl
+                        row["ppl_rel_diff"] = row["ppl_export"] / ppl_mq - 1
                     del back
                     if not a.keep:
                         shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)

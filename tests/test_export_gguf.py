@@ -275,3 +275,12 @@ def test_cli_export_and_bad_input(tiny_setup, tmp_path, capsys):
                  "--template", str(template)]) == 1
     assert "no tokenizer" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "cli.gguf"]
+
+
+def test_dense_f32_slice_is_the_slice(tiny_setup, tmp_path):
+    """The like-for-like reference the llama.cpp benchmark compares the quantized file with."""
+    template, ckpts, _ = tiny_setup
+    model, tok, _ = load_for_export(ckpts["nested-g64"], 3)
+    rep = export_gguf(model, tok, tmp_path / "d.gguf", template=template, dense="F32")
+    assert {t.qtype for t in rep.tensors} == {"F32"} and max(t.max_error for t in rep.tensors) == 0.0
+    assert _compare(model, _read_back(tmp_path / "d.gguf"), rep) < 1e-5

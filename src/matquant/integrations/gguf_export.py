@@ -250,8 +250,11 @@ class _AtomicFile:
 
 
 def export_gguf(model, tokenizer, out, template=None, k_quants: bool = False, overwrite: bool = False,
-                metadata: dict | None = None) -> GGUFExportReport:
-    """Write the model's current slice (per-module bits) as one GGUF file built on `template`."""
+                metadata: dict | None = None, dense: str | None = None) -> GGUFExportReport:
+    """Write the model's current slice (per-module bits) as one GGUF file built on `template`.
+
+    `dense` ('F32' or 'F16'): write the slice's dequantized values instead of GGML blocks (the like-for-like
+    reference for llama.cpp's own perplexity tool)."""
     import json
 
     import gguf
@@ -311,10 +314,14 @@ def export_gguf(model, tokenizer, out, template=None, k_quants: bool = False, ov
                 if shape != st.shape:
                     raise ExportError(f"template tensor {t.name} has shape {shape} but the checkpoint's {hf} is "
                                       f"{st.shape}: the template is of another model.")
-                choice = choose_type(st, k_quants)
+                choice = choose_type(st, k_quants) if dense is None else TensorChoice(dense, exact=dense == "F32")
                 perm = perm_for(t.name, st.shape[0])
-                raw = encode_slice(st, choice.qtype, perm)
                 qtype = gguf.GGMLQuantizationType[choice.qtype]
+                if dense is None:
+                    raw = encode_slice(st, choice.qtype, perm)
+                else:
+                    ref = st.reference.numpy()[perm] if perm is not None else st.reference.numpy()
+                    raw = np.ascontiguousarray(ref, dtype=np.float32 if dense == "F32" else np.float16)
                 writer.add_tensor(t.name, raw, raw_dtype=qtype)
                 back = dequantize(raw, qtype).reshape(st.shape)
                 ref = st.reference.numpy()[perm] if perm is not None else st.reference.numpy()
@@ -345,7 +352,7 @@ def export_gguf(model, tokenizer, out, template=None, k_quants: bool = False, ov
                 writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)  # e.g. rope tables: not in the model
                 report.copied += 1
         main = max(types_used, key=types_used.get)
-        writer.add_file_type(int(gguf.LlamaFileType[FILE_TYPE[main]]))
+        writer.add_file_type(int(gguf.LlamaFileType[FILE_TYPE.get(main, "ALL_F32" if main == "F32" else "MOSTLY_F16")]))
         writer.add_string("matquant.export", json.dumps(metadata or {}, sort_keys=True))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
