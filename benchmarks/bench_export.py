@@ -30,7 +30,35 @@ def weight_error(tensors) -> dict:
             "max_abs": max(t.max_error for t in tensors)}
 
 
+def table(paths: list[str]) -> str:
+    """Markdown rows from result files (later rows of the same configuration win)."""
+    rows = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            r = json.loads(line)
+            key = (r["checkpoint"], r["slicing"], str(r["bits"]), r["format"], "ppl_export" in r)
+            rows[key] = r
+    out = ["| checkpoint | slicing | r | format | stored as | exact? | bits/weight | weight rel. rms vs slice (worst "
+           "tensor) | max abs | ppl in matquant | ppl exported | Δ |", "|" + "---|" * 12]
+    for r in rows.values():
+        kind = ("exact" if r.get("exact") else "nearest") if "error" not in r else "refused"
+        stored = ", ".join(r.get("types", [])) or (f"{r['format']} ({100 * r.get('exact_groups', 0):.0f} % groups "
+                                                   "exact)" if "error" not in r else r["error"][:80])
+        ppl = (f"{r['ppl_matquant']:.3f} | {r['ppl_export']:.3f} | {100 * r['ppl_rel_diff']:+.3f} %"
+               if "ppl_export" in r else "– | – | –")
+        bpw = f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else "–"
+        err = (f"{r['rel_rms']:.2e} ({r['worst_rel_rms']:.2e}) | {r['max_abs']:.1e}" if "rel_rms" in r else "– | –")
+        out.append(f"| {Path(r['checkpoint']).name} | {r['slicing']} | {r['bits']} | {r['format']} | {stored} | {kind} "
+                   f"| {bpw} | {err} | {ppl} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
+    import sys
+
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--table":
+        print(table(sys.argv[2:]))
+        return 0
     p = argparse.ArgumentParser()
     p.add_argument("checkpoint")
     p.add_argument("--bits", default="8,6,5,4,3,2")
@@ -91,6 +119,7 @@ def main(argv=None) -> int:
                             m.numel = model.get_submodule(m.module).qweight.numel()
                         row.update(exact_groups=sum(m.exact_groups * m.numel for m in mods) / sum(m.numel for m in mods),
                                    exact=all(m.exact_groups == 1.0 for m in mods), file_mib=rep.weight_bytes / 2**20,
+                                   bits_per_weight=rep.bits_per_weight,
                                    **weight_error(mods))
                         back = None if a.skip_ppl else AutoModelForCausalLM.from_pretrained(
                             str(out), dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))

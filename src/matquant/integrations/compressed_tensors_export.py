@@ -102,12 +102,14 @@ class CTExportReport:
     config_groups: int = 0
     weight_bytes: int = 0
     unfusable: list[str] = field(default_factory=list)
+    bits_per_weight: float = 0.0  # packed codes + scales + zero points of the quantized modules, from the file
 
     def summary(self) -> str:
         exact = sum(m.exact_groups == 1.0 for m in self.modules)
         worst = max(self.modules, key=lambda m: m.rel_rms_error)
         return (f"wrote {self.path}: pack-quantized, {self.config_groups} config group(s), {len(self.modules)} "
-                f"modules ({exact} exact, {len(self.modules) - exact} nearest-fitted integer zero points)\n"
+                f"modules ({exact} exact, {len(self.modules) - exact} nearest-fitted integer zero points), "
+                f"{self.bits_per_weight:.3f} bits/weight over the quantized modules\n"
                 f"  weight error vs the slice: worst relative rms {worst.rel_rms_error:.2e} ({worst.module}), "
                 f"worst max abs {max(m.max_error for m in self.modules):.2e}; model.safetensors "
                 f"{self.weight_bytes / 2**20:.1f} MiB" + (
@@ -220,7 +222,11 @@ def _measure(report: CTExportReport, slices: dict[str, SliceTensor], out) -> Non
         with safe_open(str(f), framework="pt") as h:
             for k in h.keys():
                 tensors[k] = h.get_tensor(k)
+    qbytes = qnum = 0
     for m in report.modules:
+        qbytes += sum(tensors[f"{m.module}.{k}"].numel() * tensors[f"{m.module}.{k}"].element_size()
+                      for k in ("weight_packed", "weight_scale", "weight_zero_point"))
+        qnum += slices[m.module].reference.numel()
         sd = {k.rsplit(".", 1)[-1]: tensors[f"{m.module}.{k.rsplit('.', 1)[-1]}"]
               for k in ("x.weight_packed", "x.weight_scale", "x.weight_zero_point", "x.weight_shape")}
         w = PackedQuantizationCompressor.decompress(sd, schemes[m.module])["weight"].double()
@@ -229,3 +235,4 @@ def _measure(report: CTExportReport, slices: dict[str, SliceTensor], out) -> Non
         m.rms_error = float(err.pow(2).mean().sqrt())
         m.max_error = float(err.abs().max())
         m.rel_rms_error = m.rms_error / max(float(ref.pow(2).mean().sqrt()), 1e-30)
+    report.bits_per_weight = 8 * qbytes / max(qnum, 1)
