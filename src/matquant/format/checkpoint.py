@@ -95,18 +95,24 @@ def build_skeleton(cfg: dict, qconfig: QuantConfig, dtype=torch.float32, header=
     """The model with its quantized layers as MatQuantLinear, every parameter on the meta device (nothing allocated
     for weights; buffers such as rotary tables are real). `header` (of the weights file) bounds the config's size."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     if header is not None:
         V.check_config_size(cfg, header)
-    hf_cfg = hf_config(cfg)
-    try:
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
-    except Exception as e:  # e.g. hidden_size not divisible by num_attention_heads: the config is inconsistent
-        raise CheckpointError(f"config.json describes a model transformers cannot build: {_one_line(e)}") from None
+    with init_empty_weights(include_buffers=False):
+        model = build_model(hf_config(cfg), dtype)
     replace_skeleton(model, qconfig, dtype, device="meta")
     return model
+
+
+def build_model(hf_cfg, dtype=torch.float32):
+    """transformers' model for `hf_cfg` (in the caller's device context); a config transformers cannot build a
+    model from (a negative size, an unknown rope type, heads not dividing the width, ...) is a CheckpointError."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+    except Exception as e:  # the input decides what transformers raises: KeyError, RuntimeError, ValueError, ...
+        raise CheckpointError(f"config.json describes a model transformers cannot build: {_one_line(e)}") from None
 
 
 def replace_skeleton(model, qconfig: QuantConfig, dtype=torch.float32, device=None) -> None:

@@ -131,6 +131,8 @@ def check_config_size(cfg: dict, header, path: Path | str = CONFIG_NAME) -> None
                 continue
             if not isinstance(v, int) or isinstance(v, bool):
                 continue
+            if (k in LAYER_KEYS or k in DIM_KEYS) and v < 1:
+                raise CheckpointError(f"{path}: {where}{k} = {v} must be at least 1 (edited or corrupt config.json).")
             if k in LAYER_KEYS and v > max(n_layers, 1):
                 raise CheckpointError(f"{path}: {where}{k} = {v} but the weights file holds {n_layers} block(s); the "
                                       "config does not match the weights (edited or corrupt config.json).")

@@ -53,10 +53,16 @@ class MatQuantHfQuantizer(HfQuantizer):
 
         from matquant.format import validate as V
 
+        import torch
+
+        from matquant.format.checkpoint import build_model
+
         d = getattr(config, "_name_or_path", None)
         if d and Path(d).is_dir():
             _, wpath = V.checkpoint_files(d)
             V.check_config_size(config.to_dict(), V.read_header(wpath), Path(d) / V.CONFIG_NAME)
+        with torch.device("meta"):  # a trial build (no memory): transformers' own errors become CheckpointError
+            build_model(config)
         return super().update_attn_implementation(config)
 
     def _process_model_before_weight_loading(self, model, dtype=None, checkpoint_files=None, **kwargs):
