@@ -404,17 +404,25 @@ def test_input_groups_not_fooled_by_recycled_memory():
             assert ctx.input_groups() == [["a"], ["b"]], (d, s)
 
 
-@pytest.mark.parametrize("propagate", ["master", "fp", 4])
-def test_matgptq_propagate_options(propagate):
-    """What later layers see during the pass changes the codes of later layers but never the format."""
-    model = tiny_llama(layers=2)
+def test_matgptq_propagate_options():
+    """What later layers see during the pass changes the codes of later layers (never the first layer's, which only
+    ever sees full-precision inputs) and never the format."""
     calib = calib_windows(n=2, seqlen=16)
-    qc = quantize_model(model, "matgptq", calib=calib, scope="ffn", group_size=32, progress=False,
-                        propagate=propagate)
-    set_bits(model, 4)
-    with torch.no_grad():
-        assert torch.isfinite(model(input_ids=calib).logits).all()
-    assert qc.method_args["propagate"] == propagate
+    codes = {}
+    for propagate in ("master", "fp", 4):
+        model = tiny_llama(layers=2)
+        qc = quantize_model(model, "matgptq", calib=calib, scope="ffn", group_size=32, progress=False,
+                            propagate=propagate)
+        assert qc.method_args["propagate"] == propagate
+        set_bits(model, 4)
+        with torch.no_grad():
+            assert torch.isfinite(model(input_ids=calib).logits).all()
+        codes[propagate] = {n: model.get_submodule(n).qweight.clone() for n in qc.modules}
+    first, last = "model.layers.0.mlp.gate_proj", "model.layers.1.mlp.down_proj"
+    assert all(torch.equal(c[first], codes["master"][first]) for c in codes.values())
+    assert not torch.equal(codes["master"][last], codes["fp"][last])
+    assert not torch.equal(codes["master"][last], codes[4][last])
+    assert not torch.equal(codes["fp"][last], codes[4][last])
 
 
 def test_matgptq_propagate_fn():

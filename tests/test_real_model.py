@@ -1,5 +1,6 @@
 """Integration tests on the embedded SmolLM2-135M (fp32 = the dequantized GGUF)."""
 import json
+import math
 
 import pytest
 import torch
@@ -54,6 +55,12 @@ def test_demo_command_end_to_end(tmp_path):
                  "--calib-windows", "2", "--calib-seqlen", "128"]) == 0
     res = json.loads((out / "results.json").read_text())
     rows = {(r["method"], r["bits"], r["slicing"]): r["ppl"] for r in res["rows"]}
-    assert ("matgptq int8 sliced", 4, "nested") in rows  # the default method and ("rtn int2 dedicated", 2, "-") in rows
+    for b in (8, 4, 2):  # every slice of the one checkpoint (the default method), both slicing modes below int8
+        for mode in (("paper", "nested") if b < 8 else ("any",)):
+            assert math.isfinite(rows[("matgptq int8 sliced", b, mode)]) and rows[("matgptq int8 sliced", b, mode)] > 1
+    for b in (4, 2):  # the dedicated per-bit RTN baselines: present, finite, and models of their own
+        ppl = rows[("rtn int%d dedicated" % b, b, "-")]
+        assert math.isfinite(ppl) and ppl > 1
+        assert ppl not in (rows[("matgptq int8 sliced", b, "paper")], rows[("matgptq int8 sliced", b, "nested")])
     assert (out / "ppl_vs_bits.png").stat().st_size > 10_000
     assert (out / "checkpoint" / "model.safetensors").exists()
