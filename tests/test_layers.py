@@ -70,3 +70,10 @@ def test_readme_states_this_order():
     assert {"quant", "kernels", "nn", "format", "algorithms", "integrations", "eval", "mixnmatch",
             "experiments", "commands"} <= named
     assert order == sorted(order), f"README Layout lists the layers out of order: {found}"
+
+
+def test_no_dated_measurements_in_code():
+    """Measurements live in docs/ (with machine and date), not in code comments: no source file carries a date."""
+    dated = [f"{p.relative_to(SRC)}:{i}" for p in SRC.rglob("*.py")
+             for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\b20\d\d-[01]\d-[0-3]\d\b", line)]
+    assert not dated, dated

@@ -34,9 +34,9 @@ from matquant.quant.minmax import QuantizedWeight, affine_params, check_bits, re
 from matquant.quant.slicing import DEFAULT_SLICING, check_slicing, slice_master
 
 DEFAULT_BITS = (8, 4, 3, 2)
-# Measured (docs/results.md, "MatGPTQ variants"): with λ-weighted feedback, R={8,4,3,2} λ=(16,4,2,1) gave the best
-# int4/int3/int2 of the variants tried (int8 within 1 % of fp32); R={8,4,2} λ=(16,4,1) keeps int8 closer (0.4 %);
-# the team's QAT weights (0.1,0.1,1) wreck the int8 master in one-shot PTQ. Other R: all-ones.
+# The defaults chosen from the measurements in docs/results.md, "MatGPTQ variants" (the numbers live there): with
+# λ-weighted feedback, R={8,4,3,2} λ=(16,4,2,1) gave the best int4/int3/int2 of the variants tried; R={8,4,2}
+# λ=(16,4,1) keeps int8 closer; the QAT weights (0.1,0.1,1) wreck the int8 master in one-shot PTQ. Other R: all-ones.
 DEFAULT_LAMBDAS = {(8, 4, 3, 2): (16.0, 4.0, 2.0, 1.0), (8, 4, 2): (16.0, 4.0, 1.0)}
 ERROR_FEEDBACK = ("weighted", "mean", "master")
 GROUP_PARAMS = ("minmax", "search")

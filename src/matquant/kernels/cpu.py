@@ -39,7 +39,7 @@ def slice_codes_fast(codes: torch.Tensor, master_bits: int, bits: int, mode: str
     return out.clamp_(max=2**bits - 1) if mode == "paper" else out
 
 
-BLOCK_ELEMENTS = 1 << 18  # rows are dequantized in blocks of ~256K weights (1 MiB fp32): cache-resident, ~1.5×
+BLOCK_ELEMENTS = 1 << 18  # rows are dequantized in blocks of ~256K weights (1 MiB fp32): cache-resident (docs/kernels.md)
 
 
 def dequantize(codes: torch.Tensor | PackedCodes, scales: torch.Tensor, zeros: torch.Tensor, master_bits: int,

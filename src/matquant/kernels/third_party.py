@@ -1,11 +1,8 @@
 """Adapters from a MatQuant slice to third-party int kernels: GemLite (W8/W4/W2) and torch's tinygemm int4.
 
-Status (2026-11-22): written on a machine without a GPU.
-- The parameter mappings (`gemlite_inputs`, `tinygemm_int4_inputs`) are pure torch and TESTED on CPU against the
-  torch reference (tinygemm through torch's CPU int4 kernel `_weight_int4pack_mm_for_cpu`, same math as CUDA's).
-- `make_gemlite_linear` and `tinygemm_pack_cuda` are UNTESTED: GemLite 0.6 cannot even be imported without CUDA
-  (it queries the device at import). They are used by benchmarks/bench_kernels_gpu.py, which checks their output
-  against the reference before timing them. They are NOT wired into `set_backend`; do not treat them as a backend.
+What is tested (the mappings, on CPU) and what is not (the CUDA-only adapters `make_gemlite_linear`,
+`tinygemm_pack_cuda`, used only by benchmarks/bench_kernels_gpu.py, NOT a `set_backend` option), and as of when:
+docs/kernels.md, "GemLite and tinygemm".
 
 Both libraries use the HQQ-style affine form W = (W_q − zero)·scale per group, so an r-bit MatQuant slice maps
 exactly: scale = α·2^s, zero = (z − c)/2^s with s = 8 − r and c the nested bucket centre ((2^s − 1)/2; 0 in paper
