@@ -51,10 +51,16 @@ def integer_zero_fit(st: SliceTensor, scale_dtype: torch.dtype, pack_bits: int |
     exact = ((zp_frac - torch.round(zp_frac)).abs() < 1e-6) & (zp_frac.round() >= lo) & (zp_frac.round() <= hi)
     best_err = best_s = best_z = None
     ts = torch.linspace(-0.5, 0.5, SCALE_STEPS, dtype=torch.float64) / (2**r - 1)
-    for t in [torch.zeros((), dtype=torch.float64), *ts]:
-        s = (a * (1 + t)).to(scale_dtype).double()
+    # plus llm-compressor's own min-max grid (range stretched to include 0): the fallback for groups whose zero
+    # point lies outside the r-bit code range (all weights of one sign), where no grid near A covers the values
+    vmin, vmax = v.amin(-1).clamp(max=0), v.amax(-1).clamp(min=0)
+    s_mm = (vmax - vmin) / (2**r - 1)
+    cands = [(a * (1 + t), (torch.floor(zp_frac), torch.ceil(zp_frac))) for t in [torch.zeros((), dtype=torch.float64), *ts]]
+    cands.append((s_mm, (lo - torch.round(vmin / torch.where(s_mm == 0, torch.ones_like(s_mm), s_mm)),)))
+    for s_raw, zs in cands:
+        s = s_raw.to(scale_dtype).double()
         s = torch.where(s == 0, torch.ones_like(s), s)
-        for z in (torch.floor(zp_frac), torch.ceil(zp_frac)):
+        for z in zs:
             z = z.clamp(lo, hi)
             q = torch.clamp(torch.round(v / s[..., None]) + z[..., None], lo, hi)
             err = ((v - s[..., None] * (q - z[..., None])) ** 2).sum(-1)
