@@ -18,7 +18,7 @@ import torch
 
 from matquant.integrations.export_slices import ExportError, SliceTensor, check_out_path, model_slices
 
-SCALE_STEPS = 17  # candidate scales A·(1 + t), t in [−1/2, 1/2]/(2^r − 1) (stretch the grid by up to ±½ step)
+SCALE_STEPS = 5  # candidate scales A·(1 + t), t in {−½, −¼, 0, ¼, ½}/(2^r − 1) (17 steps: same error to 1e-4, 3x slower)
 
 
 def _rows(x: torch.Tensor, g: int) -> torch.Tensor:
