@@ -81,6 +81,11 @@ def hf_config(cfg: dict, path="config.json"):
     if not isinstance(model_type, str):
         raise CheckpointError(f"{path} has no model_type (or not a string); the file is corrupt.")
     try:
+        defaults = AutoConfig.for_model(model_type).to_dict()
+    except Exception as e:  # an unknown model_type
+        raise CheckpointError(f"{path} is not a valid {model_type!r} config: {_one_line(e)}") from None
+    V.check_config_types(cfg, defaults, path)
+    try:
         return AutoConfig.for_model(model_type, **cfg)
     except Exception as e:  # the input decides what transformers raises: ValueError, TypeError, KeyError, ...
         raise CheckpointError(f"{path} is not a valid {model_type!r} config: {_one_line(e)}") from None

@@ -26,6 +26,8 @@ CONFIG_NAME = "config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_CONFIG_BYTES = 16 * 2**20  # a config.json is a few KB; anything this large is not one
 CODE_LEAVES = ("qweight", "scales", "zeros")
+MAX_ABS = 1e6  # largest |value| accepted in a weight or scale (trained weights are O(1); fp16 cannot exceed 65504)
+MAX_ABS_ZERO = 2.0**25  # zero-points: twice float32's 2/eps bound of quant/minmax.py
 # config keys that give a number of layers / a tensor dimension (the families in models/targets.py, and HF's aliases)
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers")
 DIM_KEYS = ("hidden_size", "intermediate_size", "vocab_size", "n_embd", "n_inner", "ffn_dim", "word_embed_proj_dim",
@@ -117,6 +119,29 @@ def _layer_count(header) -> int:
     return max((len(v) for v in seen.values()), default=0)
 
 
+def check_config_types(cfg: dict, defaults: dict, path: Path | str = CONFIG_NAME) -> None:
+    """Each config.json value has the type of the architecture's default for that key (int where a float is
+    expected is fine; null is always allowed; token ids may be lists): a string where transformers expects a bool
+    would otherwise load and fail later, inside the first forward pass."""
+    for k, v in cfg.items():
+        d = defaults.get(k)
+        if v is None or d is None or k.endswith("token_id") or k == "quantization_config":
+            continue
+        if isinstance(d, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(d, int):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif isinstance(d, float):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        elif isinstance(d, (str, list, dict)):
+            ok = isinstance(v, type(d))
+        else:
+            continue
+        if not ok:
+            raise CheckpointError(f"{path}: {k} is {type(v).__name__} {v!r:.60}, expected {type(d).__name__} (like "
+                                  f"the default {d!r:.40}); edited or corrupt config.json.")
+
+
 def check_config_size(cfg: dict, header, path: Path | str = CONFIG_NAME) -> None:
     """Refuse a config.json describing a model larger than the tensors actually stored, before building anything."""
     max_dim = max((max(shape, default=1) for _, shape in header.values()), default=0)
@@ -193,8 +218,16 @@ def check_values(name: str, t: torch.Tensor, qconfig: QuantConfig, path: Path | 
     if is_code and leaf == "qweight" and t.numel() and int(t.max()) >= 2**qconfig.master_bits:
         raise CheckpointError(f"tensor {name} in {path} holds codes >= 2^{qconfig.master_bits} (master_bits); "
                               "the file is corrupt.")
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        raise CheckpointError(f"tensor {name} in {path} contains NaN/Inf values.")
+    if t.is_floating_point() and t.numel():
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"tensor {name} in {path} contains NaN/Inf values.")
+        # finite but absurd (a flipped exponent bit): no trained weight or MinMax α comes near MAX_ABS, and the
+        # zero-points stay within the dtype's 2/eps (quant/minmax.py param_limits); such values overflow in forward
+        bound = MAX_ABS_ZERO if (is_code and leaf == "zeros") else MAX_ABS
+        big = float(t.abs().max())
+        if big > bound:
+            raise CheckpointError(f"tensor {name} in {path} holds a value of magnitude {big:.3g} (> {bound:.0e}), "
+                                  "far beyond any trained weight: the file is corrupt.")
     if is_code and leaf == "scales" and t.numel() and not bool((t > 0).all()):
         raise CheckpointError(f"tensor {name} in {path} has scales <= 0; the file is corrupt.")
 

@@ -59,8 +59,9 @@ class MatQuantHfQuantizer(HfQuantizer):
 
         d = getattr(config, "_name_or_path", None)
         if d and Path(d).is_dir():
-            _, wpath = V.checkpoint_files(d)
-            V.check_config_size(config.to_dict(), V.read_header(wpath), Path(d) / V.CONFIG_NAME)
+            cfg_path, wpath = V.checkpoint_files(d)
+            V.check_config_size(config.to_dict(), V.read_header(wpath), cfg_path)
+            V.check_config_types(config.to_dict(), type(config)().to_dict(), cfg_path)
         with torch.device("meta"):  # a trial build (no memory): transformers' own errors become CheckpointError
             build_model(config)
         return super().update_attn_implementation(config)
