@@ -41,6 +41,16 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc), so RSS after loading shows what is held, not allocator slack."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _rss_mib() -> float:
     import psutil
 
@@ -152,6 +162,7 @@ def run(args) -> int:
     model, tok, what = load_for_generation(args)
     if tok is None:
         raise ValueError("this checkpoint has no tokenizer files; re-create it with `matquant quantize`.")
+    _trim_heap()
     rss_load = _rss_mib()
     ids, mask = build_inputs(tok, args.prompt, chat=not args.no_chat)
     r = generate(model, tok, ids, mask, args.max_new_tokens, args.temperature, args.top_p, args.seed)

@@ -134,8 +134,10 @@ def pack_slice(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, m
         parts = [(_pack4(q + (8 - h)), _scales_zeros(a, b + h * a, group_size, g))]
     else:
         h = 2 ** (bits - 5)  # hi plane: q >> 4 in 0 .. 2^(r-4) - 1, centred the same way
-        parts = [(_pack4((q >> 4) + (8 - h)), _scales_zeros(16 * a, b + 16 * h * a, group_size, g)),
-                 (_pack4(q & 15), _scales_zeros(a, 8 * a, group_size, g))]
+        z_hi = (b + 16 * h * a).to(ACT_DTYPE).float()
+        z_lo = 8 * a + (b + 16 * h * a - z_hi)  # the lo plane's zero absorbs the hi zero's bf16 rounding
+        parts = [(_pack4((q >> 4) + (8 - h)), _scales_zeros(16 * a, z_hi, group_size, g)),
+                 (_pack4(q & 15), _scales_zeros(a, z_lo, group_size, g))]
     return PackedSlice(bits, mode, n, k, g, parts=parts)
 
 
