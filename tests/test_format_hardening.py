@@ -212,3 +212,50 @@ def test_non_regular_weights_file_is_refused(ckpt, tmp_path):
     (d / "model.safetensors").symlink_to(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="dangling symlink"):
         matquant.load(d)
+
+
+# ---- regressions from benchmarks/fuzz_loader.py (each crash class it found; seeds in docs/benchmarks.md) ----
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("edit,match", [
+    # transformers raised KeyError building LlamaRotaryEmbedding (from_pretrained: outside any check)
+    (lambda c: c.update(rope_parameters={"rope_type": "no-such-rope", "rope_theta": 10000.0}), "cannot build|not a valid"),
+    # transformers raised RuntimeError "negative dimension" building nn.Linear
+    (lambda c: c.update(intermediate_size=-64), "at least 1"),
+    # loaded fine, then the first forward raised TypeError inside transformers
+    (lambda c: c.update(output_hidden_states="0b0"), "output_hidden_states is str"),
+])
+def test_fuzz_found_config_crashes_are_checkpoint_errors(ckpt, loader, edit, match):
+    d, _ = ckpt
+    _edit_config(d, edit)
+    with pytest.raises(CheckpointError, match=match):
+        LOADERS[loader](d)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("name,value", [("model.layers.1.post_attention_layernorm.weight", 3e38),
+                                        ("model.embed_tokens.weight", -2e7)])
+def test_finite_but_absurd_values_are_refused(ckpt, loader, name, value):
+    """A flipped exponent bit gave a finite 1e38 norm weight: it loaded, and the logits were NaN."""
+    d, _ = ckpt
+    sd = load_file(str(d / "model.safetensors"))
+    t = sd[name].clone()
+    t.view(-1)[0] = value
+    _edit_tensors(d, **{name: t})
+    with pytest.raises(CheckpointError, match="far beyond any trained weight"):
+        LOADERS[loader](d)
+
+
+def test_deeply_nested_config_json_is_a_checkpoint_error(ckpt):
+    d, _ = ckpt
+    (d / "config.json").write_text("[" * 100000)
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        matquant.load(d)
+
+
+def test_weights_symlinked_to_a_device_are_refused(ckpt):
+    d, _ = ckpt
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors").symlink_to("/dev/zero")  # reading it never ends
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        matquant.load(d)
