@@ -389,13 +389,14 @@ def _cli(argv):
     return f"crash:cli-rc{rc}-{len(lines)}lines", err.getvalue()[-2000:]
 
 
-def run_targets(d: Path, eval_text: Path, do_eval: bool) -> dict:
+def run_targets(d: Path, eval_text: Path, do_eval: bool, do_hf: bool = True) -> dict:
     import matquant
     from transformers import AutoModelForCausalLM
 
     res = {}
     res["load"] = _classify(lambda: matquant.load(d), hf=False)
-    res["from_pretrained"] = _classify(lambda: AutoModelForCausalLM.from_pretrained(str(d)), hf=True)
+    if do_hf:
+        res["from_pretrained"] = _classify(lambda: AutoModelForCausalLM.from_pretrained(str(d)), hf=True)
     res["info"] = _cli(["info", str(d), "--modules"])
     if do_eval:
         res["eval"] = _cli(["eval", str(d), "--bits", "8,2", "--eval-text", str(eval_text), "--windows", "1",
@@ -428,7 +429,8 @@ def worker(args):
     for i in range(args.start, args.end):
         print(MARK + json.dumps({"start": i}), flush=True)
         muts = mutate(seed_dir, d, args.seed * 10**9 + i)
-        res = run_targets(d, eval_text, args.eval_every > 0 and i % args.eval_every == 0)
+        res = run_targets(d, eval_text, args.eval_every > 0 and i % args.eval_every == 0,
+                          args.hf_every > 0 and i % args.hf_every == 0)
         print(MARK + json.dumps({"i": i, "mutations": muts, "results": res}), flush=True)
 
 
@@ -444,7 +446,7 @@ def supervise(args) -> dict:
     done, nxt, t0 = 0, 0, time.time()
     while nxt < args.inputs and time.time() - t0 < args.time_limit:
         cmd = [sys.executable, __file__, "--worker", "--work", str(work), "--start", str(nxt), "--end",
-               str(args.inputs), "--seed", str(args.seed), "--eval-every", str(args.eval_every)]
+               str(args.inputs), "--seed", str(args.seed), "--eval-every", str(args.eval_every), "--hf-every", str(args.hf_every)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
                                 preexec_fn=lambda: os.nice(args.nice))
@@ -553,6 +555,7 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per mutant before it counts as a hang")
     p.add_argument("--max-rss-gib", type=float, default=2.0)
     p.add_argument("--eval-every", type=int, default=50, help="also run `matquant eval` on every N-th mutant (0: never)")
+    p.add_argument("--hf-every", type=int, default=1, help="run from_pretrained on every N-th mutant (0: never)")
     p.add_argument("--time-limit", type=float, default=float("inf"), help="stop after this many seconds")
     p.add_argument("--nice", type=int, default=10)
     p.add_argument("--work", default=None, help="work folder (the seed checkpoint is built there once)")

@@ -1,0 +1,54 @@
+"""The CI slice of benchmarks/fuzz_loader.py: a few hundred mutants of a real tiny checkpoint, every outcome success
+or a one-line CheckpointError (the long run's figures are in docs/benchmarks.md)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ALLOWED = {"ok", "ok-plain-model", "checkpoint-error", "transformers-config", "cli-error"}
+
+
+def _fuzz():
+    spec = importlib.util.spec_from_file_location("fuzz_loader", ROOT / "benchmarks" / "fuzz_loader.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_harness_tells_crashes_from_clean_errors():
+    fz = _fuzz()
+    from matquant.format import CheckpointError
+
+    def raise_(e):
+        raise e
+
+    assert fz._classify(lambda: raise_(CheckpointError("bad tensor")), hf=False)[0] == "checkpoint-error"
+    assert fz._classify(lambda: raise_(CheckpointError("two\nlines")), hf=False)[0].startswith("crash")
+    assert fz._classify(lambda: raise_(RuntimeError("boom")), hf=False)[0] == "crash:RuntimeError"
+    assert fz._classify(lambda: raise_(KeyError("x")), hf=True)[0] == "transformers-config"  # matquant never ran
+
+
+def test_mutations_are_reproducible_from_the_seed(tmp_path):
+    fz = _fuzz()
+    seed = fz.build_seed(tmp_path / "seed")
+    a, b = tmp_path / "a", tmp_path / "b"
+    for i in range(20):
+        assert fz.mutate(seed, a, i) == fz.mutate(seed, b, i)
+        for f in sorted(p.name for p in a.iterdir() if p.is_file() and not p.is_symlink()):
+            assert (a / f).read_bytes() == (b / f).read_bytes()
+
+
+def test_fuzz_slice_has_no_crash(tmp_path):
+    out = tmp_path / "summary.json"
+    rc = _fuzz().main(["--inputs", "300", "--seed", "7", "--hf-every", "5", "--eval-every", "0", "--nice", "0",
+                       "--work", str(tmp_path / "work"), "--out", str(out)])
+    s = json.loads(out.read_text())
+    assert s["inputs"] == 300
+    assert s["crash_count"] == 0, json.dumps(s["crashes"], indent=1)[:3000]
+    assert rc == 0
+    for target, outcomes in s["outcomes"].items():
+        assert set(outcomes) <= ALLOWED, (target, outcomes)
+    assert s["outcomes"]["load"].get("checkpoint-error", 0) > 100  # the mutants do reach the checks
+    assert s["outcomes"]["load"].get("ok", 0) > 10  # and harmless ones still load
