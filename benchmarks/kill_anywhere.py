@@ -77,21 +77,21 @@ def _quiet(fn, argv):
         return fn(argv)
 
 
-def command(name: str, env: dict, d: Path) -> list[str]:
-    """argv of `name` writing everything under folder d."""
+def command(name: str, env: dict, d: Path, small: bool = False) -> list[str]:
+    """argv of `name` writing everything under folder d (`small`: fewer epochs/steps/cells, for CI)."""
     m, t = str(env["model"]), str(env["text"])
     calib = ["--calib-text", t, "--calib-seqlen", "32", "--calib-windows", "8", "--group-size", "32"]
     if name == "quantize-matgptq":
         return ["quantize", "--model", m, "--method", "matgptq", *calib, "--out", str(d / "out")]
     if name == "quantize-omniquant":
-        return ["quantize", "--model", m, "--method", "omniquant", *calib, "--epochs", "3", "--scope", "ffn+attn",
+        return ["quantize", "--model", m, "--method", "omniquant", *calib, "--epochs", "1" if small else "3", "--scope", "ffn" if small else "ffn+attn",
                 "--work-dir", str(d / "work"), "--out", str(d / "out")]
     if name == "quantize-qat":
-        return ["quantize", "--model", m, "--method", "qat", *calib, "--steps", "12", "--save-every", "2",
+        return ["quantize", "--model", m, "--method", "qat", *calib, "--steps", "6" if small else "12", "--save-every", "2",
                 "--lr", "1e-3", "--train-device", "cpu", "--out", str(d / "out")]
     if name == "mixnmatch-budget":
         return ["mixnmatch", str(env["ckpt"]), "--budget", "5.0", "--reference", m, "--calib-text", t,
-                "--calib-seqlen", "32", "--calib-windows", "4", "--generations", "3", "--offspring", "3",
+                "--calib-seqlen", "32", "--calib-windows", "4", "--generations", "1" if small else "3", "--offspring", "3",
                 "--stage-windows", "1,2", "--survivors", "1", "--work-dir", str(d / "work"), "--out",
                 str(d / "out.json"), "--no-progress"]
     if name == "experiment-grid":
@@ -99,7 +99,8 @@ def command(name: str, env: dict, d: Path) -> list[str]:
         if not grid.exists():
             d.mkdir(parents=True, exist_ok=True)
             grid.write_text(f"name: kill\nout: {d / 'out'}\nstore: {d / 'out' / 'results.jsonl'}\nmodels: [{m}]\n"
-                            "methods: [rtn]\nscopes: [ffn]\nslicing: [paper, nested]\nbits: [8, 4, 2]\n"
+                            f"methods: [rtn]\nscopes: [ffn]\nslicing: [{'nested' if small else 'paper, nested'}]\n"
+                            f"bits: [{'4' if small else '8, 4, 2'}]\n"
                             f"group_size: 32\neval:\n  ppl: {{text: {t}, windows: 2, seqlen: 64}}\n")
         return ["experiment", str(grid)]
     raise ValueError(name)
@@ -110,12 +111,24 @@ def _child(argv: list[str], log: str) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    # the parent's sys.stdout/stderr may be capture objects (pytest) that do not write to fds 1/2
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
     import torch
 
     torch.set_num_threads(1)
     from matquant.cli import main
 
-    os._exit(main(argv))
+    try:
+        rc = main(argv)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        rc = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def run(argv: list[str], log: Path, kill_after: float | None = None) -> tuple[int | None, float, bool]:
@@ -132,8 +145,14 @@ def run(argv: list[str], log: Path, kill_after: float | None = None) -> tuple[in
 
 
 # ---------------------------------------------------------------- what the outputs are
-def _sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+def _safetensors_content(p: Path) -> dict:
+    """Parsed header + hash of the tensor bytes. Not the file's hash: safetensors writes the __metadata__ entries
+    in a per-process (hash map) order, so two identical runs can differ in those header bytes alone."""
+    import struct
+
+    b = p.read_bytes()
+    n = struct.unpack("<Q", b[:8])[0]
+    return {"header": json.loads(b[8:8 + n]), "data_sha256": hashlib.sha256(b[8 + n:]).hexdigest()[:16]}
 
 
 def _store_results(store: Path) -> tuple[dict, int]:
@@ -165,7 +184,7 @@ def outputs(name: str, d: Path) -> dict | None:
         st = out / "model.safetensors"
         # the run's own folder (e.g. in method_args.work_dir) is the one thing allowed to differ between runs
         qc = json.loads(json.dumps((cfg or {}).get("quantization_config")).replace(str(d), "<RUN>"))
-        return {"files": files, "model.safetensors": _sha(st) if st.exists() else None, "quantization_config": qc}
+        return {"files": files, "model.safetensors": _safetensors_content(st) if st.exists() else None, "quantization_config": qc}
     if name == "mixnmatch-budget":
         out = d / "out.json"
         if not out.exists():
@@ -190,8 +209,8 @@ def check_after_kill(name: str, got: dict | None, ref: dict) -> str:
     return "" if got == ref else "partial or different output visible at the output path"
 
 
-def trial(name: str, env: dict, d: Path, delay: float, ref: dict) -> dict:
-    argv = command(name, env, d)
+def trial(name: str, env: dict, d: Path, delay: float, ref: dict, small: bool = False) -> dict:
+    argv = command(name, env, d, small)
     rc, secs, killed = run(argv, d.parent / f"{d.name}.kill.log", delay)
     seen = outputs(name, d)
     visible_problem = check_after_kill(name, seen, ref)
@@ -205,8 +224,17 @@ def trial(name: str, env: dict, d: Path, delay: float, ref: dict) -> dict:
     identical = got is not None and (got == ref if name != "experiment-grid" else
                                      got["results"] == ref["results"])
     lost = [k for k in before if got is None or got["results"].get(k) != before[k]] if before else []
-    return {"command": name, "delay_s": round(delay, 2), "killed": killed, "rerun_rc": rc2, "rerun_s": round(secs2, 1),
+    return {"command": name, "delay_s": round(delay, 2), "killed": killed, "first_rc": rc, "rerun_rc": rc2,
+            "rerun_error": log.strip().splitlines()[-1][-300:] if rc2 and log.strip() else "", "rerun_s": round(secs2, 1),
             "identical": identical, "visible_problem": visible_problem, "lost_results": len(lost), "note": note}
+
+
+def reference(name: str, env: dict, base: Path, small: bool = False) -> tuple[dict, float]:
+    """(outputs, seconds) of the uninterrupted run."""
+    rc, t_ref, _ = run(command(name, env, base / "ref", small), base / "ref.log")
+    if rc != 0:
+        raise RuntimeError(f"{name}: the uninterrupted run failed (rc {rc}):\n" + (base / "ref.log").read_text()[-3000:])
+    return outputs(name, base / "ref"), t_ref
 
 
 def main(argv=None) -> int:
@@ -229,11 +257,7 @@ def main(argv=None) -> int:
         base = root / name
         shutil.rmtree(base, ignore_errors=True)
         base.mkdir(parents=True)
-        rc, t_ref, _ = run(command(name, env, base / "ref"), base / "ref.log")
-        if rc != 0:
-            print((base / "ref.log").read_text()[-3000:])
-            raise SystemExit(f"{name}: the uninterrupted run failed (rc {rc})")
-        ref = outputs(name, base / "ref")
+        ref, t_ref = reference(name, env, base)
         for k in range(a.kills):
             r = trial(name, env, base / f"k{k:02d}", rng.uniform(0, 1.2 * t_ref), ref)
             r["ref_s"] = round(t_ref, 1)

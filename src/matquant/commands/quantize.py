@@ -215,7 +215,9 @@ def run(args) -> int:
     from matquant.models import load_model
 
     if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} already exists; pass --overwrite or choose another --out.")
+        raise FileExistsError(f"{args.out} already exists (a complete checkpoint: it is written atomically, so an "
+                              "interrupted run leaves either nothing or all of it there); pass --overwrite or choose "
+                              "another --out.")
     default_work = args.method == "qat" and args.work_dir is None
     if default_work:
         args.work_dir = f"{args.out}.qat-work"
@@ -232,9 +234,15 @@ def run(args) -> int:
     finish_distributed()
     if is_main_process() and getattr(args, "work_dir", None) and Path(args.work_dir).exists():
         if default_work and not getattr(args, "keep_work_dir", False):
+            import os
             import shutil
+            import tempfile
 
-            shutil.rmtree(args.work_dir)  # the checkpoint is written: the training state is no longer needed
+            # the checkpoint is written: the training state is no longer needed. Renamed away first, so a kill
+            # during the removal never leaves a half-deleted OUT.qat-work behind (only a hidden .deleting folder)
+            trash = Path(tempfile.mkdtemp(prefix=f".{Path(args.work_dir).name}.deleting-", dir=Path(args.work_dir).parent))
+            os.replace(args.work_dir, trash / "w")
+            shutil.rmtree(trash, ignore_errors=True)
             print(f"removed the training state {args.work_dir} (pass --keep-work-dir to keep it)")
         else:
             size = sum(f.stat().st_size for f in Path(args.work_dir).rglob("*") if f.is_file())
