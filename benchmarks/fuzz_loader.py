@@ -7,7 +7,7 @@
 Allowed outcomes: success (with finite logits) or `CheckpointError` with a one-line message; for the CLI, exit 0 or
 a one-line error with exit 1/2 and no traceback. Anything else is a *crash*, reported with the seed that reproduces it
 (`--replay SEED` re-runs one mutant in-process and shows the traceback). Each mutant runs in a worker process
-watched by this one: a mutant running more than `--timeout` seconds (hang) or a worker over `--max-rss-gib` (memory)
+watched by this one: a mutant using more than `--timeout` CPU seconds or `--wall-timeout` wall seconds (hang) or a worker over `--max-rss-gib` (memory)
 is killed and reported as a crash too, and the worker restarts at the next seed.
 
 `from_pretrained` errors raised by transformers *before* any matquant code runs (its own config.json parsing: an
@@ -468,6 +468,10 @@ def supervise(args) -> dict:
                         continue
                     if "start" in rec:
                         current, started = rec["start"], time.time()
+                        try:
+                            cpu0 = sum(ps.cpu_times()[:2])
+                        except psutil.NoSuchProcess:
+                            cpu0 = 0.0
                         continue
                     done += 1
                     nxt = rec["i"] + 1
@@ -495,7 +499,11 @@ def supervise(args) -> dict:
                     rss = ps.memory_info().rss
                 except psutil.NoSuchProcess:
                     rss = 0
-                if time.time() - started > args.timeout:
+                try:  # CPU seconds of this mutant (a shared, niced machine stretches wall time, not CPU time)
+                    cpu = sum(ps.cpu_times()[:2]) - cpu0
+                except psutil.NoSuchProcess:
+                    cpu = 0.0
+                if cpu > args.timeout or time.time() - started > args.wall_timeout:
                     killed = "hang"
                 elif rss > args.max_rss_gib * 2**30:
                     killed = "memory"
@@ -523,7 +531,8 @@ def supervise(args) -> dict:
     secs = time.time() - t0
     return {"inputs": done, "seconds": round(secs, 1), "inputs_per_second": round(done / max(secs, 1e-9), 2),
             "seed": args.seed, "outcomes": counts, "transformers_config_errors": tf_errors, "crashes": crashes,
-            "crash_count": sum(c["count"] for c in crashes.values()), "timeout_s": args.timeout,
+            "crash_count": sum(c["count"] for c in crashes.values()), "timeout_cpu_s": args.timeout,
+            "timeout_wall_s": args.wall_timeout,
             "max_rss_gib": args.max_rss_gib}
 
 
@@ -552,7 +561,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--inputs", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per mutant before it counts as a hang")
+    p.add_argument("--timeout", type=float, default=10.0, help="CPU seconds per mutant before it counts as a hang")
+    p.add_argument("--wall-timeout", type=float, default=120.0,
+                   help="wall seconds per mutant before it counts as a hang (catches blocking reads, which use no CPU)")
     p.add_argument("--max-rss-gib", type=float, default=2.0)
     p.add_argument("--eval-every", type=int, default=50, help="also run `matquant eval` on every N-th mutant (0: never)")
     p.add_argument("--hf-every", type=int, default=1, help="run from_pretrained on every N-th mutant (0: never)")
