@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from matquant.commands.common import add_eval_args, int_list, mode_list
-from matquant.commands.quantize import add_quant_args, calibration, quant_kwargs
+from matquant.commands.quantize import add_quant_args, calibration, quant_kwargs, set_threads
 from matquant.models.loading import DEFAULT_MODEL
 
 
@@ -24,7 +24,7 @@ def register(sub) -> None:
                    help="slicing modes to evaluate (default paper,nested)")
     p.add_argument("--no-baselines", action="store_true", help="skip the dedicated per-bit RTN baselines")
     p.add_argument("--debug", action="store_true")
-    add_quant_args(p, method_default="matgptq")
+    add_quant_args(p, method_default="matgptq", threads_default=2)  # the thread count README/docs numbers used
     add_eval_args(p, windows_default=6)
     p.set_defaults(func=run)
 
@@ -45,6 +45,8 @@ def run(args) -> int:
     from matquant.quant.minmax import quantize_minmax
 
     t0 = time.time()
+    kw = quant_kwargs(args)  # validates method options before any work
+    threads = set_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"[1/5] loading {args.model} (fp32 reference) ...", flush=True)
@@ -56,9 +58,9 @@ def run(args) -> int:
     targets = find_targets(model, args.scope, args.modules)
     fp_weights = {n: linear_weight(model.get_submodule(n)).detach().clone() for n in targets}
     print(f"[3/5] quantizing {len(targets)} layers: {args.method}, int{args.bits_master} master, "
-          f"group {args.group_size} ...", flush=True)
+          f"group {args.group_size}, {threads} threads ...", flush=True)
     tq = time.time()
-    qcfg = quantize_model(model, args.method, calib=calibration(args, tok), **quant_kwargs(args))
+    qcfg = quantize_model(model, args.method, calib=calibration(args, tok), **kw)
     quant_s = time.time() - tq
     ckpt = out / "checkpoint"
     save_checkpoint(model, tok, ckpt, qcfg, overwrite=True)
@@ -95,7 +97,7 @@ def run(args) -> int:
         "fp32": ref.to_dict(), "rows": all_rows, "quantize_seconds": round(quant_s, 1),
         "wall_seconds": round(wall, 1), "peak_rss_gib": round(peak_rss, 2),
         "checkpoint_bytes": ck_bytes, "fp32_model_bytes": fp32_bytes, "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
     }
     atomic_write_json(out / "results.json", summary)
     atomic_write_text(out / "results.md", table + "\n")

@@ -9,7 +9,7 @@ from matquant.models.targets import SCOPES
 from matquant.quant.slicing import DEFAULT_SLICING, SLICING_MODES
 
 
-def add_quant_args(p, method_default: str = "matgptq") -> None:
+def add_quant_args(p, method_default: str = "matgptq", threads_default: int | None = None) -> None:
     from matquant.algorithms import METHODS
     from matquant.algorithms.matgptq import DEFAULT_ERROR_FEEDBACK, DEFAULT_GROUP_PARAMS, ERROR_FEEDBACK, GROUP_PARAMS
 
@@ -69,6 +69,11 @@ def add_quant_args(p, method_default: str = "matgptq") -> None:
                    help="matgptq: what later layers see during the pass: the int-C master weights (default), the "
                         "full-precision weights (fp), or one slice (e.g. 4)")
     g.add_argument("--calib-batch-size", type=int, default=1, help="calibration windows per block forward")
+    g.add_argument("--threads", type=int, default=threads_default, metavar="N",
+                   help="torch CPU threads. Results are deterministic for a given thread count but not across "
+                        "thread counts (BLAS reduction order flips a few GPTQ codes, which then propagate; "
+                        "docs/benchmarks.md) (default: " + (str(threads_default) if threads_default else
+                                                             "torch's, the number of physical cores") + ")")
     g.add_argument("--quant-device", default=None, metavar="DEV",
                    help="device for the block-by-block pass (default: cuda if available, else cpu); one block at "
                         "a time is moved there")
@@ -174,6 +179,17 @@ def omniquant_kwargs(args) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def set_threads(n: int | None) -> int:
+    """Fix torch's CPU thread count (None: leave torch's default); returns the count in use."""
+    import torch
+
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"--threads must be >= 1, got {n}.")
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def quant_kwargs(args) -> dict:
     return dict(master_bits=args.bits_master, group_size=args.group_size, scope=args.scope, modules=args.modules,
                 symmetric=args.symmetric, slicing=args.slicing, param_dtype=args.param_dtype, **method_kwargs(args))
@@ -223,6 +239,7 @@ def run(args) -> int:
         args.work_dir = f"{args.out}.qat-work"
     t0 = time.time()
     kw = quant_kwargs(args)  # validates method options before any work
+    threads = set_threads(args.threads)
     print(f"loading {args.model} ...")
     model, tok, src = load_model(args.model)
     calib = calibration(args, tok)
@@ -230,7 +247,7 @@ def run(args) -> int:
     if is_main_process():  # under torchrun every rank trains (DDP); rank 0 writes
         save_checkpoint(model, tok, args.out, qcfg, overwrite=args.overwrite)
         print(f"wrote {args.out}: {len(qcfg.modules)} layers, {args.method}, int{qcfg.master_bits} master, "
-              f"group {qcfg.group_size}, slicing {qcfg.slicing} ({time.time() - t0:.0f}s)")
+              f"group {qcfg.group_size}, slicing {qcfg.slicing} ({time.time() - t0:.0f}s, {threads} threads)")
     finish_distributed()
     if is_main_process() and getattr(args, "work_dir", None) and Path(args.work_dir).exists():
         if default_work and not getattr(args, "keep_work_dir", False):
