@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     from matquant.commands.common import load_bits_map
     from matquant.data import token_windows
     from matquant.eval.perplexity import perplexity
-    from matquant.integrations.compressed_tensors_export import export_compressed_tensors
+    from matquant.integrations.compressed_tensors_export import export_compressed_tensors, load_decompressed
     from matquant.integrations.export_slices import load_for_export
     from matquant.integrations.gguf_export import export_gguf
     from matquant.nn.bits import set_bits
@@ -121,8 +121,10 @@ def main(argv=None) -> int:
                                    exact=all(m.exact_groups == 1.0 for m in mods), file_mib=rep.weight_bytes / 2**20,
                                    bits_per_weight=rep.bits_per_weight,
                                    **weight_error(mods))
-                        back = None if a.skip_ppl else AutoModelForCausalLM.from_pretrained(
+                        row["reader"] = "transformers" if rep.config_groups == 1 else "compressed-tensors per group"
+                        back = None if a.skip_ppl else (AutoModelForCausalLM.from_pretrained(
                             str(out), dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
+                            if rep.config_groups == 1 else load_decompressed(out))
                     if back is not None:
                         row["ppl_export"] = perplexity(back.eval(), windows, progress=False).ppl
                         row["ppl_rel_diff"] = row["ppl_export"] / ppl_mq - 1

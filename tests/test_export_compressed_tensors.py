@@ -13,7 +13,7 @@ from conftest import tiny_model  # noqa: E402
 
 from matquant.algorithms import quantize_model  # noqa: E402
 from matquant.format import save_checkpoint  # noqa: E402
-from matquant.integrations.compressed_tensors_export import export_compressed_tensors  # noqa: E402
+from matquant.integrations.compressed_tensors_export import export_compressed_tensors, load_decompressed  # noqa: E402
 from matquant.integrations.export_slices import ExportError, load_for_export  # noqa: E402
 from matquant.nn.bits import matquant_modules  # noqa: E402
 
@@ -106,10 +106,12 @@ def test_bits_map_becomes_config_groups(ckpts, tmp_path):
     by_bits = {g["weights"]["num_bits"]: g["targets"] for g in groups.values()}
     assert sorted(by_bits) == [4, 8] and by_bits[8] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     assert rep.config_groups == 2 and rep.unfusable == []
+    back = load_decompressed(tmp_path / "mix")  # each module with its own group's scheme
+    _weights_match_report(model, back, rep)
+    assert _logit_gap(model, back) < 0.1
     split = export_compressed_tensors(*load_for_export(ckpts["g32"], {"*.gate_proj": 8, ".*": 4})[:2],
                                       tmp_path / "split", dtype=torch.float32)
     assert split.unfusable and "vLLM will refuse" in split.summary()
-    assert _logit_gap(model, _read_back(tmp_path / "mix")) < 0.1
 
 
 def test_bad_input_leaves_nothing(ckpts, tmp_path):

@@ -211,23 +211,60 @@ def _record(folder: Path, slices: dict[str, SliceTensor]) -> None:
     (Path(folder) / "matquant_export.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
-def _measure(report: CTExportReport, slices: dict[str, SliceTensor], out) -> None:
-    """Weight error vs the slice, decompressing the written folder with compressed-tensors' own decompressor."""
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+def _schemes_and_tensors(folder) -> tuple[dict, dict]:
+    """({module: its config group's QuantizationScheme}, {tensor name: tensor}) of a pack-quantized folder."""
     from compressed_tensors.quantization import QuantizationScheme
     from safetensors import safe_open
 
-    cfg = json.loads((Path(out) / "config.json").read_text())["quantization_config"]
+    cfg = json.loads((Path(folder) / "config.json").read_text())["quantization_config"]
     schemes = {}
     for g in cfg["config_groups"].values():
         for t in g["targets"]:
             schemes[t] = QuantizationScheme(targets=[t], weights=g["weights"])
-    files = list(Path(out).glob("*.safetensors"))
     tensors = {}
-    for f in files:
+    for f in Path(folder).glob("*.safetensors"):
         with safe_open(str(f), framework="pt") as h:
             for k in h.keys():
                 tensors[k] = h.get_tensor(k)
+    return schemes, tensors
+
+
+def load_decompressed(folder, dtype: torch.dtype = torch.float32):
+    """The exported folder as a dense transformers model, every module decompressed by compressed-tensors'
+    PackedQuantizationCompressor with ITS OWN config group's scheme.
+
+    Needed for bits maps (several config groups): transformers 5.24's `CompressedTensorsConfig(dequantize=True)`
+    decompresses dense layers with one config group's scheme (`get_dense_scheme`), so a folder mixing e.g. 4- and
+    2-bit groups fails to load there ("size of tensor a (3) must match ... b (4)"); a single-group folder loads fine
+    through transformers directly."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    schemes, tensors = _schemes_and_tensors(folder)
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    cfg.pop("quantization_config")
+    hf_cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+    sd = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in
+          ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")}
+    for name, scheme in schemes.items():
+        parts = {k: tensors[f"{name}.{k}"] for k in ("weight_packed", "weight_scale", "weight_zero_point",
+                                                       "weight_shape")}
+        sd[f"{name}.weight"] = PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+        raise ExportError(f"{folder}: tensors do not match the model (missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]})")
+    model.tie_weights()
+    return model.eval()
+
+
+def _measure(report: CTExportReport, slices: dict[str, SliceTensor], out) -> None:
+    """Weight error vs the slice, decompressing the written folder with compressed-tensors' own decompressor."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    schemes, tensors = _schemes_and_tensors(out)
     qbytes = qnum = 0
     for m in report.modules:
         qbytes += sum(tensors[f"{m.module}.{k}"].numel() * tensors[f"{m.module}.{k}"].element_size()
