@@ -37,8 +37,11 @@ def _rss_mib() -> float:
 
 
 def load_config(cfg: str, ckpts: dict):
-    """'fp32' | 'bf16' | 'SCOPE:BITS[:FORMAT]' (SCOPE ffn or ffnattn, FORMAT int4x2 or bf16)."""
+    """'fp32' | 'bf16' | 'SCOPE:BITS[:FORMAT][@bf16]' (SCOPE ffn or ffnattn, FORMAT int4x2 or bf16; '@bf16': the
+    unquantized parts (embeddings, LM head, norms) and activations in bf16)."""
     import torch
+
+    cfg, _, model_dtype = cfg.partition("@")
 
     if cfg in ("fp32", "bf16"):
         from matquant.models.loading import load_model
@@ -49,7 +52,8 @@ def load_config(cfg: str, ckpts: dict):
 
     scope, bits, *fmt = cfg.split(":")
     m, tok = matquant.load(ckpts[scope], bits=int(bits), keep_master=False,
-                           high_format=fmt[0] if fmt else None)
+                           high_format=fmt[0] if fmt else None,
+                           dtype=torch.bfloat16 if model_dtype == "bf16" else torch.float32)
     return m.eval(), tok
 
 

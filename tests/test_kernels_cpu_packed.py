@@ -49,7 +49,8 @@ def test_packed_layer_equals_reference_slice(out_f, in_f, group, bias, high_form
                 w = torch_ref.dequantize_slice(qw.codes, qw.scales, qw.zeros, 8, bits, mode)
                 for x in xs:
                     ref = x.bfloat16().float() @ w.t() + (lin.bias if bias else 0)
-                    _close(lin(x), ref)
+                    # two 4-bit planes are each dequantized in bf16 inside the kernel: up to ~1.4 % at r = 5
+                    _close(lin(x), ref, tol=1.2e-2 if bits <= 4 or high_format == "bf16" else 2e-2)
                 ps = dispatch.packed_slice(lin)
                 assert ps.kind == ("int4" if bits <= 4 else high_format)
 
