@@ -9,12 +9,13 @@ from matquant.models.loading import DEFAULT_MODEL, load_model
 
 
 def load(ckpt_dir, bits=None, slicing: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-         backend: str = "auto", keep=None, keep_master: bool | None = None, budget=None,
+         backend: str | None = None, keep=None, keep_master: bool | None = None, budget=None,
          high_format: str | None = None):
     """Load a matquant checkpoint; returns (model, tokenizer). `bits`: int or {module pattern: bits}.
 
-    On CPU the default backend ('auto') is the packed runtime (`kernels.cpu_packed`): each quantized layer holds
-    its current slice as packed 4-bit codes (r > 4: two planes), packed here at load time; no dense weight.
+    `backend` (default: 'auto' on CPU = the packed runtime, 'torch' elsewhere): on CPU each quantized layer then
+    holds its current slice as packed 4-bit codes (r > 4: two planes; `kernels.cpu_packed`), packed here at load
+    time; no dense weight. Pass 'torch' for the bit-exact reference path.
 
     - `keep`: precisions also packed now and kept resident, so `set_bits` among them costs nothing (e.g. [8, 4]).
     - `keep_master=False`: free the uint8 master codes after packing; an int4 model then holds ~4.5 bits/weight,
@@ -30,6 +31,8 @@ def load(ckpt_dir, bits=None, slicing: str | None = None, device: str = "cpu", d
 
     if keep_master is None:
         keep_master = budget is None
+    if backend is None:
+        backend = "auto" if torch.device(device).type == "cpu" else "torch"
     model, tok, _ = load_checkpoint(ckpt_dir, bits=bits, slicing=slicing, device=device, dtype=dtype)
     set_backend(model, backend, keep=keep, high_format=high_format)
     packed_here = backend in ("packed", "auto") and torch.device(device).type == "cpu"
