@@ -36,8 +36,9 @@ def table(paths: list[str]) -> str:
     for path in paths:
         for line in Path(path).read_text().splitlines():
             r = json.loads(line)
-            key = (r["checkpoint"], r["slicing"], str(r["bits"]), r["format"], "ppl_export" in r)
-            rows[key] = r
+            key = (r["checkpoint"], r["slicing"], str(r["bits"]), r["format"])
+            if key not in rows or "ppl_export" in r or "ppl_export" not in rows[key]:
+                rows[key] = r  # a row with a perplexity is never replaced by one without
     out = ["| checkpoint | slicing | r | format | stored as | exact? | bits/weight | weight rel. rms vs slice (worst "
            "tensor) | max abs | ppl in matquant | ppl exported | Δ |", "|" + "---|" * 12]
     for r in rows.values():
