@@ -103,6 +103,10 @@ def test_generate_cli_on_a_tiny_checkpoint(ckpt, tiny_model_dir, capsys):
     assert main(["generate", str(ckpt), "--budget", "10MB", "--prompt", "fox", "--max-new-tokens", "3",
                  "--temperature", "0.7", "--top-p", "0.9", "--seed", "1"]) == 0
     assert "budget 10MB" in capsys.readouterr().out
+    bits_map = ckpt.parent / "map.json"
+    bits_map.write_text('{"model.layers.0.*": 8, "model.layers.1.*": 2}')
+    assert main(["generate", str(ckpt), "--bits-map", str(bits_map), "--prompt", "fox", "--max-new-tokens", "2"]) == 0
+    assert "5.00 average bits" in capsys.readouterr().out
     assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "dog", "--max-new-tokens", "2"]) == 0
     assert "full precision" in capsys.readouterr().out
     assert main(["generate", str(ckpt), "--model", str(tiny_model_dir), "--prompt", "x"]) == 1
