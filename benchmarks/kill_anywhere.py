@@ -258,6 +258,9 @@ def main(argv=None) -> int:
         shutil.rmtree(base, ignore_errors=True)
         base.mkdir(parents=True)
         ref, t_ref = reference(name, env, base)
+        # timed once more (the first run of a command also pays one-off costs; the machine may be shared):
+        # kill moments are drawn over the faster of the two
+        t_ref = min(t_ref, run(command(name, env, base / "ref2"), base / "ref2.log")[1])
         for k in range(a.kills):
             r = trial(name, env, base / f"k{k:02d}", rng.uniform(0, 1.2 * t_ref), ref)
             r["ref_s"] = round(t_ref, 1)
