@@ -13,8 +13,9 @@ to the reference, store lines all readable except at most a torn last one); then
 completion and its outputs must equal the uninterrupted run's (checkpoint bytes; bits map and KL; every store
 result, nothing lost from before the kill).
 
-Each run is a separate process forked from this one after `import matquant.cli` (the torch/transformers import is
-paid once, so the kill moments fall in the work, not the import), with 1 thread; SIGKILL is delivered with os.kill.
+Each run is a separate process forked by a multiprocessing forkserver that imported `matquant.cli` once (the
+torch/transformers import is paid once, so the kill moments fall in the work, not the import), with 1 thread;
+SIGKILL is delivered with os.kill.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/kill_anywhere.py --kills 20 --out /work/artifacts/kill
 """
@@ -131,16 +132,32 @@ def _child(argv: list[str], log: str) -> None:
     os._exit(rc)
 
 
+_CTX = None
+HANG_S = 600  # a run that takes longer is reported as hung (and killed)
+
+
+def _context():
+    """A forkserver: a single-threaded server process that imported matquant.cli once and forks every run (forking
+    this process itself, after tokenizers/torch started threads, can deadlock a child on an inherited lock)."""
+    global _CTX
+    if _CTX is None:
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(["torch", "matquant.cli"])
+    return _CTX
+
+
 def run(argv: list[str], log: Path, kill_after: float | None = None) -> tuple[int | None, float, bool]:
-    """(exit code or None if killed, seconds, killed)."""
-    p = mp.get_context("fork").Process(target=_child, args=(argv, str(log)))
+    """(exit code or None if killed, seconds, killed); a run still going after HANG_S is killed, exit code -1."""
+    p = _context().Process(target=_child, args=(argv, str(log)))
     t0 = time.time()
     p.start()
-    p.join(kill_after)
+    p.join(HANG_S if kill_after is None else kill_after)
     killed = p.is_alive()
     if killed:
         os.kill(p.pid, signal.SIGKILL)
         p.join()
+    if killed and kill_after is None:
+        return -1, time.time() - t0, False
     return (None if killed else p.exitcode), time.time() - t0, killed
 
 
