@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from matquant.algorithms.blocks import BlockContext, run_blockwise
 from matquant.models.targets import linear_weight

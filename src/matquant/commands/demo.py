@@ -1,7 +1,6 @@
 """matquant demo: the whole story on the embedded SmolLM2-135M in a few minutes on a laptop CPU."""
 from __future__ import annotations
 
-import json
 import resource
 import time
 from pathlib import Path
