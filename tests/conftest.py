@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+
+# Triton reads TRITON_INTERPRET when it is first imported, and libraries imported by earlier test modules
+# (transformers, compressed-tensors, torch's inductor) may import it: set it before anything else, so the Triton
+# kernel tests run under the interpreter on CPU whatever the test order (a GPU run sets TRITON_INTERPRET=0).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import _tiny
 import pytest
