@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from matquant.integrations import gguf_blocks as gb
 from matquant.integrations.export_slices import ExportError, SliceTensor, check_out_path, model_slices, plain_tensors
