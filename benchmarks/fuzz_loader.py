@@ -343,7 +343,8 @@ def _logits_finite(model) -> bool:
     import torch
 
     with torch.no_grad():
-        return bool(torch.isfinite(model(torch.tensor([[1, 5, 9, 2]])).logits).all())
+        out = model(torch.tensor([[1, 5, 9, 2]]))
+        return bool(torch.isfinite(out[0] if isinstance(out, tuple) else out.logits).all())  # return_dict: false
 
 
 def _classify(fn, hf: bool):

@@ -224,6 +224,8 @@ def test_non_regular_weights_file_is_refused(ckpt, tmp_path):
     (lambda c: c.update(intermediate_size=-64), "at least 1"),
     # loaded fine, then the first forward raised TypeError inside transformers
     (lambda c: c.update(output_hidden_states="0b0"), "output_hidden_states is str"),
+    # the long fuzz run (seed 10, #8948, #7993): loaded fine and gave NaN logits
+    (lambda c: c.update(rms_norm_eps=float("nan")), "rms_norm_eps is nan"),
 ])
 def test_fuzz_found_config_crashes_are_checkpoint_errors(ckpt, loader, edit, match):
     d, _ = ckpt

@@ -124,6 +124,8 @@ def check_config_types(cfg: dict, defaults: dict, path: Path | str = CONFIG_NAME
     expected is fine; null is always allowed; token ids may be lists): a string where transformers expects a bool
     would otherwise load and fail later, inside the first forward pass."""
     for k, v in cfg.items():
+        if isinstance(v, float) and not math.isfinite(v):  # rms_norm_eps: NaN loaded fine and gave NaN logits
+            raise CheckpointError(f"{path}: {k} is {v}; a model config holds finite numbers only (corrupt file).")
         d = defaults.get(k)
         if v is None or d is None or k.endswith("token_id") or k == "quantization_config":
             continue
