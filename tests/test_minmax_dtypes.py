@@ -120,3 +120,18 @@ def test_checkpoint_with_constant_groups_round_trips(tmp_path, tiny_tokenizer, d
             y = loaded(x).logits
         assert torch.isfinite(y).all()
         assert torch.equal(y, model(x).logits)
+
+
+def test_training_routes_store_finite_params_for_degenerate_groups():
+    """QAT's learnable scales and OmniQuant's LWC finalize floor α/z for the stored dtype (was clamp_min(1e-8): 0 in fp16)."""
+    from matquant.algorithms.training.fake_quant import FakeQuantLinear
+
+    w = torch.randn(4, 64) * 0.02
+    w[0] = 0.3  # a constant non-zero row: one group with hi == lo
+    lin = FakeQuantLinear(w, None, 64, 8, False, torch.float16, "learnable", "nested")
+    with torch.no_grad():
+        lin.scale[0] = 1e-9  # what an optimizer step can do to a learnable scale
+    qw = lin.final()
+    assert torch.isfinite(qw.scales).all() and (qw.scales > 0).all() and torch.isfinite(qw.zeros).all()
+    s, z = lin.qparams()
+    assert torch.isfinite(s).all() and (s > 0).all() and torch.isfinite(z).all()

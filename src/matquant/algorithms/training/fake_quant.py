@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from matquant.quant.minmax import QuantizedWeight, grouped, minmax_params, quantize_codes, quantize_minmax
+from matquant.quant.minmax import (QuantizedWeight, grouped, minmax_params, param_limits, quantize_codes,
+                                  quantize_minmax)
 from matquant.quant.rounding import round_half_up
 from matquant.quant.ste import fake_quant_ste
 
@@ -82,9 +83,11 @@ class FakeQuantLinear(nn.Module):
                     self._qp = (s.to(self.param_dtype).float(), z.to(self.param_dtype).float())
                 self._qp_key = key
             return self._qp
-        s = self.scale.clamp_min(1e-8)
+        tiny, zmax = param_limits(self.param_dtype)  # a floor that survives storage (1e-8 is 0 in fp16)
+        s = self.scale.clamp_min(tiny)
         s = s + (s.to(self.param_dtype).float() - s).detach()  # storage-dtype rounding, straight-through
-        z = self.zero + (self.zero.to(self.param_dtype).float() - self.zero).detach()
+        z = self.zero.clamp(-zmax, zmax)
+        z = z + (z.to(self.param_dtype).float() - z).detach()
         return s, z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,8 +102,9 @@ class FakeQuantLinear(nn.Module):
         w = self.weight.detach().float().cpu()
         if self.mode == "minmax":
             return quantize_minmax(w, self.master_bits, self.group_size, self.symmetric, self.param_dtype)
-        s = self.scale.detach().clamp_min(1e-8).to(self.param_dtype).cpu()
-        z = self.zero.detach().to(self.param_dtype).cpu()
+        tiny, zmax = param_limits(self.param_dtype)
+        s = self.scale.detach().clamp_min(tiny).to(self.param_dtype).cpu()
+        z = self.zero.detach().clamp(-zmax, zmax).to(self.param_dtype).cpu()
         return QuantizedWeight(codes=quantize_codes(w, s, z, self.master_bits), scales=s, zeros=z,
                                bits=self.master_bits, group_size=self.group_size)
 

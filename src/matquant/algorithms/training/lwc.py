@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 from matquant.models.targets import linear_weight
-from matquant.quant.minmax import QuantizedWeight, grouped, quantize_codes, resolve_group_size
+from matquant.quant.minmax import QuantizedWeight, grouped, param_limits, quantize_codes, resolve_group_size
 from matquant.quant.ste import fake_quant_ste
 
 LWC_INIT = 4.0  # sigmoid(4) = 0.982, OmniQuant's initial clipping factor
@@ -97,7 +97,8 @@ class BlockQuant(nn.Module):
         qws = {}
         for t in self.targets:
             scale, zero = self.qparams(t, w[t])
-            scale, zero = scale.to(param_dtype), zero.to(param_dtype)
+            tiny, zmax = param_limits(param_dtype)  # the training floor (1e-8) is 0 once stored in fp16
+            scale, zero = scale.clamp_min(tiny).to(param_dtype), zero.clamp(-zmax, zmax).to(param_dtype)
             qws[t] = QuantizedWeight(quantize_codes(w[t], scale, zero, self.c), scale, zero, self.c, self.gs[t])
         fp = {k: v.clone() for k, v in over.items()}
         for n, wt in w.items():
