@@ -182,3 +182,12 @@ def test_save_failure_keeps_previous_checkpoint(ckpt, monkeypatch, tiny_tokenize
         save_checkpoint(model, tiny_tokenizer, d, q, overwrite=True)
     assert (d / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in d.parent.iterdir()) == ["ckpt"]
+
+
+def test_two_saves_of_one_model_are_byte_identical(ckpt, tmp_path, tiny_tokenizer):
+    """Reruns (kill-anywhere, experiment grids) are compared byte for byte: nothing in a save may depend on hash order."""
+    d, model = ckpt
+    loaded, _, q = load_checkpoint(d)
+    for i in range(3):
+        save_checkpoint(loaded, tiny_tokenizer, tmp_path / f"again{i}", q)
+        assert (tmp_path / f"again{i}" / "model.safetensors").read_bytes() == (d / "model.safetensors").read_bytes()

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from matquant.format import validate as V
 from matquant.format.atomic import atomic_dir
-from matquant.format.config import FORMAT_VERSION, CheckpointError, QuantConfig
+from matquant.format.config import CheckpointError, QuantConfig
 from matquant.nn.bits import set_bits
 from matquant.nn.linear import MatQuantLinear
 from matquant.nn.replace import set_submodule
@@ -56,8 +56,9 @@ def save_checkpoint(model, tokenizer, out_dir, qconfig: QuantConfig, overwrite: 
         cfg["quantization_config"] = qconfig.to_dict()
         cfg.pop("_name_or_path", None)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
-        save_file(_dedup_state_dict(model), str(tmp / WEIGHTS_NAME),
-                  metadata={"format": "pt", "matquant_format_version": str(FORMAT_VERSION)})
+        # one metadata key: safetensors writes several in hash order, so two identical saves differed in their bytes
+        # (the format version lives in config.json's quantization_config)
+        save_file(_dedup_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
