@@ -39,6 +39,15 @@ def mode_list(s: str) -> list[str]:
     return modes
 
 
+def add_slice_args(p: argparse.ArgumentParser, checkpoint_help: str = "matquant checkpoint folder") -> None:
+    """The checkpoint and which slice of it: --bits R or --bits-map FILE (one required), --slicing."""
+    p.add_argument("checkpoint", help=checkpoint_help)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--bits", type=int, help="precision, e.g. 4")
+    g.add_argument("--bits-map", metavar="JSON", help="per-layer bits map (Mix'n'Match)")
+    p.add_argument("--slicing", choices=SLICING_MODES, default=None, help="slicing mode (default: the checkpoint's)")
+
+
 def add_eval_args(p: argparse.ArgumentParser, windows_default: int | None = 16) -> None:
     g = p.add_argument_group("perplexity evaluation")
     g.add_argument("--eval-text", default="eval", metavar="SRC",

@@ -2,8 +2,7 @@
 compressed-tensors (vLLM), exactly where the format can hold it. See docs/export.md."""
 from __future__ import annotations
 
-from matquant.commands.common import load_bits_map
-from matquant.quant.slicing import SLICING_MODES
+from matquant.commands.common import add_slice_args, load_bits_map
 
 FORMATS = ("gguf", "compressed-tensors")
 
@@ -15,13 +14,9 @@ def register(sub) -> None:
                                    "GGML types, built on a template GGUF of the same model) or compressed-tensors "
                                    "(pack-quantized folder as llm-compressor writes it). Exact where the format can "
                                    "hold the slice, nearest otherwise; the weight error is reported. docs/export.md.")
-    p.add_argument("checkpoint", help="matquant checkpoint folder (with its tokenizer)")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--bits", type=int, help="precision to export, e.g. 4")
-    g.add_argument("--bits-map", metavar="JSON", help="per-layer bits map to export (Mix'n'Match)")
+    add_slice_args(p, "matquant checkpoint folder (with its tokenizer)")
     p.add_argument("--format", required=True, choices=FORMATS, help="output format")
     p.add_argument("--out", required=True, help="output .gguf file (gguf) or folder (compressed-tensors)")
-    p.add_argument("--slicing", choices=SLICING_MODES, default=None, help="slicing mode (default: the checkpoint's)")
     p.add_argument("--template", metavar="GGUF", default=None,
                    help="gguf: GGUF of the same model supplying metadata, tokenizer and the non-quantized tensors "
                         "(default: the embedded SmolLM2-135M's shipped GGUF)")

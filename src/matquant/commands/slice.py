@@ -1,19 +1,14 @@
 """matquant slice: export one precision of a checkpoint as a plain transformers model folder."""
 from __future__ import annotations
 
-from matquant.commands.common import load_bits_map
-from matquant.quant.slicing import SLICING_MODES
+from matquant.commands.common import add_slice_args, load_bits_map
 
 
 def register(sub) -> None:
     p = sub.add_parser("slice", help="export one precision as a standalone (dequantized) HF model",
                        description="Write the r-bit slice (or a per-layer bits map) of a checkpoint as a plain HF "
                                    "model folder that stock transformers loads (weights dequantized to --dtype).")
-    p.add_argument("checkpoint", help="matquant checkpoint folder")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--bits", type=int, help="precision to export, e.g. 4")
-    g.add_argument("--bits-map", metavar="JSON", help="per-layer bits map to export")
-    p.add_argument("--slicing", choices=SLICING_MODES, default=None, help="slicing mode (default: the checkpoint's)")
+    add_slice_args(p)
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true")

@@ -32,6 +32,22 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
         raise
 
 
+@contextmanager
+def atomic_file(path: str | os.PathLike):
+    """Yield a temporary sibling file of `path`; on success it is renamed onto `path`, on any failure removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

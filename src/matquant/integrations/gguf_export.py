@@ -17,12 +17,12 @@ load (llama); we permute our codes and per-row constants the same way (rows only
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from matquant.format.atomic import atomic_file
 from matquant.integrations import gguf_blocks as gb
 from matquant.integrations.export_slices import ExportError, SliceTensor, check_out_path, model_slices, plain_tensors
 
@@ -226,28 +226,6 @@ def _close_to_template(tpl: np.ndarray, ours: np.ndarray) -> bool:
     return float(np.abs(tpl.astype(np.float32) - ours).max()) <= 1e-3 * scale
 
 
-class _AtomicFile:
-    """A temporary sibling of `out` renamed onto it on success (removed on any failure)."""
-
-    def __init__(self, out: Path, overwrite: bool):
-        self.out = check_out_path(out, overwrite)
-
-    def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            os.chmod(self.tmp, 0o644)
-            os.replace(self.tmp, self.out)
-        else:
-            self.tmp.unlink(missing_ok=True)
-        return False
-
-
 def export_gguf(model, tokenizer, out, template=None, k_quants: bool = False, overwrite: bool = False,
                 metadata: dict | None = None, dense: str | None = None) -> GGUFExportReport:
     """Write the model's current slice (per-module bits) as one GGUF file built on `template`.
@@ -297,7 +275,7 @@ def export_gguf(model, tokenizer, out, template=None, k_quants: bool = False, ov
 
     report = GGUFExportReport(Path(out))
     types_used: dict[str, int] = {}
-    with _AtomicFile(Path(out), overwrite) as tmp:
+    with atomic_file(check_out_path(Path(out), overwrite)) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
         for f in reader.fields.values():
             if f.name.startswith("GGUF.") or f.name in ("general.architecture", "general.file_type"):
