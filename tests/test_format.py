@@ -191,3 +191,22 @@ def test_two_saves_of_one_model_are_byte_identical(ckpt, tmp_path, tiny_tokenize
     for i in range(3):
         save_checkpoint(loaded, tiny_tokenizer, tmp_path / f"again{i}", q)
         assert (tmp_path / f"again{i}" / "model.safetensors").read_bytes() == (d / "model.safetensors").read_bytes()
+
+
+def test_gpt2_conv1d_checkpoint_loads_through_from_pretrained(tmp_path):
+    """GPT-2's _init_weights reaches into c_proj.weight of every block; a quantized c_proj has none."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=320, n_positions=64,
+                                       bos_token_id=0, eos_token_id=0)).eval()
+    qc = quantize_model(model, "rtn", group_size=32, scope="ffn+attn", progress=False)
+    x = torch.randint(0, 320, (1, 12))
+    with torch.no_grad():
+        ref = model(x).logits
+    save_checkpoint(model, None, tmp_path / "ck", qc)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ck").eval()
+    loaded, _ = matquant.load(tmp_path / "ck", backend="torch")
+    with torch.no_grad():
+        assert torch.equal(hf(x).logits, ref)
+        assert torch.equal(loaded(x).logits, ref)

@@ -77,6 +77,7 @@ class MatQuantHfQuantizer(HfQuantizer):
                                   f"{V.WEIGHTS_NAME}.")
         qconfig = self.quantization_config.qconfig
         replace_skeleton(model, qconfig, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
+        _skip_parent_init(model)
         # every tensor checked exactly as `matquant.load` checks it, before transformers reads any of them
         V.validate_tensors(checkpoint_files, model, qconfig, tied_keys(model))
         return model
@@ -119,3 +120,22 @@ def _register():
 
 
 _register()
+
+
+def _skip_parent_init(model) -> None:
+    """Keep transformers' weight init away from the parents of quantized layers.
+
+    Some architectures' `_init_weights` reach into a child's `.weight` from the parent (GPT-2:
+    ``init.normal_(module.c_proj.weight)`` on every attention/MLP block), which a MatQuantLinear does not have.
+    Every tensor of a matquant checkpoint is loaded from the file, so such a parent has nothing left to initialise
+    when it holds no parameter or buffer of its own: it is marked initialised. A parent that does hold its own
+    tensors is left to transformers (its init would then fail loudly, not silently).
+    """
+    from matquant.nn.linear import MatQuantLinear
+
+    for module in model.modules():
+        if any(isinstance(c, MatQuantLinear) for c in module.children()) and \
+                not any(True for _ in module.parameters(recurse=False)) and \
+                not any(True for _ in module.buffers(recurse=False)):
+            module._is_hf_initialized = True
+
