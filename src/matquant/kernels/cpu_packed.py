@@ -24,9 +24,26 @@ Constraints of the kernel (a layer outside them is declined: the dispatcher fall
 out_features % 16 == 0; group size a multiple of 32 (32/64/128/256 run directly; a larger multiple such as a
 per-channel group of 576 runs as groups of the largest of 256/128/64/32 dividing it, scales repeated); slicing
 ``paper`` or ``nested`` (``extra`` has 2^r + 1 levels: no r-bit code); CPU tensors; activations fp32/bf16/fp16.
+
+Fast switching (``nested`` only): the master held as two packed planes (`MasterPlanes`). With the c-bit master
+code left-aligned to 8 bits, Q = q << (8 − c), the nested r-bit code is q_r = Q >> (8 − r): the top r bits of Q.
+Planes hi = pack(Q >> 4) and lo = pack(Q & 15) cost the 8 bits per weight of the uint8 master codes, and every
+nested slice is cut from them with at most one bitwise AND over one plane (torch's CPU packing only permutes raw
+nibbles, so pack(v) & m = pack(v & m) for a nibble mask m repeated in both halves of a byte; `planes_supported`
+checks this once on this build):
+
+- r ≤ 4   one plane hi & m_r (m_r = the top r bits of a nibble) holding v = q_r·2^(4−r): scale = A·2^(r−4),
+          zero = B + 8·scale (the weight at v = 8, inside the group's range; r = 4: hi itself, no copy).
+- r = 5–8 hi (shared, no copy) with scale A·2^(r−4) and lo & m_(r−4) (r = 8: lo itself) with scale A·2^(r−8);
+          the lo plane's zero absorbs the bf16 rounding of the hi zero, as above.
+
+For r = 4 and r = 8 these are byte for byte the layouts described above. ``paper`` slices round (a carry can
+reach the top bits) and are no bit prefix: they are re-packed from the codes (unpacked from the planes if the
+master is held that way), which costs ~3–6 ms per layer.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -130,6 +147,13 @@ def pack_slice(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, m
         w = torch.addcmul(b.unsqueeze(-1), qf, a.unsqueeze(-1)).reshape(n, k).to(ACT_DTYPE)
         return PackedSlice(bits, mode, n, k, group_size, dense=w)
     g = kernel_group(group_size)
+    if mode == "nested" or bits >= master_bits:  # the planes layout: same bytes as a switch from MasterPlanes
+        top = _left_aligned(codes, master_bits)
+        if bits <= 4:
+            planes = [_pack4((top >> 4) & _nibble_mask(bits))]
+        else:
+            planes = [_pack4(top >> 4), _pack4(top & 15 & _nibble_mask(bits - 4))]
+        return PackedSlice(bits, mode, n, k, g, parts=list(zip(planes, _nested_tables(a, b, bits, group_size, g))))
     q = q.to(torch.int32)
     if bits <= 4:  # codes centred on the kernel's 8: zero = the group's mid-range value, small in bf16
         h = 2 ** (bits - 1)
@@ -141,6 +165,126 @@ def pack_slice(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, m
         parts = [(_pack4((q >> 4) + (8 - h)), _scales_zeros(16 * a, z_hi, group_size, g)),
                  (_pack4(q & 15), _scales_zeros(a, z_lo, group_size, g))]
     return PackedSlice(bits, mode, n, k, g, parts=parts)
+
+
+def _nibble_mask(r: int) -> int:
+    """The top r bits of a nibble (r = 0..4)."""
+    return (0xF0 >> r) & 0xF
+
+
+def _left_aligned(codes: torch.Tensor, master_bits: int) -> torch.Tensor:
+    """Q = q << (8 − c) as uint8: the nested r-bit code is Q >> (8 − r)."""
+    return codes.to(torch.uint8) << (8 - master_bits)
+
+
+def _nested_tables(a: torch.Tensor, b: torch.Tensor, bits: int, group_size: int, group: int) -> list[torch.Tensor]:
+    """bf16 (scale, zero) tables of the planes layout, from the slice's W = q_r·A + B (see module doc)."""
+    if bits <= 4:
+        scale = a * 2.0 ** (bits - 4)
+        return [_scales_zeros(scale, b + 8 * scale, group_size, group)]
+    s_hi, s_lo = a * 2.0 ** (bits - 4), a * 2.0 ** (bits - 8)
+    z_hi = (b + 8 * s_hi).to(ACT_DTYPE).float()
+    z_lo = 8 * s_lo + (b + 8 * s_hi - z_hi)  # the lo plane's zero absorbs the hi zero's bf16 rounding
+    return [_scales_zeros(s_hi, z_hi, group_size, group), _scales_zeros(s_lo, z_lo, group_size, group)]
+
+
+@dataclass
+class MasterPlanes:
+    """The c-bit master codes of one layer held as packed planes: hi = pack(Q >> 4), lo = pack(Q & 15) with
+    Q = q << (8 − c) (lo is None for c ≤ 4). 8 bits per weight, like the uint8 codes they replace."""
+
+    master_bits: int
+    out_features: int
+    in_features: int
+    hi: torch.Tensor
+    lo: torch.Tensor | None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.hi] if self.lo is None else [self.hi, self.lo]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def pack_master(codes: torch.Tensor, master_bits: int) -> MasterPlanes:
+    """MasterPlanes of uint8 master codes [out, in] (the layer must pass `layer_reason`)."""
+    top = _left_aligned(codes, master_bits)
+    n, k = codes.shape
+    return MasterPlanes(master_bits, n, k, _pack4(top >> 4), _pack4(top & 15) if master_bits > 4 else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _nibble_sources(n: int, k: int) -> torch.Tensor:
+    """For each nibble of a packed [n, k] plane (byte i: low nibble 2i, high nibble 2i + 1), the flat index
+    row·k + col of the code it holds: found by packing the index's hex digits (no knowledge of the layout needed)."""
+    idx = torch.arange(n * k, dtype=torch.int32).view(n, k)
+    src = torch.zeros(n * k, dtype=torch.int64)
+    for d in range(0, max(1, (n * k - 1).bit_length()), 4):
+        p = _pack4((idx >> d) & 15)
+        src |= torch.stack([p & 15, p >> 4], dim=-1).flatten().to(torch.int64) << d
+    return src
+
+
+def _unpack4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    nib = torch.stack([packed & 15, packed >> 4], dim=-1).flatten()
+    out = torch.empty(n * k, dtype=torch.uint8)
+    out[_nibble_sources(n, k)] = nib
+    return out.view(n, k)
+
+
+def unpack_master(planes: MasterPlanes) -> torch.Tensor:
+    """The uint8 master codes [out, in] back from MasterPlanes (exact; for saving, other backends, paper slices)."""
+    n, k, c = planes.out_features, planes.in_features, planes.master_bits
+    top = _unpack4(planes.hi, n, k) << 4
+    if planes.lo is not None:
+        top |= _unpack4(planes.lo, n, k)
+    _nibble_sources.cache_clear()  # index tables are 8 bytes per weight: not kept
+    return top >> (8 - c)
+
+
+def nested_slice(planes: MasterPlanes, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                 group_size: int) -> PackedSlice:
+    """The nested r-bit slice cut from MasterPlanes: at most one AND over one plane (see module doc). Equals
+    `pack_slice(codes, ..., bits, 'nested')` byte for byte; r = 4 and r = master bits share the planes' storage."""
+    c, n, k = planes.master_bits, planes.out_features, planes.in_features
+    if not 1 <= bits <= c:
+        raise ValueError(f"cannot cut int{bits} out of {c}-bit master codes: need 1 <= bits <= {c}.")
+    g = kernel_group(group_size)
+    a, b = slice_params(scales, zeros, c, bits, "nested")
+    if bits <= 4:
+        m = _nibble_mask(bits)
+        hi = planes.hi if m == 15 else planes.hi & (m << 4 | m)
+        parts = [hi]
+    else:
+        m = _nibble_mask(bits - 4)
+        parts = [planes.hi, planes.lo if m == 15 else planes.lo & (m << 4 | m)]
+    return PackedSlice(bits, "nested" if bits < c else "paper", n, k, g,
+                       parts=list(zip(parts, _nested_tables(a, b, bits, group_size, g))))
+
+
+@functools.lru_cache(maxsize=1)
+def planes_supported() -> bool:
+    """Whether this build's packing stores raw nibbles so that pack(v) & m == pack(v & m) and unpacking by
+    `_nibble_sources` inverts it (checked once on small shapes, full and partial blocks)."""
+    if not available():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for n, k in ((48, 64), (80, 32), (128, 96)):
+            q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
+            p = _pack4(q)
+            if not torch.equal(_unpack4(p, n, k), q.to(torch.uint8)):
+                return False
+            for r in range(1, 4):
+                m = _nibble_mask(r)
+                if not torch.equal(p & (m << 4 | m), _pack4(q & m)):
+                    return False
+    except RuntimeError:
+        return False
+    finally:
+        _nibble_sources.cache_clear()
+    return True
 
 
 def linear(x: torch.Tensor, ps: PackedSlice, bias: torch.Tensor | None = None) -> torch.Tensor:
