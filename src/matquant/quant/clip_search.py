@@ -1,0 +1,174 @@
+"""Importance-weighted, MatQuant-aware clipping search for the master's group parameters (α, z).
+
+MinMax sets each group's range to [min, max]. Here the range is [a·min, b·max] with per-group factors (a, b)
+(symmetric: b·absmax) chosen to minimise the multi-slice error of the group's codes
+
+    E(a, b) = Σ_r λ_r · Σ_i h_i (w_i − ŵ_{i,r})²,   ŵ_{i,r} = α·(S_r(q_i) − z)
+
+over the served slices r (S_r: the slicing mode's value in master units, `quant.slicing.slice_master`), with
+q_i = clamp(floor(w_i/α + z + ½), 0, 2^c − 1) (round-half-up, as everywhere) or a caller's code choice (MatGPTQ's
+multi-slice argmin), α and z floored by `minmax.affine_params` / `symmetric_scale` and rounded to the storage dtype
+first (so the search scores the parameters that are saved). h is a per-input-column importance: ones (data-free,
+"mse") or diag(XᵀX) of the calibration inputs ("weighted").
+
+Per weight, with u = w/α + z, d = u − q and o_r(q) = q − S_r(q): Σ_r λ_r (u − S_r(q))² = Λd² + 2d·C_q + D_q,
+C_q = Σ λ_r o_r(q), D_q = Σ λ_r o_r(q)², Λ = Σ λ_r. The tables depend only on (c, R, λ, mode), so one candidate
+costs a dozen element-wise operations per weight whatever the number of slices, and the centred form keeps float32
+exact enough (no u² − 2uS cancellation).
+
+Search (vectorised over every group of the matrix): MinMax (a = b = 1) is the starting point, then a joint factor
+t on both ends over `GRID`, then a over `GRID` with b fixed, then b with a fixed, then a ±`REFINE` local step on
+both. A group moves off its current best only for a strictly smaller error (relative margin 1e-6), so the result
+is never worse than MinMax on this objective and ties keep MinMax's parameters exactly.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from matquant.quant.minmax import affine_params, check_bits, grouped, resolve_group_size, symmetric_scale
+from matquant.quant.rounding import round_half_up
+from matquant.quant.slicing import DEFAULT_SLICING, check_slicing, slice_master
+
+CLIP_MODES = ("minmax", "mse", "weighted")  # MinMax; search with h = 1; search with h = diag(XᵀX)
+DEFAULT_CLIP = "minmax"
+# Slices a MatQuant checkpoint serves when the method has no R of its own (RTN, GPTQ), and their weights.
+DEFAULT_SERVED = (8, 6, 4, 3, 2)
+GRID = (1.1, 1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)  # factors on an end of the MinMax range
+REFINE = 0.025
+_MARGIN = 1e-6
+
+CodesFn = Callable[[torch.Tensor], torch.Tensor]  # u (master code units) -> integer codes 0..2^c-1
+
+
+def check_clip(clip: str) -> str:
+    if clip not in CLIP_MODES:
+        raise ValueError(f"unknown clip {clip!r}; choose one of {', '.join(CLIP_MODES)} (minmax: MinMax range; mse: "
+                         "searched range, data-free; weighted: searched range weighted by calibration activations).")
+    return clip
+
+
+def served_slices(master_bits: int, slices=None, lambdas=None) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """(R, λ): `slices` (default DEFAULT_SERVED cut to the master, plus the master) and `lambdas` (default all 1)."""
+    check_bits(master_bits, "master bits")
+    if slices is None:
+        slices = (master_bits,) + tuple(b for b in DEFAULT_SERVED if b < master_bits)
+    bits = tuple(int(b) for b in slices)
+    for b in bits:
+        check_bits(b, "slice bits")
+        if b > master_bits:
+            raise ValueError(f"clip search: slice int{b} exceeds the int{master_bits} master.")
+    lam = (1.0,) * len(bits) if lambdas is None else tuple(float(x) for x in lambdas)
+    if len(lam) != len(bits) or any(not (x >= 0) for x in lam) or sum(lam) <= 0:
+        raise ValueError(f"clip search: need one λ >= 0 per slice {list(bits)} with a positive sum, got {list(lam)}.")
+    return bits, lam
+
+
+@lru_cache(maxsize=64)
+def _tables(c: int, bits: tuple, lam: tuple, mode: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    q = torch.arange(2**c)
+    off = torch.stack([q.double() - slice_master(q, c, r, mode).double() for r in bits])  # [R, 2^c]
+    lt = torch.tensor(lam, dtype=torch.float64)[:, None]
+    return (lt * off).sum(0).float(), (lt * off * off).sum(0).float(), float(sum(lam))
+
+
+def multislice_error(g: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, c: int, tables,
+                     codes_fn: CodesFn | None = None) -> torch.Tensor:
+    """Σ_i h_i Σ_r λ_r (w_i − ŵ_{i,r})² per group: g [out, n_g, G], h [n_g, G], scale/zero [out, n_g] (float32)."""
+    C, D, lam = tables
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    u = (g / s).add_(z)
+    q = round_half_up(u).clamp_(0, 2**c - 1) if codes_fn is None else codes_fn(u).to(u.dtype)
+    qi = q.long()
+    d = u.sub_(q)  # u is not needed any more
+    e = (d * lam).add_(C[qi], alpha=2).mul_(d).add_(D[qi]).mul_(h)
+    return e.sum(-1) * (scale * scale)
+
+
+@dataclass
+class ClipResult:
+    scale: torch.Tensor  # [out, n_groups] float32, exactly representable in param_dtype
+    zero: torch.Tensor  # [out, n_groups] float32, exactly representable in param_dtype
+    lo_factor: torch.Tensor  # a: the range's low end is a·min (1 for symmetric)
+    hi_factor: torch.Tensor  # b: the high end is b·max (symmetric: b·absmax)
+    error: torch.Tensor  # the searched objective per group
+    minmax_error: torch.Tensor  # the objective of the MinMax parameters per group (>= error)
+
+
+def _params(g_lo, g_hi, a, b, c, symmetric, pdtype):
+    if symmetric:
+        s = symmetric_scale(b * g_hi, c, pdtype)
+        z = torch.full_like(s, float(2 ** (c - 1)))
+    else:
+        s, z = affine_params(a * g_lo, b * g_hi, c, pdtype)
+    return s.to(pdtype).float(), z.to(pdtype).float()
+
+
+@torch.no_grad()
+def clip_search(w: torch.Tensor, h: torch.Tensor | None = None, *, bits: int, group_size: int | None,
+                symmetric: bool = False, slicing: str = DEFAULT_SLICING, slices=None, lambdas=None,
+                param_dtype: torch.dtype = torch.float16, codes_fn: CodesFn | None = None, grid=GRID,
+                refine: float = REFINE) -> ClipResult:
+    """Per-group (α, z) of a [out, in] weight minimising the λ-weighted, h-weighted multi-slice error (see module)."""
+    check_bits(bits)
+    check_slicing(slicing)
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN or Inf values; cannot quantize. Check the source model.")
+    gs = resolve_group_size(w.shape[1], group_size)
+    R, lam = served_slices(bits, slices, lambdas)
+    tables = tuple(t.to(w.device) if torch.is_tensor(t) else t for t in _tables(bits, R, lam, slicing))
+    g = grouped(w.detach().float(), gs)
+    if h is None:
+        hg = torch.ones(g.shape[1:], device=w.device)
+    else:
+        h = h.detach().float().to(w.device).reshape(-1)
+        if h.numel() != w.shape[1] or not torch.isfinite(h).all() or (h < 0).any():
+            raise ValueError(f"importance h must be {w.shape[1]} finite non-negative values (one per input column), "
+                             f"got {h.numel()} values.")
+        hg = h.reshape(g.shape[1], gs)
+    g_lo, g_hi = (None, g.abs().amax(-1)) if symmetric else (g.amin(-1), g.amax(-1))
+    one = torch.ones_like(g_hi)
+    a, b = one.clone(), one.clone()
+    s, z = _params(g_lo, g_hi, a, b, bits, symmetric, param_dtype)
+    err = multislice_error(g, hg, s, z, bits, tables, codes_fn).nan_to_num(float("inf"))
+    mm_err = err.clone()
+
+    def consider(ca, cb):
+        nonlocal s, z, err, a, b
+        ca = ca.expand_as(one) if torch.is_tensor(ca) else one * ca
+        cb = cb.expand_as(one) if torch.is_tensor(cb) else one * cb
+        cs, cz = _params(g_lo, g_hi, ca, cb, bits, symmetric, param_dtype)
+        e = multislice_error(g, hg, cs, cz, bits, tables, codes_fn).nan_to_num(float("inf"))
+        better = e < err * (1 - _MARGIN)
+        s, z, err = torch.where(better, cs, s), torch.where(better, cz, z), torch.where(better, e, err)
+        a, b = torch.where(better, ca, a), torch.where(better, cb, b)
+
+    for t in grid:  # one factor on both ends (symmetric: the only one)
+        consider(t, t)
+    if not symmetric:
+        b0 = b.clone()
+        for t in grid:  # the low end, the high end at its best joint factor
+            consider(t, b0)
+        a1 = a.clone()
+        for t in grid:  # the high end, the low end at its best
+            consider(a1, t)
+    steps = (-refine, 0.0, refine) if not symmetric else (0.0,)
+    ar, br = a.clone(), b.clone()
+    for da in steps:
+        for db in (-refine, 0.0, refine):
+            if da or db:
+                consider((ar + da).clamp_min(0.05), (br + db).clamp_min(0.05))
+    if symmetric:
+        for db in (-refine / 2, refine / 2):
+            bb = b.clone()
+            consider(a, (bb + db).clamp_min(0.05))
+    return ClipResult(scale=s, zero=z, lo_factor=a, hi_factor=b, error=err, minmax_error=mm_err)
+
+
+__all__ = ["CLIP_MODES", "DEFAULT_CLIP", "DEFAULT_SERVED", "ClipResult", "check_clip", "clip_search",
+           "multislice_error", "served_slices"]
