@@ -1,4 +1,4 @@
-"""The CI slice of benchmarks/fuzz_loader.py: a few hundred mutants of a real tiny checkpoint, every outcome success
+"""The CI slice of benchmarks/fuzz_loader.py: two thousand mutants of a real tiny checkpoint, every outcome success
 or a one-line CheckpointError (the long run's figures are in docs/benchmarks.md)."""
 import importlib.util
 import json
@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+N_INPUTS = 2000  # the issue asks CI for "a few thousand"; ~2-3 min on 2 cores (from_pretrained on every 10th)
 ALLOWED = {"ok", "ok-plain-model", "checkpoint-error", "transformers-config", "cli-error"}
 
 
@@ -42,13 +43,13 @@ def test_mutations_are_reproducible_from_the_seed(tmp_path):
 
 def test_fuzz_slice_has_no_crash(tmp_path):
     out = tmp_path / "summary.json"
-    rc = _fuzz().main(["--inputs", "300", "--seed", "7", "--hf-every", "5", "--eval-every", "0", "--nice", "0",
+    rc = _fuzz().main(["--inputs", str(N_INPUTS), "--seed", "7", "--hf-every", "10", "--eval-every", "0", "--nice", "0",
                        "--work", str(tmp_path / "work"), "--out", str(out)])
     s = json.loads(out.read_text())
-    assert s["inputs"] == 300
+    assert s["inputs"] == N_INPUTS
     assert s["crash_count"] == 0, json.dumps(s["crashes"], indent=1)[:3000]
     assert rc == 0
     for target, outcomes in s["outcomes"].items():
         assert set(outcomes) <= ALLOWED, (target, outcomes)
-    assert s["outcomes"]["load"].get("checkpoint-error", 0) > 100  # the mutants do reach the checks
-    assert s["outcomes"]["load"].get("ok", 0) > 10  # and harmless ones still load
+    assert s["outcomes"]["load"].get("checkpoint-error", 0) > N_INPUTS // 3  # the mutants do reach the checks
+    assert s["outcomes"]["load"].get("ok", 0) > N_INPUTS // 30  # and harmless ones still load
