@@ -1,0 +1,140 @@
+"""Perplexity ÷ fp32 vs bits per weight, every method on one figure (issue 14), from the stored result files.
+
+    python scripts/plot_ppl_vs_bits.py            # writes docs/img/ppl_vs_bits_{smollm2_ffn,smollm2_ffn_attn,qwen}.png
+
+Sources (the same raw files the docs/results.md tables come from; nothing is re-measured):
+- SmolLM2-135M, 6 × 2048 `eval` windows: benchmarks/results/gptq_grid_ffn.json, gptq_grid_ffn_attn.json
+  (RTN / GPTQ / MatGPTQ) and benchmarks/results/omni/*.json (OmniQuant + MatQuant); QAT from
+  benchmarks/results/qat_smollm2_nested.json ÷ qat_smollm2_fp32.json (8 windows; 2 k training tokens).
+- Qwen2.5-Coder-0.5B: benchmarks/results/qwen_tables.jsonl (benchmarks/qwen_tables.py); each row divided by the
+  fp32 perplexity on the same windows; rows on fewer than 6 windows are labelled.
+
+x = effective bits per weight: code bits + the fp16 scale and zero of every group (32 / group size).
+Two panels: all precisions (log y), and a zoom on 3–8.5 bits.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+RES = ROOT / "benchmarks" / "results"
+IMG = ROOT / "docs" / "img"
+
+
+def _gptq_series(path: Path, g: int) -> dict:
+    d = json.loads(path.read_text())
+    fp = next(r["ppl"] for r in d["rows"] if r["config"] == "fp32")
+    names = {"rtn8": "RTN int8 sliced", "gptq8": "GPTQ int8 sliced",
+             "matgptq-w-nested-R8432-L16_4_2_1": "MatGPTQ (default)"}
+    out = defaultdict(list)
+    for r in d["rows"]:
+        c, b, mode = r["config"], r["bits"], r["slicing"]
+        if c == "gptq8" and mode == "any":  # the int8 model is also the dedicated int8 point
+            out["GPTQ dedicated (one model per bit)"].append((b + 32 / g, r["ppl"] / fp))
+        if c in names and mode in ("nested", "any"):
+            out[f"{names[c]}, nested"].append((b + 32 / g, r["ppl"] / fp))
+        elif c in ("rtn8",) and mode == "paper":
+            out["RTN int8 sliced, paper"].append((b + 32 / g, r["ppl"] / fp))
+        elif c.startswith("gptq") and c[4:].isdigit() and c != "gptq8":
+            out["GPTQ dedicated (one model per bit)"].append((b + 32 / g, r["ppl"] / fp))
+    if "RTN int8 sliced, paper" in out:  # int8 is mode-independent ("any")
+        out["RTN int8 sliced, paper"] += [p for p in out["RTN int8 sliced, nested"] if p[0] == 8 + 32 / g]
+    return out, fp
+
+
+def _omni_series(fp: float) -> dict:
+    runs = {"matquant_842_nested": "OmniQuant MatQuant [8,4,2], nested",
+            "matquant_842_paper": "OmniQuant MatQuant [8,4,2], paper",
+            "matquant_842_bal_l001_nested": "OmniQuant MatQuant balanced λ=(.01,.01,1), nested"}
+    out = defaultdict(list)
+    for stem, label in runs.items():
+        d = json.loads((RES / "omni" / f"{stem}.json").read_text())
+        out[label] = [(r["effective_bits"], r["ppl"] / fp) for r in d["rows"]]
+    for b in (8, 6, 4, 3, 2):
+        d = json.loads((RES / "omni" / f"dedicated_int{b}_nested.json").read_text())
+        out["OmniQuant dedicated (one model per bit)"] += [(r["effective_bits"], r["ppl"] / fp) for r in d["rows"]]
+    return out
+
+
+def _qat_series() -> dict:
+    d = json.loads((RES / "qat_smollm2_nested.json").read_text())
+    run = d["runs"]["matquant-nested@8x1x256-lr0.0003"]
+    fp8 = json.loads((RES / "qat_smollm2_fp32.json").read_text())["runs"]["fp32"]["ppl"]["fp32"]  # same 8 windows
+    return {"QAT MatQuant [8,4,2], nested (2 k tokens; 8 windows)":
+            [(int(k.split("/")[0][3:]) + 0.5, v / fp8) for k, v in run["ppl"].items()]}
+
+
+def _qwen_series(path: Path) -> dict:
+    from matquant.experiments.store import ResultStore
+
+    recs = ResultStore(path).records()
+    ref = {r["config"]["eval"]["windows"]: r["result"]["ppl"] for r in recs if r["config"]["quant"] is None}
+    out = defaultdict(list)
+    scope = {"ffn": "FFN", "ffn+attn": "FFN+attn"}
+    for r in recs:
+        c = r["config"]
+        q, w = c["quant"], c["eval"]["windows"]
+        if q is None or w not in ref:
+            continue
+        label = f"{'MatGPTQ (default)' if q['method'] == 'matgptq' else q['method'].upper()}, " \
+                f"{scope.get(q['scope'], q['scope'])} g{q['group_size']}" + ("" if w >= 6 else f" ({w} windows)")
+        out[label].append((r["result"]["effective_bits"], r["result"]["ppl"] / ref[w]))
+    return out
+
+
+def plot(series: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matquant.eval.plot import save_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), dpi=90)
+    markers = "osD^v<>px*h"
+    for i, (name, pts) in enumerate(sorted(series.items())):
+        pts = sorted(set(pts))
+        style = {"marker": markers[i % len(markers)], "label": name, "ms": 4, "lw": 1.2,
+                 "ls": "--" if "dedicated" in name else "-"}
+        for ax in axes:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], **style)
+    for ax in axes:
+        ax.axhline(1.0, c="k", lw=0.8, ls=":")
+        ax.set_yscale("log")
+        ax.set_xlabel("effective bits per weight (codes + fp16 scale/zero per group)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("perplexity ÷ fp32 (log)")
+    axes[0].set_title(f"{title}: all slices", fontsize=9)
+    axes[1].set_xlim(3.0, 8.8)
+    axes[1].set_ylim(0.98, 6.0)
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    axes[1].yaxis.set_major_locator(FixedLocator([1, 1.05, 1.1, 1.2, 1.5, 2, 3, 4, 5]))
+    axes[1].yaxis.set_major_formatter(ScalarFormatter())
+    axes[1].yaxis.set_minor_formatter(NullFormatter())
+    axes[1].set_title("zoom: 3–8.5 bits", fontsize=9)
+    axes[1].legend(fontsize=6.5, loc="upper right")
+    save_figure(fig, path)
+    print(f"wrote {path} ({path.stat().st_size // 1024} KiB)")
+
+
+def main():
+    s_ffn, fp = _gptq_series(RES / "gptq_grid_ffn.json", 64)
+    s_ffn.update(_omni_series(fp))
+    s_ffn.update(_qat_series())
+    plot(s_ffn, IMG / "ppl_vs_bits_smollm2_ffn.png", "SmolLM2-135M, FFN, g64")
+    s_att, _ = _gptq_series(RES / "gptq_grid_ffn_attn.json", 64)
+    plot(s_att, IMG / "ppl_vs_bits_smollm2_ffn_attn.png", "SmolLM2-135M, FFN+attention, g64")
+    q = RES / "qwen_tables.jsonl"
+    if q.exists():
+        plot(_qwen_series(q), IMG / "ppl_vs_bits_qwen.png", "Qwen2.5-Coder-0.5B")
+    else:
+        print(f"{q} does not exist yet: run benchmarks/qwen_tables.py first")
+
+
+if __name__ == "__main__":
+    main()
