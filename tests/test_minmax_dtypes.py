@@ -1,5 +1,7 @@
 """MinMax parameters that survive their storage dtype (fp16 / bf16 / fp32): constant groups, all-zero groups, huge and
 tiny magnitudes give finite scales and zero-points, codes in range and a bounded dequantization error."""
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -130,7 +132,7 @@ def test_training_routes_store_finite_params_for_degenerate_groups():
     w[0] = 0.3  # a constant non-zero row: one group with hi == lo
     lin = FakeQuantLinear(w, None, 64, 8, False, torch.float16, "learnable", "nested")
     with torch.no_grad():
-        lin.scale[0] = 1e-9  # what an optimizer step can do to a learnable scale
+        lin.log_scale[0] = math.log(1e-9)  # what optimizer steps can do to a learnable scale
     qw = lin.final()
     assert torch.isfinite(qw.scales).all() and (qw.scales > 0).all() and torch.isfinite(qw.zeros).all()
     s, z = lin.qparams()

@@ -65,7 +65,8 @@ def load(ckpt_dir, bits=None, slicing: str | None = None, device: str = "cpu", d
 
 
 # quantize_model's own keyword arguments (everything else is an option of the method)
-QUANTIZE_MODEL_ARGS = ("master_bits", "group_size", "scope", "modules", "symmetric", "slicing", "param_dtype", "progress")
+QUANTIZE_MODEL_ARGS = ("master_bits", "group_size", "scope", "modules", "symmetric", "slicing", "param_dtype", "progress",
+                       "rotate", "rotate_seed")
 
 
 def quantize(model: str = DEFAULT_MODEL, out: str | None = None, method: str = "matgptq", overwrite: bool = False,

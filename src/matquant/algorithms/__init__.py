@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from matquant.algorithms.rotate import rotated_targets
 from matquant.algorithms.rtn import rtn
 from matquant.format.config import QuantConfig
 from matquant.models.targets import find_targets
@@ -69,16 +70,27 @@ def check_method_options(method: str, options: dict) -> None:
                  for k in unknown]
         raise ValueError(f"unknown option(s) for method {method!r}: {', '.join(hints)}. Its options: "
                          f"{', '.join(valid) or '(none)'}; every method also takes master_bits, group_size, scope, "
-                         "modules, symmetric, slicing, param_dtype, calib, progress.")
+                         "modules, symmetric, slicing, param_dtype, calib, progress, rotate, rotate_seed.")
 
 
 def quantize_model(
     model, method: str = "rtn", *, master_bits: int = 8, group_size: int = 64, scope: str = "ffn",
     modules: str | None = None, symmetric: bool = False, slicing: str = DEFAULT_SLICING, param_dtype: str = "float16",
-    calib: torch.Tensor | None = None, progress: bool = True, **method_args,
+    calib: torch.Tensor | None = None, progress: bool = True, rotate: str = "none", rotate_seed: int = 0,
+    **method_args,
 ) -> QuantConfig:
-    """Quantize `model` in place (targets become MatQuantLinear) and return its QuantConfig."""
+    """Quantize `model` in place (targets become MatQuantLinear) and return its QuantConfig.
+
+    `rotate`: 'none', 'input' (randomized Hadamard over each target's input dimension) or 'block' (one per group),
+    applied before the method runs and online at inference (algorithms/rotate.py, quant/rotation.py); the spec is
+    stored in the QuantConfig. `rotate_seed` seeds its random signs."""
     check_method_options(method, method_args)
+    from matquant.quant.rotation import make_spec
+
+    rotation = make_spec(rotate, group_size, rotate_seed)
+    if rotation is not None and method_args.get("let"):
+        raise ValueError("LET (--let) folds per-channel scales into the RMSNorm/up_proj that feed the rotated layers, "
+                         "which an input rotation does not commute with; use --rotate none with --let, or drop --let.")
     check_bits(master_bits, "master bits")
     check_slicing(slicing)
     if method in CALIBRATED and calib is None:
@@ -90,13 +102,18 @@ def quantize_model(
     for n in targets:  # validate the group size before any work
         resolve_group_size(linear_weight(mods[n]).shape[1], group_size)
     pdtype = getattr(torch, param_dtype)
-    qweights = METHODS[method](model, targets, master_bits=master_bits, group_size=group_size, symmetric=symmetric,
-                               param_dtype=pdtype, slicing=slicing, calib=calib, progress=progress, **method_args)
+    with rotated_targets(model, targets, rotation):
+        qweights = METHODS[method](model, targets, master_bits=master_bits, group_size=group_size,
+                                   symmetric=symmetric, param_dtype=pdtype, slicing=slicing, calib=calib,
+                                   progress=progress, **method_args)
     replace_with_matquant(model, qweights, slicing=slicing)
+    if rotation is not None:
+        for n in targets:
+            model.get_submodule(n).set_rotation(rotation)
     return QuantConfig(master_bits=master_bits, group_size=group_size, symmetric=symmetric, slicing=slicing,
                        scope=scope if modules is None else "custom", modules=list(targets),
                        default_bits=master_bits, method=method, method_args=_jsonable(method_args),
-                       param_dtype=param_dtype).validate()
+                       param_dtype=param_dtype, rotation=rotation).validate()
 
 
 def _jsonable(d: dict) -> dict:

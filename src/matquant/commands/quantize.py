@@ -6,6 +6,7 @@ import time
 from matquant.commands.common import float_list, int_list
 from matquant.models.loading import DEFAULT_MODEL
 from matquant.models.targets import SCOPES
+from matquant.quant.rotation import ROTATE_MODES
 from matquant.quant.slicing import DEFAULT_SLICING, SLICING_MODES
 
 
@@ -34,6 +35,12 @@ def add_quant_args(p, method_default: str = "matgptq", threads_default: int | No
                         "(default %(default)s)")
     g.add_argument("--param-dtype", default="float16", choices=("float16", "bfloat16", "float32"),
                    help="storage dtype of scales and zeros (default float16)")
+    g.add_argument("--rotate", default="none", choices=ROTATE_MODES,
+                   help="incoherence processing for every method: input = randomized Hadamard over each layer's "
+                        "input dimension, block = one per group; W·V is quantized and each layer rotates its input "
+                        "online (stored in the checkpoint; GGUF/compressed-tensors export refuse it). See "
+                        "docs/results.md 'Rotations' (default %(default)s)")
+    g.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's random signs (default 0)")
     g.add_argument("--calib-text", default="calib", metavar="SRC",
                    help="calibration text for data-driven methods: 'calib' (embedded, disjoint from eval) or a file")
     g.add_argument("--calib-windows", type=int, default=None,
@@ -191,8 +198,12 @@ def set_threads(n: int | None) -> int:
 
 
 def quant_kwargs(args) -> dict:
+    from matquant.quant.rotation import make_spec
+
+    make_spec(args.rotate, args.group_size, args.rotate_seed)  # a bad --rotate / --rotate-seed: before loading
     return dict(master_bits=args.bits_master, group_size=args.group_size, scope=args.scope, modules=args.modules,
-                symmetric=args.symmetric, slicing=args.slicing, param_dtype=args.param_dtype, **method_kwargs(args))
+                symmetric=args.symmetric, slicing=args.slicing, param_dtype=args.param_dtype,
+                rotate=args.rotate, rotate_seed=args.rotate_seed, **method_kwargs(args))
 
 
 def calibration(args, tokenizer):

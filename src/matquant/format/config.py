@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from matquant.quant.minmax import check_bits
+from matquant.quant.rotation import check_spec
 from matquant.quant.slicing import DEFAULT_SLICING, check_slicing
 
 FORMAT_VERSION = 1
@@ -34,6 +35,10 @@ class QuantConfig:
     method: str = "rtn"
     method_args: dict[str, Any] = field(default_factory=dict)
     param_dtype: str = "float16"
+    # input-side rotation of every quantized layer (quant/rotation.py), e.g. {"mode": "input", "kind": "hadamard",
+    # "seed": 0}; None = no rotation. Optional: absent in older checkpoints, and not written when None, so a checkpoint
+    # without rotation stays readable by matquant versions that predate the field.
+    rotation: dict[str, Any] | None = None
     quant_method: str = QUANT_METHOD
     format_version: int = FORMAT_VERSION
 
@@ -74,10 +79,17 @@ class QuantConfig:
             fail("modules must be a non-empty list of module names")
         if len(set(self.modules)) != len(self.modules):
             fail("modules lists a module twice")
+        try:
+            check_spec(self.rotation)
+        except ValueError as e:
+            fail(str(e))
         return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["rotation"] is None:
+            del d["rotation"]  # see the field's comment
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":

@@ -18,7 +18,7 @@ def plain_state_dict(model) -> dict[str, torch.Tensor]:
         if k not in skip:
             sd[k] = t
     for n, m in qmods.items():
-        sd[f"{n}.weight"] = m.dequantized_weight(torch.float32).detach().clone()
+        sd[f"{n}.weight"] = m.dense_weight(torch.float32).detach().clone()  # an input rotation is folded back
     return sd
 
 

@@ -143,6 +143,10 @@ def _config_groups(slices: dict[str, SliceTensor]) -> dict[str, dict]:
 def export_compressed_tensors(model, tokenizer, out, dtype: torch.dtype = torch.float16, pack_bits: int | None = None,
                               overwrite: bool = False) -> CTExportReport:
     """Write the model's current slice (per-module bits) as a compressed-tensors pack-quantized HF folder."""
+    from matquant.nn.rotation import online_rotation_refusal
+
+    if (why := online_rotation_refusal(model, "a compressed-tensors engine (vLLM)")) is not None:
+        raise ExportError(why)
     try:
         from compressed_tensors.compressors import ModelCompressor
         from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config

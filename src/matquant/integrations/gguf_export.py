@@ -232,6 +232,10 @@ def export_gguf(model, tokenizer, out, template=None, k_quants: bool = False, ov
 
     `dense` ('F32' or 'F16'): write the slice's dequantized values instead of GGML blocks (the like-for-like
     reference for llama.cpp's own perplexity tool)."""
+    from matquant.nn.rotation import online_rotation_refusal
+
+    if (why := online_rotation_refusal(model, "llama.cpp (GGUF)")) is not None:
+        raise ExportError(why)
     import json
 
     import gguf

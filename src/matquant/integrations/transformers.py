@@ -18,8 +18,8 @@ class MatQuantHfConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         kwargs.pop("quant_method", None)
         self._qconfig = QuantConfig.from_dict({"quant_method": QUANT_METHOD, **kwargs})
-        for k, v in self._qconfig.to_dict().items():
-            setattr(self, k, v)
+        for k in QuantConfig.__dataclass_fields__:  # every field (to_dict leaves out rotation when None)
+            setattr(self, k, getattr(self._qconfig, k))
 
     @property
     def qconfig(self) -> QuantConfig:

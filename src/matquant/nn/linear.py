@@ -50,6 +50,8 @@ class MatQuantLinear(nn.Module):
         self.high_format = "int4x2"  # packed backend: r > 4 as two 4-bit planes ('int4x2') or a bf16 weight ('bf16')
         self.master_dropped = False  # drop_master(): qweight/scales/zeros freed, only packed slices remain
         self._backend_state = None
+        self.rotation: dict | None = None  # input rotation spec (quant/rotation.py); set_rotation
+        self._input_rotation = None
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=param_dtype, device=device))
         self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=param_dtype, device=device))
@@ -149,7 +151,23 @@ class MatQuantLinear(nn.Module):
             self._cached = (key, w)
         return w
 
+    def set_rotation(self, spec: dict | None) -> None:
+        """Run with an online input rotation x -> x·V (its codes were quantized from W·V); None removes it."""
+        from matquant.quant.rotation import input_rotation
+
+        self._input_rotation = input_rotation(spec, self.in_features)
+        self.rotation = spec
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The current slice as a plain [out, in] weight of the original input basis (rotation folded back)."""
+        w = self.dequantized_weight(torch.float32)
+        if self._input_rotation is not None:
+            w = self._input_rotation.unrotate_weight(w)
+        return w.to(dtype or self.compute_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._input_rotation is not None:  # every backend runs on the rotated input
+            x = self._input_rotation(x)
         if self.backend != "torch":
             return dispatch.forward(self, x)
         w = self.dequantized_weight(x.dtype)
@@ -190,4 +208,5 @@ class MatQuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"master_bits={self.master_bits}, bits={self.bits}, group_size={self.group_size}, "
                 f"slicing={self.slicing}" + (f", backend={self.backend}" if self.backend != "torch" else "")
+                + (f", rotation={self.rotation['mode']}" if self.rotation else "")
                 + (", master dropped" if self.master_dropped else ""))

@@ -62,7 +62,9 @@ class FakeQuantLinear(nn.Module):
     """A target linear during QAT: fp32 master weight [out, in], fake-quantized to the current slice."""
 
     def __init__(self, weight: torch.Tensor, bias, group_size: int, master_bits: int, symmetric: bool,
-                 param_dtype: torch.dtype, qparams: str, slicing: str):
+                 param_dtype: torch.dtype, qparams: str, slicing: str, clip_init: dict | None = None):
+        """`clip_init` (qparams='learnable' only): keyword arguments of `quant.clip_search.clip_search` (slices,
+        lambdas, h) whose searched α, z replace MinMax as the learnable parameters' starting values."""
         super().__init__()
         self.weight = nn.Parameter(weight.detach().float().clone())
         self.bias = bias  # the original (frozen) bias, or None
@@ -71,7 +73,16 @@ class FakeQuantLinear(nn.Module):
         self.bits = master_bits
         if qparams == "learnable":
             s, z = minmax_params(self.weight.detach(), master_bits, group_size, symmetric)
-            self.scale = nn.Parameter(s.to(param_dtype).float())
+            if clip_init is not None:
+                from matquant.quant.clip_search import clip_search
+
+                r = clip_search(self.weight.detach(), clip_init.get("h"), bits=master_bits, group_size=group_size,
+                                symmetric=symmetric, slicing=slicing, slices=clip_init.get("slices"),
+                                lambdas=clip_init.get("lambdas"), param_dtype=param_dtype)
+                s, z = r.scale, r.zero
+            # the scale is learned in log space: an optimizer step of lr changes it by a factor ~e^±lr, whatever its
+            # magnitude (a weight-sized lr on a raw scale of ~1e-4 moved it by 100x per step and wrecked the slices)
+            self.log_scale = nn.Parameter(s.to(param_dtype).float().log())
             self.zero = nn.Parameter(z.to(param_dtype).float(), requires_grad=not symmetric)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +95,7 @@ class FakeQuantLinear(nn.Module):
                 self._qp_key = key
             return self._qp
         tiny, zmax = param_limits(self.param_dtype)  # a floor that survives storage (1e-8 is 0 in fp16)
-        s = self.scale.clamp_min(tiny)
+        s = self.log_scale.exp().clamp_min(tiny)
         s = s + (s.to(self.param_dtype).float() - s).detach()  # storage-dtype rounding, straight-through
         z = self.zero.clamp(-zmax, zmax)
         z = z + (z.to(self.param_dtype).float() - z).detach()
@@ -103,7 +114,7 @@ class FakeQuantLinear(nn.Module):
         if self.mode == "minmax":
             return quantize_minmax(w, self.master_bits, self.group_size, self.symmetric, self.param_dtype)
         tiny, zmax = param_limits(self.param_dtype)
-        s = self.scale.detach().clamp_min(tiny).to(self.param_dtype).cpu()
+        s = self.log_scale.detach().exp().clamp_min(tiny).to(self.param_dtype).cpu()
         z = self.zero.detach().clamp(-zmax, zmax).to(self.param_dtype).cpu()
         return QuantizedWeight(codes=quantize_codes(w, s, z, self.master_bits), scales=s, zeros=z,
                                bits=self.master_bits, group_size=self.group_size)
@@ -111,7 +122,7 @@ class FakeQuantLinear(nn.Module):
     def trainable(self) -> dict[str, nn.Parameter]:
         out = {"weight": self.weight}
         if self.mode == "learnable":
-            out["scale"] = self.scale
+            out["log_scale"] = self.log_scale
             if not self.symmetric:
                 out["zero"] = self.zero
         return out

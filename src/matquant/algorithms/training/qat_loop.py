@@ -155,6 +155,7 @@ def train_qat(model, targets: list[str], calib: torch.Tensor, objective: Objecti
         gs = resolve_group_size(w.shape[1], group_size)
         layers[n] = FakeQuantLinear(w, getattr(m, "bias", None), gs, objective.master_bits, symmetric,
                                     param_dtype, cfg.qparams, objective.slicing)
+        layers[n]._forward_pre_hooks.update(m._forward_pre_hooks)  # e.g. quantize_model's input rotation
     wd = WorkDir(cfg.work_dir, qat_settings(objective, cfg, targets, calib, layers, d.world)) if cfg.work_dir \
         else None
     if wd is not None and d.main:
