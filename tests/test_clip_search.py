@@ -111,3 +111,111 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="NaN or Inf"):
         clip_search(w * float("nan"), None, bits=8, group_size=64)
     assert served_slices(4) == ((4, 3, 2), (1.0, 1.0, 1.0))
+    assert served_slices(8) == ((8, 6, 4, 3, 2), (64.0, 16.0, 4.0, 2.0, 1.0))
+
+
+# ---- the `clip` option of every method ------------------------------------------------------------------------
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64)).eval()
+
+
+_CALIB = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+_FAST = {"rtn": {}, "gptq": {}, "matgptq": {}, "omniquant": {"epochs": 1},
+         "qat": {"steps": 1, "qparams": "learnable", "save_every": 0}}
+
+
+def _codes(qcfg, model):
+    mods = dict(model.named_modules())
+    return {n: (mods[n].qweight.clone() if hasattr(mods[n], "qweight") else None, mods[n].scales.clone(),
+                mods[n].zeros.clone()) for n in qcfg.modules}
+
+
+@pytest.mark.parametrize("method", sorted(_FAST))
+def test_every_method_takes_clip_and_the_result_loads_and_evaluates(method, tmp_path):
+    from matquant.algorithms import method_options, quantize_model
+    from matquant.format.checkpoint import load_checkpoint, save_checkpoint
+    from matquant.nn.bits import set_bits
+
+    assert "clip" in method_options(method)
+    clip = "weighted" if method != "qat" else "mse"
+    m_mm, m_cl = _tiny_llama(), _tiny_llama()
+    base = dict(group_size=32, calib=_CALIB, progress=False, **_FAST[method])
+    quantize_model(m_mm, method, **base)
+    qcfg = quantize_model(m_cl, method, clip=clip, **base)
+    assert qcfg.method_args["clip"] == clip  # recorded like every option
+    save_checkpoint(m_cl, None, tmp_path / "ckpt", qcfg)
+    loaded, _, lcfg = load_checkpoint(tmp_path / "ckpt")
+    assert lcfg.method_args["clip"] == clip
+    ids = _CALIB[:1]
+    changed = False
+    for r in (8, 4, 2):
+        set_bits(m_cl, r)
+        set_bits(loaded, r)
+        set_bits(m_mm, r)
+        with torch.no_grad():
+            a, b = m_cl(ids).logits, loaded(ids).logits
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+        with torch.no_grad():
+            changed |= not torch.equal(a, m_mm(ids).logits)
+    assert changed  # the search moved some group parameters
+
+
+@pytest.mark.parametrize("method", sorted(_FAST))
+def test_clip_minmax_is_the_default_bit_for_bit(method):
+    from matquant.algorithms import quantize_model
+
+    m0, m1 = _tiny_llama(), _tiny_llama()
+    base = dict(group_size=32, calib=_CALIB, progress=False, **_FAST[method])
+    c0 = _codes(quantize_model(m0, method, **base), m0)
+    c1 = _codes(quantize_model(m1, method, clip="minmax", **base), m1)
+    for n in c0:
+        for x, y in zip(c0[n], c1[n]):
+            assert (x is None and y is None) or torch.equal(x, y)
+
+
+def test_rtn_minmax_is_quantize_minmax():
+    from matquant.algorithms.rtn import rtn
+    from matquant.quant.minmax import quantize_minmax
+
+    m = _tiny_llama()
+    name = "model.layers.0.mlp.down_proj"
+    qw = rtn(m, [name], master_bits=8, group_size=32, symmetric=False, param_dtype=torch.float16, progress=False)
+    ref = quantize_minmax(m.get_submodule(name).weight.detach(), 8, 32)
+    assert torch.equal(qw[name].codes, ref.codes) and torch.equal(qw[name].scales, ref.scales)
+
+
+def test_weighted_without_calibration_is_a_clear_error():
+    from matquant.algorithms import quantize_model
+
+    with pytest.raises(ValueError, match="clip='weighted' needs calibration"):
+        quantize_model(_tiny_llama(), "rtn", group_size=32, clip="weighted", progress=False)
+    with pytest.raises(ValueError, match="unknown clip 'best'"):
+        quantize_model(_tiny_llama(), "rtn", group_size=32, clip="best", progress=False)
+    with pytest.raises(ValueError, match="qparams='learnable'"):
+        quantize_model(_tiny_llama(), "qat", group_size=32, calib=_CALIB, clip="mse", steps=1, progress=False)
+    with pytest.raises(ValueError, match="give one of them"):
+        quantize_model(_tiny_llama(), "matgptq", group_size=32, calib=_CALIB, clip="mse", group_params="search",
+                       progress=False)
+
+
+def test_cli_clip_flag_reaches_the_method():
+    import argparse
+
+    from matquant.commands.quantize import add_quant_args, clip_kwargs, quant_kwargs
+
+    p = argparse.ArgumentParser()
+    add_quant_args(p)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--clip", "nope"])
+    for method in ("rtn", "gptq", "matgptq", "omniquant", "qat"):
+        args = p.parse_args(["--method", method, "--clip", "mse"] + (["--qparams", "learnable"] if method == "qat"
+                                                                      else []))
+        assert quant_kwargs(args)["clip"] == "mse"
+    assert "clip" not in quant_kwargs(p.parse_args(["--method", "rtn"]))  # default: not recorded
+    assert clip_kwargs(p.parse_args([])) == {}

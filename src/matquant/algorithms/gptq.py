@@ -10,7 +10,8 @@ For each linear layer, with calibration inputs X (rows = tokens):
 - U = upper Cholesky factor of H⁻¹; columns are quantized left to right in blocks of 128 columns: each column's
   rounding error e / U_jj is propagated to the not-yet-quantized columns (within the block at once, to later
   blocks lazily);
-- group-wise MinMax parameters (asymmetric, or symmetric with --symmetric) are fixed on the *error-updated*
+- group-wise MinMax parameters (asymmetric, or symmetric with --symmetric; or the clipping search of
+  quant/clip_search.py with `clip`, weighted by diag(H) for 'weighted') are fixed on the *error-updated*
   weights when the column loop reaches the first column of a group. With act-order (columns processed by
   decreasing H_jj) the groups would not be contiguous in processing order, so the parameters of every group are
   then fixed up front on the original weights ("static groups"), which keeps the checkpoint format unchanged.
@@ -26,6 +27,7 @@ import torch
 
 from matquant.algorithms.blocks import BlockContext, run_blockwise
 from matquant.models.targets import linear_weight
+from matquant.quant.clip_search import DEFAULT_CLIP, check_clip, clip_search
 from matquant.quant.minmax import QuantizedWeight, check_bits, dequantize_codes, minmax_params, resolve_group_size
 from matquant.quant.rounding import round_half_up
 from matquant.quant.slicing import DEFAULT_SLICING
@@ -70,7 +72,7 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float, name: str = "layer") -> t
                      "calibration inputs are degenerate. Use more/other calibration text or a larger --damp.")
 
 
-ParamsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+ParamsFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]  # (W_group [out, g], group index)
 RoundFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -80,7 +82,7 @@ def gptq_columns(W: torch.Tensor, H: torch.Tensor, *, group_size: int, params_fn
                  name: str = "layer") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """The GPTQ column loop, generic in how groups are parametrised and how a column is rounded.
 
-    params_fn(W_group [out, g]) -> (scale [out], zero [out]) as float32 holding the *stored* values;
+    params_fn(W_group [out, g], group index) -> (scale [out], zero [out]) as float32 holding the *stored* values;
     round_fn(w [out], scale [out], zero [out]) -> (codes [out] int, value [out] float32): `value` is the
     dequantized weight whose residual w − value is fed back (for MatGPTQ: a mean over the slices).
     Returns (codes uint8 [out, in], scales [out, G], zeros [out, G], weighted loss Σ (w − value)² / U_jj²).
@@ -98,7 +100,7 @@ def gptq_columns(W: torch.Tensor, H: torch.Tensor, *, group_size: int, params_fn
     static = act_order or n_groups == 1
     if static:
         for g in range(n_groups):
-            scales[:, g], zeros[:, g] = params_fn(W[:, g * gs:(g + 1) * gs])
+            scales[:, g], zeros[:, g] = params_fn(W[:, g * gs:(g + 1) * gs], g)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
@@ -119,7 +121,7 @@ def gptq_columns(W: torch.Tensor, H: torch.Tensor, *, group_size: int, params_fn
             j = i1 + i
             g = col_group[j]
             if not static and j % gs == 0:
-                scales[:, g], zeros[:, g] = params_fn(W1[:, i:i + gs])
+                scales[:, g], zeros[:, g] = params_fn(W1[:, i:i + gs], g)
             w = W1[:, i]
             q, v = round_fn(w, scales[:, g], zeros[:, g])
             codes[:, j] = q.to(torch.uint8)
@@ -135,10 +137,33 @@ def gptq_columns(W: torch.Tensor, H: torch.Tensor, *, group_size: int, params_fn
 
 
 def minmax_params_fn(bits: int, symmetric: bool, param_dtype: torch.dtype) -> ParamsFn:
-    def fn(wg: torch.Tensor):
+    def fn(wg: torch.Tensor, g: int = 0):
         s, z = minmax_params(wg, bits, wg.shape[1], symmetric, param_dtype)
         return s[:, 0].to(param_dtype).float(), z[:, 0].to(param_dtype).float()
     return fn
+
+
+def clip_params_fn(bits: int, symmetric: bool, param_dtype: torch.dtype, slicing: str, h: torch.Tensor | None,
+                   slices=None, lambdas=None, codes_fn=None) -> ParamsFn:
+    """Group parameters from the clipping search (quant/clip_search.py) of the group's current weights; `h` is the
+    per-column importance over the whole row (diag(H) for clip='weighted', None for 'mse')."""
+    def fn(wg: torch.Tensor, g: int = 0):
+        gs = wg.shape[1]
+        hg = None if h is None else h[g * gs:(g + 1) * gs]
+        r = clip_search(wg, hg, bits=bits, group_size=gs, symmetric=symmetric, slicing=slicing, slices=slices,
+                        lambdas=lambdas, param_dtype=param_dtype, codes_fn=codes_fn)
+        return r.scale[:, 0], r.zero[:, 0]
+    return fn
+
+
+def group_params_fn(clip: str, H: torch.Tensor, bits: int, symmetric: bool, param_dtype: torch.dtype, slicing: str,
+                    slices=None, lambdas=None, codes_fn=None) -> ParamsFn:
+    """MinMax (clip='minmax') or the clipping search with h = 1 ('mse') or h = diag(H) ('weighted')."""
+    check_clip(clip)
+    if clip == "minmax":
+        return minmax_params_fn(bits, symmetric, param_dtype)
+    h = torch.diag(H).float().clamp_min(0) if clip == "weighted" else None
+    return clip_params_fn(bits, symmetric, param_dtype, slicing, h, slices, lambdas, codes_fn)
 
 
 def nearest_round_fn(bits: int) -> RoundFn:
@@ -152,11 +177,14 @@ def nearest_round_fn(bits: int) -> RoundFn:
 
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
                          param_dtype: torch.dtype = torch.float16, percdamp: float = 0.01, act_order: bool = False,
-                         blocksize: int = DEFAULT_BLOCKSIZE, name: str = "layer") -> tuple[QuantizedWeight, float]:
-    """GPTQ-quantize one [out, in] weight with Hessian H to `bits` bits; returns (QuantizedWeight, loss)."""
+                         blocksize: int = DEFAULT_BLOCKSIZE, name: str = "layer", clip: str = DEFAULT_CLIP,
+                         slicing: str = DEFAULT_SLICING) -> tuple[QuantizedWeight, float]:
+    """GPTQ-quantize one [out, in] weight with Hessian H to `bits` bits; returns (QuantizedWeight, loss).
+    `clip` != 'minmax' searches the group parameters for the served slices under `slicing` (quant/clip_search.py)."""
     check_bits(bits)
     gs = resolve_group_size(W.shape[1], group_size)
-    codes, s, z, loss = gptq_columns(W, H, group_size=gs, params_fn=minmax_params_fn(bits, symmetric, param_dtype),
+    pfn = group_params_fn(clip, H, bits, symmetric, param_dtype, slicing)
+    codes, s, z, loss = gptq_columns(W, H, group_size=gs, params_fn=pfn,
                                      round_fn=nearest_round_fn(bits), percdamp=percdamp, act_order=act_order,
                                      blocksize=blocksize, name=name)
     return QuantizedWeight(codes=codes, scales=s.to(param_dtype), zeros=z.to(param_dtype), bits=bits,
@@ -203,12 +231,15 @@ def blockwise_hessian_method(model, targets, calib, quantize_layer, *, true_sequ
 def gptq(model, targets: list[str], *, master_bits: int, group_size: int, symmetric: bool, param_dtype,
          slicing: str = DEFAULT_SLICING, calib=None, progress: bool = True, damp: float = 0.01,
          act_order: bool = False, blocksize: int = DEFAULT_BLOCKSIZE, true_sequential: bool = True, device=None,
-         batch_size: int = 1) -> dict[str, QuantizedWeight]:
-    """Standard GPTQ at `master_bits` bits (the dedicated per-bit baseline; same checkpoint format). Its codes do
-    not depend on `slicing` (only the checkpoint's default reading rule does)."""
+         batch_size: int = 1, clip: str = DEFAULT_CLIP) -> dict[str, QuantizedWeight]:
+    """Standard GPTQ at `master_bits` bits (the dedicated per-bit baseline; same checkpoint format). With
+    clip='minmax' (default) its codes do not depend on `slicing` (only the checkpoint's default reading rule does);
+    'mse' / 'weighted' (h = diag H) search each group's (α, z) for the served slices under `slicing`."""
+    check_clip(clip)
+
     def q(name, W, H):
         qw, _ = gptq_quantize_weight(W, H, master_bits, group_size, symmetric, param_dtype, damp, act_order,
-                                     blocksize, name)
+                                     blocksize, name, clip, slicing)
         return qw
 
     return blockwise_hessian_method(model, targets, calib, q, true_sequential=true_sequential, device=device,

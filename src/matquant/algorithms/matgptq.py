@@ -30,6 +30,7 @@ from functools import lru_cache
 import torch
 
 from matquant.algorithms.gptq import DEFAULT_BLOCKSIZE, blockwise_hessian_method, gptq_columns
+from matquant.quant.clip_search import DEFAULT_CLIP, check_clip
 from matquant.quant.minmax import QuantizedWeight, affine_params, check_bits, resolve_group_size, symmetric_scale
 from matquant.quant.slicing import DEFAULT_SLICING, check_slicing, slice_master
 
@@ -163,7 +164,7 @@ def search_params_fn(rounder: MultiSliceRounder, symmetric: bool, param_dtype, f
     """Per-row (α, z) of a group minimising the λ-weighted multi-slice error of its nearest codes."""
     half = 2 ** (rounder.c - 1)
 
-    def fn(wg: torch.Tensor):
+    def fn(wg: torch.Tensor, g: int = 0):
         f = torch.tensor(factors, device=wg.device, dtype=torch.float32)
         if symmetric:
             amax = wg.abs().amax(1, keepdim=True)  # [out, 1]
@@ -187,14 +188,15 @@ def search_params_fn(rounder: MultiSliceRounder, symmetric: bool, param_dtype, f
 
 def matgptq_quantize_weight(W, H, rounder: MultiSliceRounder, group_size: int, symmetric: bool = False,
                             param_dtype=torch.float16, percdamp: float = 0.01, act_order: bool = False,
-                            group_params: str = "minmax", blocksize: int = DEFAULT_BLOCKSIZE, name: str = "layer"):
-    from matquant.algorithms.gptq import minmax_params_fn
+                            group_params: str = "minmax", blocksize: int = DEFAULT_BLOCKSIZE, name: str = "layer",
+                            clip: str = DEFAULT_CLIP):
+    from matquant.algorithms.gptq import group_params_fn
 
-    if group_params not in GROUP_PARAMS:
-        raise ValueError(f"group params must be one of {', '.join(GROUP_PARAMS)}, got {group_params!r}")
+    check_group_params(group_params, clip)
     gs = resolve_group_size(W.shape[1], group_size)
-    pfn = (minmax_params_fn(rounder.c, symmetric, param_dtype) if group_params == "minmax"
-           else search_params_fn(rounder, symmetric, param_dtype))
+    pfn = (search_params_fn(rounder, symmetric, param_dtype) if group_params == "search"
+           else group_params_fn(clip, H, rounder.c, symmetric, param_dtype, rounder.mode, rounder.bits, rounder.lam,
+                                rounder.codes))
     codes, s, z, loss = gptq_columns(W, H, group_size=gs, params_fn=pfn, round_fn=rounder.round, percdamp=percdamp,
                                      act_order=act_order, blocksize=blocksize, name=name)
     return QuantizedWeight(codes=codes, scales=s.to(param_dtype), zeros=z.to(param_dtype), bits=rounder.c,
@@ -205,25 +207,36 @@ def matgptq(model, targets: list[str], *, master_bits: int, group_size: int, sym
             slicing: str = DEFAULT_SLICING, calib=None, progress: bool = True, bits_list=None, lambdas=None,
             error_feedback: str = DEFAULT_ERROR_FEEDBACK, group_params: str = DEFAULT_GROUP_PARAMS, damp: float = 0.01,
             act_order: bool = False, blocksize: int = DEFAULT_BLOCKSIZE, true_sequential: bool = True, device=None,
-            batch_size: int = 1, propagate="master") -> dict[str, QuantizedWeight]:
+            batch_size: int = 1, propagate="master", clip: str = DEFAULT_CLIP) -> dict[str, QuantizedWeight]:
     """Multi-precision GPTQ: int-`master_bits` codes good for every precision in `bits_list` under `slicing`.
+
+    `clip`: group (α, z) by MinMax ('minmax', default), or by the clipping search of quant/clip_search.py for the
+    same R, λ and multi-slice code choice, with h = 1 ('mse') or h = diag(H) ('weighted').
 
     `propagate` is what the next layers and blocks see while the pass runs: "master" (the int-c weights, default),
     an int r (the r-bit slice, e.g. 4), or "fp" (the full-precision weights: every layer is calibrated on fp inputs).
     """
     rounder = MultiSliceRounder(master_bits, bits_list, lambdas, slicing, error_feedback)
-    if group_params not in GROUP_PARAMS:
-        raise ValueError(f"group params must be one of {', '.join(GROUP_PARAMS)}, got {group_params!r}")
+    check_group_params(group_params, clip)
     prop = propagate_fn(propagate, master_bits, slicing)
 
     def q(name, W, H):
         qw, _ = matgptq_quantize_weight(W, H, rounder, group_size, symmetric, param_dtype, damp, act_order,
-                                        group_params, blocksize, name)
+                                        group_params, blocksize, name, clip)
         return qw
 
     return blockwise_hessian_method(model, targets, calib, q, true_sequential=true_sequential, device=device,
                                     batch_size=batch_size, progress=progress, propagate=prop,
                                     desc=f"MatGPTQ int{master_bits} {'/'.join(map(str, rounder.bits))}")
+
+
+def check_group_params(group_params: str, clip: str) -> None:
+    if group_params not in GROUP_PARAMS:
+        raise ValueError(f"group params must be one of {', '.join(GROUP_PARAMS)}, got {group_params!r}")
+    check_clip(clip)
+    if group_params == "search" and clip != "minmax":
+        raise ValueError(f"--group-params search and --clip {clip} both choose the group (α, z); give one of them "
+                         "(--clip is the finer, importance-weighted search).")
 
 
 def propagate_fn(propagate, master_bits: int, slicing: str):

@@ -6,6 +6,7 @@ import time
 from matquant.commands.common import float_list, int_list
 from matquant.models.loading import DEFAULT_MODEL
 from matquant.models.targets import SCOPES
+from matquant.quant.clip_search import CLIP_MODES
 from matquant.quant.rotation import ROTATE_MODES
 from matquant.quant.slicing import DEFAULT_SLICING, SLICING_MODES
 
@@ -41,6 +42,12 @@ def add_quant_args(p, method_default: str = "matgptq", threads_default: int | No
                         "online (stored in the checkpoint; GGUF/compressed-tensors export refuse it). See "
                         "docs/results.md 'Rotations' (default %(default)s)")
     g.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's random signs (default 0)")
+    g.add_argument("--clip", default=None, choices=CLIP_MODES,
+                   help="group scale/zero of the master, every method: minmax (the MinMax range; the default), mse "
+                        "(per-group search of the clipping range minimising the multi-slice error of the served "
+                        "slices, data-free), weighted (the same weighted by the calibration inputs' mean x^2 / the "
+                        "GPTQ Hessian diagonal; rtn then loads --calib-text). omniquant/qat: the learnable clipping's "
+                        "start (qat needs --qparams learnable). See docs/results.md 'Clipping search'")
     g.add_argument("--calib-text", default="calib", metavar="SRC",
                    help="calibration text for data-driven methods: 'calib' (embedded, disjoint from eval) or a file")
     g.add_argument("--calib-windows", type=int, default=None,
@@ -144,7 +151,7 @@ def qat_kwargs(args) -> dict:
     from matquant.algorithms.training.objective import build_objective
     from matquant.algorithms.training.qat_config import make_config
 
-    kw = {k: getattr(args, k, None) for k in method_options("qat") if k not in ("device", "step_callback")}
+    kw = {k: getattr(args, k, None) for k in method_options("qat") if k not in ("device", "step_callback", "clip")}
     kw["device"] = getattr(args, "train_device", None)
     build_objective(kw["bits_list"], kw["lambdas"], kw["distill"], master_bits=args.bits_master, slicing=args.slicing)
     make_config(**{k: v for k, v in kw.items() if k not in ("bits_list", "lambdas", "distill")})
@@ -203,14 +210,19 @@ def quant_kwargs(args) -> dict:
     make_spec(args.rotate, args.group_size, args.rotate_seed)  # a bad --rotate / --rotate-seed: before loading
     return dict(master_bits=args.bits_master, group_size=args.group_size, scope=args.scope, modules=args.modules,
                 symmetric=args.symmetric, slicing=args.slicing, param_dtype=args.param_dtype,
-                rotate=args.rotate, rotate_seed=args.rotate_seed, **method_kwargs(args))
+                rotate=args.rotate, rotate_seed=args.rotate_seed, **method_kwargs(args), **clip_kwargs(args))
+
+
+def clip_kwargs(args) -> dict:
+    """--clip as a method option (absent when not given, so the method's default, minmax, is not recorded)."""
+    return {} if getattr(args, "clip", None) is None else {"clip": args.clip}
 
 
 def calibration(args, tokenizer):
     from matquant.algorithms import CALIBRATED, METHODS
     from matquant.data import token_windows
 
-    if args.method not in CALIBRATED:
+    if args.method not in CALIBRATED and getattr(args, "clip", None) != "weighted":
         return None
     n, seqlen = getattr(METHODS[args.method], "calib_defaults", (32, 512))
     try:

@@ -49,11 +49,14 @@ class BlockTraining:
     block_inputs: str
     loss_balance: str
     seed: int
+    clip: str = "minmax"  # initial LWC clipping: MinMax, or the clipping search (quant/clip_search.py)
 
 
 def calibrate_blocks(model, targets: list[str], calib: torch.Tensor, objective: Objective, hp: BlockTraining,
                      work_dir: WorkDir | None, device, progress: bool = True,
-                     _crash_after_block: int | None = None) -> dict[str, QuantizedWeight]:
+                     _crash_after_block: int | None = None,
+                     importance: dict | None = None) -> dict[str, QuantizedWeight]:
+    """`importance`: {target name: [in] mean x²} for hp.clip == 'weighted' (`algorithms.importance`)."""
     list_name, blocks, per_block = targets_by_block(model, targets)
     dev = torch.device(device)
     hidden, block_args = capture_block_inputs(model, calib, dev, batch_size=1, cache_device=dev)
@@ -75,8 +78,10 @@ def calibrate_blocks(model, targets: list[str], calib: torch.Tensor, objective: 
                 print(f"block {i}: resumed from {work_dir.path}", flush=True) if progress else None
             else:
                 t0 = time.time()
+                imp = None if importance is None else \
+                    {r: importance[f"{list_name}.{i}.{r}"] for r in rel}
                 qws, fp, info = train_block(block, rel, objective, streams, y_fp, args, i, hp, progress, dev,
-                                            work_dir)
+                                            work_dir, imp)
                 info["seconds"] = round(time.time() - t0, 2)
                 qws = {t: QuantizedWeight(q.codes.cpu(), q.scales.cpu(), q.zeros.cpu(), q.bits, q.group_size)
                        for t, q in qws.items()}
@@ -108,11 +113,14 @@ def calibrate_blocks(model, targets: list[str], calib: torch.Tensor, objective: 
 
 
 def train_block(block, rel_targets, objective: Objective, streams, y_fp, args, idx, hp: BlockTraining, progress,
-                dev, work_dir: WorkDir | None = None):
+                dev, work_dir: WorkDir | None = None, importance: dict | None = None):
     """Train one block's LWC (and LET) parameters; returns ({rel target: QuantizedWeight}, {fp tensors}, info)."""
     torch.manual_seed(hp.seed * 100003 + idx)
+    clip = None if hp.clip == "minmax" else dict(
+        slices=objective.bits, lambdas=objective.lambdas, slicing=hp.slicing, param_dtype=hp.param_dtype,
+        importance=importance)
     bq = BlockQuant(block, rel_targets, hp.master_bits, hp.group_size, hp.symmetric, hp.let,
-                    block_x=(streams["fp"], args) if hp.let else None).to(dev)
+                    block_x=(streams["fp"], args) if hp.let else None, clip=clip).to(dev)
     groups = [{"params": list(bq.up.values()) + list(bq.low.values()), "lr": hp.lr_lwc}]
     if hp.let:
         groups.append({"params": list(bq.let_scales), "lr": hp.lr_let or hp.lr})

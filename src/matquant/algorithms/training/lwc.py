@@ -2,7 +2,9 @@
 the parameters OmniQuant trains, and the map from them to the block's effective (fake-quantized) weights.
 
 * LWC learns γ, β ∈ (0, 1) per output channel and group (sigmoid of a logit, initialised at logit 4 → 0.982 as in
-  OmniQuant): α = (γ·max − β·min)/(2^c − 1), z = −β·min/α (symmetric: α = γ·absmax/(2^(c−1)−1)).
+  OmniQuant): α = (γ·max − β·min)/(2^c − 1), z = −β·min/α (symmetric: α = γ·absmax/(2^(c−1)−1)). With a clipping
+  search (`clip`, quant/clip_search.py) the ends are γ·k_hi·max and β·k_lo·min with fixed per-group k = (searched
+  factor)/sigmoid(4), so training starts exactly at the searched range (and may widen it by at most 1.8 %).
 * LET (Llama-style blocks only): a per-channel scale s on the input of gate_proj/up_proj, folded into
   ``post_attention_layernorm`` (norm weight g → g/s, W_gate/up → W·diag(s)), and a per-channel scale on the input
   of down_proj folded into up_proj's output rows (W_up rows / s2, W_down columns · s2), which is exact because
@@ -31,7 +33,7 @@ def run_block(block, params: dict, x, args, kwargs):
 class BlockQuant(nn.Module):
     """Learnable parameters of one block and the map from them to (effective weights, α, z, extra overrides)."""
 
-    def __init__(self, block, rel_targets, master_bits, group_size, symmetric, let, block_x=None):
+    def __init__(self, block, rel_targets, master_bits, group_size, symmetric, let, block_x=None, clip=None):
         super().__init__()
         self.__dict__["block"] = block  # not a submodule: its weights are frozen and not ours
         self.targets, self.c, self.symmetric = list(rel_targets), master_bits, symmetric
@@ -50,6 +52,32 @@ class BlockQuant(nn.Module):
         self.let_scales = nn.ParameterList()
         for kind, src, dsts in self.lets:
             self.let_scales.append(nn.Parameter(smooth_init(block, src, dsts, kind, block_x)))
+        self.clip_k = {}  # {rel target: (k_lo, k_hi)} factors on min / max; empty = MinMax start
+        if clip is not None:
+            self._init_clip(**clip)
+
+    @torch.no_grad()
+    def _init_clip(self, slices, lambdas, slicing, param_dtype, importance=None):
+        """Start the clipping at the searched range of the initial effective weights (inputs x/s under LET: h/s²)."""
+        from matquant.quant.clip_search import clip_search
+
+        w, _ = self.effective()
+        h = {t: None if importance is None else importance[t].float().clone() for t in self.targets}
+        for (_kind, _src, dsts), s in zip(self.lets, self.let_scales):
+            for d in dsts:
+                if d in h and h[d] is not None:
+                    h[d] = h[d] / s.detach().float().pow(2).cpu()
+        base = torch.sigmoid(torch.tensor(LWC_INIT)).item()
+        for t in self.targets:
+            hv = None if h[t] is None else h[t].to(w[t].device)
+            r = clip_search(w[t].float(), hv, bits=self.c, group_size=self.gs[t], symmetric=self.symmetric,
+                            slicing=slicing, slices=slices, lambdas=lambdas, param_dtype=param_dtype)
+            self.clip_k[t] = (r.lo_factor / base, r.hi_factor / base)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device) moves the clipping factors too
+        out = super()._apply(fn, *args, **kwargs)
+        self.clip_k = {t: (fn(lo), fn(hi)) for t, (lo, hi) in self.clip_k.items()}
+        return out
 
     def effective(self) -> tuple[dict, dict]:
         """({rel target: effective [out, in] fp weight}, {param name: override tensor} for non-target tensors)."""
@@ -69,11 +97,16 @@ class BlockQuant(nn.Module):
     def qparams(self, t: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g = grouped(w, self.gs[t])
         gamma = torch.sigmoid(self.up[self.names[t]])
+        if t in self.clip_k:  # start at the searched range (see the module docstring)
+            k_lo, k_hi = self.clip_k[t]
+            gamma = gamma * k_hi
         if self.symmetric:
             half = 2 ** (self.c - 1)
             scale = (gamma * g.abs().amax(-1) / max(half - 1, 1)).clamp_min(1e-8)
             return scale, torch.full_like(scale, float(half))
         beta = torch.sigmoid(self.low[self.names[t]])
+        if t in self.clip_k:
+            beta = beta * k_lo
         hi, lo = gamma * g.amax(-1), beta * g.amin(-1)
         scale = ((hi - lo) / (2**self.c - 1)).clamp_min(1e-8)
         return scale, -lo / scale

@@ -137,7 +137,7 @@ def set_layer_bits(layers, bits: int) -> None:
 
 def train_qat(model, targets: list[str], calib: torch.Tensor, objective: Objective, cfg: QATConfig, *,
               group_size: int, symmetric: bool, param_dtype: torch.dtype, progress: bool = True,
-              step_callback=None) -> QATResult:
+              step_callback=None, clip: str = "minmax", importance: dict | None = None) -> QATResult:
     """Run (or resume) QAT; returns the final codes and the loss history. See the module docstring."""
     cfg.validate()
     if not torch.is_tensor(calib) or calib.dim() != 2 or calib.shape[1] < 2 or calib.shape[0] < 1 \
@@ -153,11 +153,15 @@ def train_qat(model, targets: list[str], calib: torch.Tensor, objective: Objecti
     for n, m in originals.items():
         w = linear_weight(m)
         gs = resolve_group_size(w.shape[1], group_size)
+        ci = None if clip == "minmax" else dict(slices=objective.bits, lambdas=objective.lambdas,
+                                                h=None if importance is None else importance[n].to(w.device))
         layers[n] = FakeQuantLinear(w, getattr(m, "bias", None), gs, objective.master_bits, symmetric,
-                                    param_dtype, cfg.qparams, objective.slicing)
+                                    param_dtype, cfg.qparams, objective.slicing, clip_init=ci)
         layers[n]._forward_pre_hooks.update(m._forward_pre_hooks)  # e.g. quantize_model's input rotation
-    wd = WorkDir(cfg.work_dir, qat_settings(objective, cfg, targets, calib, layers, d.world)) if cfg.work_dir \
-        else None
+    settings = qat_settings(objective, cfg, targets, calib, layers, d.world)
+    if clip != "minmax":  # (absent for MinMax, so work dirs of earlier versions still resume)
+        settings["clip"] = clip
+    wd = WorkDir(cfg.work_dir, settings) if cfg.work_dir else None
     if wd is not None and d.main:
         wd.clean_temporaries()
 
