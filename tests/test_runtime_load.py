@@ -53,7 +53,10 @@ def test_keep_master_false_holds_only_the_packed_slices(ckpt):
     n_weights = sum(lay.out_features * lay.in_features for lay in matquant.nn.matquant_modules(m).values())
     # int4 codes (4 bits) + bf16 scale and zero per group of 32 (1 bit) + the fp32 biases (none here)
     assert q_drop * 8 / n_weights == pytest.approx(5.0, abs=0.01)
-    assert q_full - q_drop == n_weights + n_weights // 32 * 4  # uint8 codes + fp16 scales and zeros freed
+    # keep_master=True holds the master as two packed planes (8 bits/weight) and the int4 slice IS the hi plane:
+    # on top of the int4-only model it costs the lo plane (4 bits) + the fp16 scales and zeros
+    assert all(lay.master_planes is not None for lay in matquant.nn.matquant_modules(full).values())
+    assert q_full - q_drop == n_weights // 2 + n_weights // 32 * 4
     ref, _ = matquant.load(ckpt, bits=4, backend="torch")
     _close(logits(m), logits(ref))
     before = logits(m)

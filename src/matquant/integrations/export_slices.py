@@ -40,7 +40,7 @@ class SliceTensor:
 def module_slice(name: str, m) -> SliceTensor:
     """The current (bits, slicing) slice of one MatQuantLinear."""
     c, r, mode = m.master_bits, m.bits, m.slicing
-    q = slice_codes(m.qweight, c, r, mode)
+    q = slice_codes(m.master_codes(), c, r, mode)
     levels = 2**r + (1 if (mode == "extra" and r < c) else 0)
     a, b = slice_params(m.scales, m.zeros, c, r, mode)
     ref = m.dequantized_weight(torch.float32).detach().float().cpu()

@@ -153,7 +153,8 @@ def pack_slice(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, m
             planes = [_pack4((top >> 4) & _nibble_mask(bits))]
         else:
             planes = [_pack4(top >> 4), _pack4(top & 15 & _nibble_mask(bits - 4))]
-        return PackedSlice(bits, mode, n, k, g, parts=list(zip(planes, _nested_tables(a, b, bits, group_size, g))))
+        tables = _nested_tables(scales, zeros, master_bits, bits, group_size, g)
+        return PackedSlice(bits, mode, n, k, g, parts=list(zip(planes, tables)))
     q = q.to(torch.int32)
     if bits <= 4:  # codes centred on the kernel's 8: zero = the group's mid-range value, small in bf16
         h = 2 ** (bits - 1)
@@ -177,15 +178,44 @@ def _left_aligned(codes: torch.Tensor, master_bits: int) -> torch.Tensor:
     return codes.to(torch.uint8) << (8 - master_bits)
 
 
-def _nested_tables(a: torch.Tensor, b: torch.Tensor, bits: int, group_size: int, group: int) -> list[torch.Tensor]:
-    """bf16 (scale, zero) tables of the planes layout, from the slice's W = q_r·A + B (see module doc)."""
+def _nested_zero(scales: torch.Tensor, zeros: torch.Tensor, master_bits: int, bits: int) -> torch.Tensor:
+    """fp32 [out, G] zero of the planes layout's hi plane: the weight at nibble 8,
+    W = α·(K_r − z) with K_r = (2^(c−r) − 1)/2 + 2^(c−1) (bucket centre + 8 nibble steps of α·2^(c−4))."""
+    s = master_bits - bits
+    k_r = (2**s - 1) / 2.0 + 2.0 ** (master_bits - 1)
+    return torch.rsub(zeros.float(), k_r).mul_(scales)  # fp32 in place: α is promoted exactly
+
+
+def _table(like: torch.Tensor | None, scale: torch.Tensor | None, zero: torch.Tensor, group_size: int,
+           group: int) -> torch.Tensor:
+    """A [G', out, 2] bf16 table: from scratch, or `like` cloned with its zero column replaced by `zero`
+    (bf16 [out, G]; the scale column, r-independent, is kept)."""
+    if like is None:
+        return _scales_zeros(scale, zero, group_size, group)
+    rep = group_size // group
+    table = like.clone()
+    table[..., 1].copy_((zero.repeat_interleave(rep, 1) if rep > 1 else zero).t())
+    return table
+
+
+def _nested_tables(scales: torch.Tensor, zeros: torch.Tensor, master_bits: int, bits: int, group_size: int,
+                   group: int, like: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """bf16 (scale, zero) tables of the planes layout (see module doc). The scale columns do not depend on r
+    (α·2^(c−4) for the hi plane, α·2^(c−8) for lo), so with `like` (the tables of another planes-layout slice of
+    the same layer) only the zero columns are computed: a switch is then a clone and one column write per plane."""
+    c = master_bits
+    like = like or []
+    z = _nested_zero(scales, zeros, c, bits)
+    z_hi = z.to(ACT_DTYPE)
+    hi = _table(like[0], None, z_hi, group_size, group) if like else _table(
+        None, scales.float() * 2.0 ** (c - 4), z_hi, group_size, group)
     if bits <= 4:
-        scale = a * 2.0 ** (bits - 4)
-        return [_scales_zeros(scale, b + 8 * scale, group_size, group)]
-    s_hi, s_lo = a * 2.0 ** (bits - 4), a * 2.0 ** (bits - 8)
-    z_hi = (b + 8 * s_hi).to(ACT_DTYPE).float()
-    z_lo = 8 * s_lo + (b + 8 * s_hi - z_hi)  # the lo plane's zero absorbs the hi zero's bf16 rounding
-    return [_scales_zeros(s_hi, z_hi, group_size, group), _scales_zeros(s_lo, z_lo, group_size, group)]
+        return [hi]
+    # the lo plane's zero absorbs the hi zero's bf16 rounding
+    z_lo = z.sub_(z_hi.float()).add_(scales, alpha=8 * 2.0 ** (c - 8))
+    lo = _table(like[1], None, z_lo.to(ACT_DTYPE), group_size, group) if len(like) > 1 else _table(
+        None, scales.float() * 2.0 ** (c - 8), z_lo, group_size, group)
+    return [hi, lo]
 
 
 @dataclass
@@ -243,24 +273,35 @@ def unpack_master(planes: MasterPlanes) -> torch.Tensor:
     return top >> (8 - c)
 
 
+def shares_planes(bits: int, master_bits: int) -> bool:
+    """Whether `nested_slice` at `bits` holds no copy: only the planes themselves (r = 4 or r = master bits)."""
+    return bits in (4, master_bits)
+
+
+def planes_layout(ps: PackedSlice, master_bits: int) -> bool:
+    """Whether a PackedSlice is in the planes layout (nested, or the full precision): its tables can serve as
+    `nested_slice(like=...)`."""
+    return bool(ps.parts) and (ps.mode == "nested" or ps.bits >= master_bits)
+
+
 def nested_slice(planes: MasterPlanes, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-                 group_size: int) -> PackedSlice:
+                 group_size: int, like: PackedSlice | None = None) -> PackedSlice:
     """The nested r-bit slice cut from MasterPlanes: at most one AND over one plane (see module doc). Equals
-    `pack_slice(codes, ..., bits, 'nested')` byte for byte; r = 4 and r = master bits share the planes' storage."""
+    `pack_slice(codes, ..., bits, 'nested')` byte for byte; r = 4 and r = master bits share the planes' storage.
+    `like`: another planes-layout slice of this layer, whose r-independent scale columns are reused."""
     c, n, k = planes.master_bits, planes.out_features, planes.in_features
     if not 1 <= bits <= c:
         raise ValueError(f"cannot cut int{bits} out of {c}-bit master codes: need 1 <= bits <= {c}.")
     g = kernel_group(group_size)
-    a, b = slice_params(scales, zeros, c, bits, "nested")
-    if bits <= 4:
-        m = _nibble_mask(bits)
-        hi = planes.hi if m == 15 else planes.hi & (m << 4 | m)
-        parts = [hi]
+    like_tables = [t for _, t in like.parts] if like is not None and planes_layout(like, c) else None
+    if bits <= 4:  # r = 4 or r = c: the plane itself (its lower bits are the mask's zeros already)
+        m = 15 if bits == c else _nibble_mask(bits)
+        parts = [planes.hi if m == 15 else planes.hi & (m << 4 | m)]
     else:
-        m = _nibble_mask(bits - 4)
+        m = 15 if bits == c else _nibble_mask(bits - 4)
         parts = [planes.hi, planes.lo if m == 15 else planes.lo & (m << 4 | m)]
     return PackedSlice(bits, "nested" if bits < c else "paper", n, k, g,
-                       parts=list(zip(parts, _nested_tables(a, b, bits, group_size, g))))
+                       parts=list(zip(parts, _nested_tables(scales, zeros, c, bits, group_size, g, like_tables))))
 
 
 @functools.lru_cache(maxsize=1)

@@ -13,7 +13,9 @@ Backends (``MatQuantLinear.backend``, set for a whole model with `matquant.set_b
 - ``packed`` the memory-true CPU runtime (`kernels.cpu_packed`): each layer holds its slice as packed 4-bit codes
              (two 4-bit planes for r > 4) and runs torch's int4 CPU kernel; no dense weight is built. Precisions
              listed in ``keep`` stay packed side by side (switching among them is free); others are re-packed from
-             the master codes on the next forward. A layer the kernel cannot take runs on the ``cpu`` path with one
+             the master codes on the next forward, or, when the master is held as packed planes
+             (`MatQuantLinear.hold_master_packed`, what `matquant.load` does) and the slicing is nested, cut from
+             them with at most one AND (~nothing). A layer the kernel cannot take runs on the ``cpu`` path with one
              warning.
 - ``auto``   ``packed`` for CPU tensors; on CUDA ``triton`` when triton is installed (calls the kernel does not take,
              e.g. fp32 activations, go to the ``cpu`` path silently), else ``cpu``.
@@ -131,6 +133,15 @@ def packed_reason(mod, bits: int | None = None, mode: str | None = None) -> str 
                                    mod.slicing if mode is None else mode, mod.high_format)
 
 
+def planes_eligible(mod) -> bool:
+    """Whether the layer's master codes can be held as packed planes (`MatQuantLinear.hold_master_packed`):
+    nested slicing, a build whose packing passes `cpu_packed.planes_supported`, a shape the int4 kernel takes."""
+    return (mod.slicing == "nested" and not mod.master_dropped and mod.scales.device.type == "cpu"
+            and cpu_packed.planes_supported()
+            and cpu_packed.layer_reason(mod.out_features, mod.in_features, mod.group_size, mod.master_bits,
+                                        mod.master_bits, "paper", "int4x2") is None)
+
+
 def packed_slice(mod, bits: int | None = None, mode: str | None = None) -> cpu_packed.PackedSlice:
     """The layer's PackedSlice at (bits, mode), built from the master codes if not resident. Precisions not in
     ``mod.keep_bits`` (other than the one asked for) are dropped, so at most len(keep) + 1 stay resident."""
@@ -141,12 +152,18 @@ def packed_slice(mod, bits: int | None = None, mode: str | None = None) -> cpu_p
     st = _state(mod)
     key = (bits, mode)
     ps = st.slices.get(key)
+    if (ps is None and mod.master_planes is not None and (mode == "nested" or bits >= mod.master_bits)
+            and not (bits > 4 and mod.high_format == "bf16")):  # a switch: at most one AND over one plane
+        like = next((p for p in st.slices.values() if cpu_packed.planes_layout(p, mod.master_bits)), None)
+        ps = st.slices[key] = cpu_packed.nested_slice(mod.master_planes, mod.scales, mod.zeros, bits, mod.group_size,
+                                                      like=like)
     if ps is None:
         if mod.master_dropped:
             raise ValueError(f"int{bits} ({mode}) is not resident and the master codes were dropped "
                              f"(keep_master=False); resident: {sorted(st.slices)}. Reload the checkpoint with "
                              "keep_master=True, or list this precision in keep=[...].")
-        ps = cpu_packed.pack_slice(mod.qweight, mod.scales, mod.zeros, mod.master_bits, bits, mode,
+        # paper slices (no bit prefix) and the bf16 format: re-packed from the uint8 codes
+        ps = cpu_packed.pack_slice(mod.master_codes(), mod.scales, mod.zeros, mod.master_bits, bits, mode,
                                    mod.group_size, mod.high_format)
         st.slices[key] = ps
     if len(st.slices) > 1 and not mod.master_dropped:  # a switch: free the precision(s) left that are not kept
@@ -167,6 +184,7 @@ def _packed_forward(mod, x):
             warnings.warn(f"matquant packed backend cannot handle {reason}; such layers run on the 'cpu' path "
                           "instead (correct, but it holds a dense weight of the slice). This warning is shown once.",
                           RuntimeWarning, stacklevel=4)
+        mod.restore_master()  # the cpu path reads the uint8 codes
         return _cpu_forward(mod, x)
     return cpu_packed.linear(x, packed_slice(mod), mod.bias)
 

@@ -107,7 +107,7 @@ class CostModel:
             for n, m in mods.items():
                 for r in ladder:
                     if r < m.master_bits:
-                        cm.overflow[(n, r)] = overflow_fraction(m.qweight, m.master_bits, r, "extra")
+                        cm.overflow[(n, r)] = overflow_fraction(m.master_codes(), m.master_bits, r, "extra")
         return cm
 
     @classmethod

@@ -5,6 +5,8 @@ What the packed CPU runtime (`kernels.cpu_packed`) holds per quantized layer at 
 - r ≤ 4  4-bit codes (int2/int3 are stored as 4-bit codes too) + one bf16 (scale, zero) pair per kernel group
 - r > 4  ``int4x2``: two 4-bit planes = 8 bits + two pairs per group; ``bf16``: a dense bf16 weight (16 bits)
 - bias, and for a layer the kernel declines: the master codes, scales, zeros and a dense fp32 weight (cpu path)
+- with keep_master on a nested layer, the master codes as two packed planes (8 bits), which the int4 and
+  int-master slices are (no copy), and the other slices mask into one new plane (4 bits)
 
 So in memory only two precisions differ: int4 and int8 (int2/3 cost what int4 costs; int5-7 what int8 costs). The
 map is the existing fixed *pyramid* schedule (`schedules.schedule_map`, the paper's best fixed schedule: more bits
@@ -30,8 +32,11 @@ def packed_layer_bytes(m, bits: int, high_format: str = "int4x2", keep_master: b
 
     n, k = m.out_features, m.in_features
     bias = 0 if m.bias is None else m.bias.numel() * m.bias.element_size()
-    master = n * k * m.master_bits // 8 + (m.scales.numel() * m.scales.element_size()
-                                           + m.zeros.numel() * m.zeros.element_size())
+    # keep_master on a nested layer: the master is held as packed planes (`hold_master_packed`), 4 bits per weight
+    # and plane, and a slice at r = 4 or r = master bits is those planes (no copy of codes; only its tables)
+    held = keep_master and dispatch.planes_eligible(m)
+    codes = n * k * (2 if m.master_bits > 4 else 1) // 2 if held else n * k * m.master_bits // 8
+    master = codes + (m.scales.numel() * m.scales.element_size() + m.zeros.numel() * m.zeros.element_size())
     if dispatch.packed_reason(m, bits) is not None:  # declined: master + a dense fp32 weight on the cpu path
         return master + n * k * 4 + bias
     if bits > 4 and high_format == "bf16":
@@ -39,7 +44,10 @@ def packed_layer_bytes(m, bits: int, high_format: str = "int4x2", keep_master: b
     else:
         planes = 1 if bits <= 4 else 2
         groups = k // cpu_packed.kernel_group(m.group_size)
-        body = planes * (n * k // 2 + groups * n * 2 * 2)
+        copies = 1 if held and bits > 4 else planes  # r > 4 from planes: the hi plane is always shared
+        if held and cpu_packed.shares_planes(bits, m.master_bits):
+            copies = 0
+        body = copies * n * k // 2 + planes * groups * n * 2 * 2
     return body + bias + (master if keep_master else 0)
 
 

@@ -49,6 +49,7 @@ class MatQuantLinear(nn.Module):
         self.keep_bits: tuple[int, ...] = ()  # packed backend: precisions kept packed side by side
         self.high_format = "int4x2"  # packed backend: r > 4 as two 4-bit planes ('int4x2') or a bf16 weight ('bf16')
         self.master_dropped = False  # drop_master(): qweight/scales/zeros freed, only packed slices remain
+        self.master_planes = None  # hold_master_packed(): the codes as two packed 4-bit planes instead of qweight
         self._backend_state = None
         self.rotation: dict | None = None  # input rotation spec (quant/rotation.py); set_rotation
         self._input_rotation = None
@@ -77,7 +78,7 @@ class MatQuantLinear(nn.Module):
         return m
 
     def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.scales, self.zeros, self.master_bits, self.group_size)
+        return QuantizedWeight(self.master_codes(), self.scales, self.zeros, self.master_bits, self.group_size)
 
     # ---- precision ----
     def check_precision(self, bits: int, slicing: str | None = None) -> None:
@@ -112,6 +113,8 @@ class MatQuantLinear(nn.Module):
         if self.master_dropped:
             raise ValueError("this layer's master codes were dropped (keep_master=False): it can only run its packed "
                              "slices; reload the checkpoint with keep_master=True to change the backend.")
+        if backend not in ("packed", "auto"):
+            self.restore_master()
         if keep is not None:
             keep = tuple(sorted({int(b) for b in keep}))
             for b in keep:
@@ -145,7 +148,7 @@ class MatQuantLinear(nn.Module):
         key = (self.bits, self.slicing, dtype, self.qweight.device)
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
-        w = torch_ref.dequantize_slice(self.qweight, self.scales, self.zeros, self.master_bits, self.bits,
+        w = torch_ref.dequantize_slice(self.master_codes(), self.scales, self.zeros, self.master_bits, self.bits,
                                        self.slicing, dtype)
         if self.cache_dequantized:
             self._cached = (key, w)
@@ -188,12 +191,48 @@ class MatQuantLinear(nn.Module):
         self._cached = None
         self._backend_state.weights.clear()
         self.master_dropped = True
+        self.master_planes = None  # what the kept slices share of them stays alive through the slices
         return freed
+
+    def master_codes(self) -> torch.Tensor:
+        """The uint8 master codes [out, in] (unpacked from the planes when the master is held packed)."""
+        if self.master_planes is None:
+            return self.qweight
+        from matquant.kernels.cpu_packed import unpack_master
+
+        return unpack_master(self.master_planes)
+
+    def hold_master_packed(self) -> None:
+        """Hold the master codes as two packed 4-bit planes (`kernels.cpu_packed.MasterPlanes`: the same 8 bits
+        per weight) instead of the uint8 ``qweight`` (then a shape-only meta tensor): the packed backend cuts every
+        nested slice from them with at most one AND, so `set_bits` costs ~nothing. state_dict() unpacks the codes
+        on the fly; .to() another device, a non-packed backend and load_state_dict restore them (restore_master)."""
+        if self.master_planes is not None:
+            return
+        if self.master_dropped:
+            raise ValueError("this layer's master codes were dropped (keep_master=False); nothing to hold packed.")
+        from matquant.kernels.cpu_packed import pack_master
+
+        self.master_planes = pack_master(self.qweight, self.master_bits)
+        self.qweight = torch.empty(self.qweight.shape, dtype=torch.uint8, device="meta")
+        self._cached = None
+
+    def restore_master(self) -> None:
+        """Undo hold_master_packed: the uint8 codes back in ``qweight``, the planes freed."""
+        if self.master_planes is not None:
+            self.qweight = self.master_codes()
+            self.master_planes = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.master_planes is not None:  # checkpoints always hold the uint8 codes
+            destination[prefix + "qweight"] = self.master_codes()
 
     def _drop_cache_hook(self, *args, **kwargs):
         if self.master_dropped:
             raise ValueError("cannot load a state dict into a layer whose master codes were dropped "
                              "(keep_master=False); build a fresh model with matquant.load.")
+        self.restore_master()
         self._cached = None
         self._backend_state = None
 
@@ -202,6 +241,15 @@ class MatQuantLinear(nn.Module):
         if self.master_dropped:  # the packed slices are all that is left: keep them (CPU-only runtime)
             return self
         self._backend_state = None
+        if self.master_planes is not None:
+            if fn(torch.empty(0, dtype=torch.uint8)).device.type != "cpu":
+                self.restore_master()  # the planes are a CPU format: move the uint8 codes instead
+            else:  # stays on CPU: the planes stay; fn must not touch the meta placeholder
+                placeholder, self._buffers["qweight"] = self._buffers["qweight"], None
+                try:
+                    return super()._apply(fn, *args, **kwargs)
+                finally:
+                    self._buffers["qweight"] = placeholder
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -209,4 +257,5 @@ class MatQuantLinear(nn.Module):
                 f"master_bits={self.master_bits}, bits={self.bits}, group_size={self.group_size}, "
                 f"slicing={self.slicing}" + (f", backend={self.backend}" if self.backend != "torch" else "")
                 + (f", rotation={self.rotation['mode']}" if self.rotation else "")
-                + (", master dropped" if self.master_dropped else ""))
+                + (", master dropped" if self.master_dropped else "")
+                + (", master held as packed planes" if self.master_planes is not None else ""))

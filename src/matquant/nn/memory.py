@@ -1,7 +1,8 @@
 """What a model really holds in memory, and the packed runtime's preparation steps (pack now, drop the master).
 
 `resident_tensors` walks every tensor a module keeps alive: parameters, buffers, and the derived data of
-MatQuantLinear (the torch path's cached weight, the cpu backend's WeightCache, the packed backend's slices).
+MatQuantLinear (the torch path's cached weight, the cpu backend's WeightCache, the packed backend's slices, the
+master codes when held as packed planes).
 Tensors on the meta device (dropped master codes) hold no memory and are skipped; shared storage is counted once.
 """
 from __future__ import annotations
@@ -18,6 +19,9 @@ from matquant.nn.linear import MatQuantLinear
 def _derived(m: MatQuantLinear) -> Iterator[tuple[str, torch.Tensor]]:
     if m._cached is not None:
         yield "_cached", m._cached[1]
+    if m.master_planes is not None:
+        for i, t in enumerate(m.master_planes.tensors()):
+            yield f"master_planes.{i}", t
     st = m._backend_state
     if st is None:
         return
@@ -68,14 +72,17 @@ def quantized_resident_bytes(model: nn.Module) -> int:
     return _unique_bytes(t for m in matquant_modules(model).values() for _, t in resident_tensors(m))
 
 
-def prepare_packed(model: nn.Module, keep: Sequence[int] = ()) -> dict[str, str]:
+def prepare_packed(model: nn.Module, keep: Sequence[int] = (), planes: bool = True) -> dict[str, str]:
     """Pack every packed/auto-backend layer's current precision and the `keep` precisions now (instead of at the
-    first forward). Returns {module: reason} for layers (or kept precisions) the packed runtime declines."""
+    first forward). With `planes` (default), a nested-sliced layer's master codes are held as two packed planes
+    instead of uint8 (`MatQuantLinear.hold_master_packed`: same 8 bits/weight; every nested `set_bits` is then
+    at most one AND per layer). Returns {module: reason} for layers (or kept precisions) the packed runtime
+    declines."""
     from matquant.kernels import dispatch
 
     declined = {}
     for name, m in matquant_modules(model).items():
-        if m.backend not in ("packed", "auto") or m.qweight.device.type != "cpu":
+        if m.backend not in ("packed", "auto") or m.scales.device.type != "cpu":
             continue
         wanted = [m.bits] + [b for b in keep if b != m.bits and b <= m.master_bits]
         for b in wanted:
@@ -84,6 +91,8 @@ def prepare_packed(model: nn.Module, keep: Sequence[int] = ()) -> dict[str, str]
                 declined[name] = reason
                 break
         else:
+            if planes and dispatch.planes_eligible(m):
+                m.hold_master_packed()
             for b in reversed(wanted):  # the current precision last, so it is never evicted
                 dispatch.packed_slice(m, b)
     return declined
@@ -92,7 +101,7 @@ def prepare_packed(model: nn.Module, keep: Sequence[int] = ()) -> dict[str, str]
 def drop_master(model: nn.Module, keep: Sequence[int] = ()) -> tuple[int, dict[str, str]]:
     """`prepare_packed(keep)`, then free the master codes of every layer whose wanted precisions are all packed.
     Declined layers keep their master codes (they need them to run). Returns (bytes freed, {declined: reason})."""
-    declined = prepare_packed(model, keep)
+    declined = prepare_packed(model, keep, planes=False)
     freed = 0
     for name, m in matquant_modules(model).items():
         if name not in declined and m._backend_state is not None and m._backend_state.slices:
