@@ -4,12 +4,18 @@ counted tensor by tensor from the file (FFN and attention projections separately
 divisible by 256).
 
     python benchmarks/bench_export_peer.py ref-Q4_1.gguf ref-Q4_K_M.gguf --windows 6 --out peer.jsonl
+
+    python benchmarks/bench_export_peer.py --table peer.jsonl ours.jsonl --fp32-ppl 18.415   # markdown table
+
+`--llamacpp` also runs llama.cpp's own `llama-perplexity -c 2048 --chunks N` on each file (its protocol scores the
+second half of each chunk, so its absolute values differ from ours; compare files within one reader).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,12 +36,65 @@ def real_bits(path) -> dict:
     return out
 
 
+FP32_PPL = "fp32_ppl"  # key of the fp32 reference's perplexity in table(); it is ref-f32 (matquant reader: 18.415)
+
+
+def describe(stem: str) -> tuple[str, str]:
+    """(who made it, scope) from the file names the benchmark scripts write."""
+    m = re.fullmatch(r"ref-(?:(all|ffn)-)?([A-Z0-9_]+?)(-im)?", stem)
+    if stem == "ref-f32":
+        return "fp32 reference (F32 GGUF)", "–"
+    if m:
+        return f"llama.cpp {m.group(2)}{' + imatrix' if m.group(3) else ''}", m.group(1) or "all"
+    m = re.fullmatch(r"(rtn|mg|peer-ours)-(?:(g32|g64)-)?(int\d|map)(-k)?", stem)
+    if m:
+        who = {"rtn": "RTN g64", "mg": "MatGPTQ g64", "peer-ours": f"RTN {m.group(2)}"}[m.group(1)]
+        what = "3.0-bit Mix'n'Match map" if m.group(3) == "map" else m.group(3)
+        return f"matquant {who} {what}{' --k-quants' if m.group(4) else ''}", "ffn"
+    return stem, "?"
+
+
+def table(paths: list[str], fp32_ppl: float, fp32_llama: float | None = None) -> str:
+    """Markdown rows from result files, one row per file (a file's transformers and llama.cpp rows merged)."""
+    rows: dict[str, dict] = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            r = json.loads(line)
+            rows.setdefault(Path(r["file"]).stem, {}).update({k: v for k, v in r.items() if v is not None})
+    if fp32_llama is None and "ref-f32" in rows:
+        fp32_llama = rows["ref-f32"].get("ppl_llamacpp")
+    out = ["| file | scope | FFN bits/weight (types) | attention bits/weight | file MiB | perplexity (transformers) "
+           "| ÷ fp32 | llama-perplexity | ÷ fp32 |", "|" + "---|" * 9]
+    order = sorted(rows.items(), key=lambda kv: (describe(kv[0])[1], -kv[1]["ffn_bits_per_weight"]))
+    for stem, r in order:
+        who, scope = describe(stem)
+        types = ", ".join(f"{n} {t}" for t, n in sorted(r["ffn_types"].items(), key=lambda x: -x[1]))
+        ppl = f"{r['ppl']:.3f} | {r['ppl'] / fp32_ppl:.3f}×" if "ppl" in r else "– | –"
+        lp = (f"{r['ppl_llamacpp']:.3f} | " + (f"{r['ppl_llamacpp'] / fp32_llama:.3f}×" if fp32_llama else "–")
+              if "ppl_llamacpp" in r else "– | –")
+        out.append(f"| {who} | {scope} | {r['ffn_bits_per_weight']:.3f} ({types}) | {r['attn_bits_per_weight']:.3f} "
+                   f"| {r['file_mib']:.1f} | {ppl} | {lp} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
+    import sys
+
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--table":
+        q = argparse.ArgumentParser()
+        q.add_argument("--table", nargs="+", required=True, help="result JSONL files")
+        q.add_argument("--fp32-ppl", type=float, required=True, help="the fp32 reference's perplexity, same reader")
+        t = q.parse_args()
+        print(table(t.table, t.fp32_ppl))
+        return 0
     p = argparse.ArgumentParser()
     p.add_argument("files", nargs="+")
     p.add_argument("--windows", type=int, default=6)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--out", default="/work/artifacts/export/peer.jsonl")
+    p.add_argument("--llamacpp", action="store_true", help="also llama-perplexity on the eval text (1 thread)")
+    p.add_argument("--chunks", type=int, default=6, help="llama-perplexity chunks of --seqlen tokens")
+    p.add_argument("--skip-transformers", action="store_true", help="only llama-perplexity")
     a = p.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,15 +109,26 @@ def main(argv=None) -> int:
     for f in a.files:
         f = Path(f)
         t0 = time.time()
-        m = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32).eval()
-        row = {"file": str(f), "file_mib": f.stat().st_size / 2**20, **real_bits(f),
-               "ppl": perplexity(m, windows, progress=False).ppl, "windows": int(windows.shape[0]),
-               "seqlen": a.seqlen, "seconds": round(time.time() - t0, 1), "load": os.getloadavg()[0],
-               "date": time.strftime("%Y-%m-%d")}
+        row = {"file": str(f), "file_mib": f.stat().st_size / 2**20, **real_bits(f), "windows": int(windows.shape[0]),
+               "seqlen": a.seqlen, "load": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d")}
+        if not a.skip_transformers:
+            m = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32).eval()
+            row["ppl"] = perplexity(m, windows, progress=False).ppl
+            del m
+        row["seconds"] = round(time.time() - t0, 1)
+        if a.llamacpp:
+            from bench_export_llamacpp import BIN, llama_perplexity
+            from matquant.data.text import get_text
+
+            text = Path(a.out).parent / "eval.txt"
+            if not text.exists():
+                text.write_text(get_text("eval"))
+            t1 = time.time()
+            row.update(ppl_llamacpp=llama_perplexity(Path(BIN), f, text, a.seqlen, a.chunks, 1),
+                       llamacpp_chunks=a.chunks, llamacpp_seconds=round(time.time() - t1, 1))
         print(json.dumps(row), flush=True)
         with open(a.out, "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        del m
     return 0
 
 

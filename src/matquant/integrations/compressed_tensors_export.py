@@ -6,7 +6,8 @@ compressed-tensors dequantizes W = scale · (q − zp) with q, zp signed r-bit i
 Our slice is W = A · (q_r + B/A), so it is exactly representable iff zp = −2^(r−1) − B/A is an integer (and in
 range) for every group: always for r = master bits with integer zeros (RTN/GPTQ MinMax), otherwise only where
 (z − c)/2^s happens to be an integer. Elsewhere we fit, per group, the integer-zero grid nearest to OUR slice values
-(scale searched around A, zp the two integers around the fractional one, codes re-rounded) and report the error.
+(scale searched around A, zp the two integers around the fractional one, codes re-rounded; then, by default, a
+least-squares refit of the scale and codes with the zero point among its neighbours) and report the error.
 """
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ import torch
 from matquant.integrations.export_slices import ExportError, SliceTensor, check_out_path, model_slices
 
 SCALE_STEPS = 5  # candidate scales A·(1 + t), t in {−½, −¼, 0, ¼, ½}/(2^r − 1) (17 steps: same error to 1e-4, 3x slower)
+# how the integer-zero grid is fitted to the slice values: "search" = best of the candidate grids above; "lsq" = then
+# per group and zero point zp + {−1, 0, 1}: alternate the least-squares scale for the codes and re-rounding the codes
+# (LSQ_ITERS rounds), keeping a change only where the error drops (never worse than "search"; docs/export.md)
+ZERO_FITS = ("lsq", "search")
+LSQ_ITERS = 3
 
 
 def _rows(x: torch.Tensor, g: int) -> torch.Tensor:
@@ -26,14 +32,36 @@ def _rows(x: torch.Tensor, g: int) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, g)
 
 
-def integer_zero_fit(st: SliceTensor, scale_dtype: torch.dtype, pack_bits: int | None = None
+def _lsq_refit(v: torch.Tensor, s: torch.Tensor, z: torch.Tensor, err: torch.Tensor, lo: int, hi: int,
+               scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Improve per-group (s, z) of the grid s·(q − z) on values v [rows, G, g]: for z + {−1, 0, 1}, alternate
+    s = Σ v·(q − z) / Σ (q − z)² (rounded to scale_dtype) and q = clamp(round(v/s) + z); a group takes the new
+    (s, z) only where its squared error drops below `err`. Returns (s, z, err)."""
+    for dz in (0, -1, 1):
+        zz = (z + dz).clamp(lo, hi)
+        ss = s
+        for _ in range(LSQ_ITERS):
+            c = torch.clamp(torch.round(v / ss[..., None]) + zz[..., None], lo, hi) - zz[..., None]
+            den = (c * c).sum(-1)
+            s_new = ((v * c).sum(-1) / den.clamp(min=1e-30)).to(scale_dtype).double()
+            ss = torch.where((den > 0) & (s_new != 0) & torch.isfinite(s_new), s_new, ss)
+            q = torch.clamp(torch.round(v / ss[..., None]) + zz[..., None], lo, hi)
+            e = ((v - ss[..., None] * (q - zz[..., None])) ** 2).sum(-1)
+            better = e < err
+            err, s, z = torch.where(better, e, err), torch.where(better, ss, s), torch.where(better, zz, z)
+    return s, z, err
+
+
+def integer_zero_fit(st: SliceTensor, scale_dtype: torch.dtype, pack_bits: int | None = None, fit: str = "lsq"
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(scale [rows, G] in scale_dtype, zp int8 [rows, G], q int8 [rows, cols], exact bool [rows, G]) with
     scale·(q − zp) the compressed-tensors grid nearest to the slice; `exact` where it equals the slice's own.
 
     `pack_bits` R >= r stores the r-bit slice in R-bit codes: the grid step becomes A/n, n = (2^R − 1) // (2^r − 1)
     (our 2^r levels are every n-th of the 2^R), so the integer-zero offset error shrinks n-fold (2-bit in 4-bit
-    codes: n = 5; in 8-bit: n = 85)."""
+    codes: n = 5; in 8-bit: n = 85). `fit` is one of ZERO_FITS."""
+    if fit not in ZERO_FITS:
+        raise ExportError(f"unknown zero-point fit {fit!r}; choose one of {', '.join(ZERO_FITS)}.")
     r = st.bits
     big = max(r, pack_bits or r)
     if big > 8:
@@ -70,6 +98,8 @@ def integer_zero_fit(st: SliceTensor, scale_dtype: torch.dtype, pack_bits: int |
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    if fit == "lsq":
+        best_s, best_z, best_err = _lsq_refit(v, best_s, best_z, best_err, lo, hi, scale_dtype)
     q = torch.clamp(torch.round(v / best_s[..., None]) + best_z[..., None], lo, hi)
     return (best_s.to(scale_dtype), best_z.to(torch.int8), q.reshape(st.shape).to(torch.int8), exact)
 
@@ -141,8 +171,9 @@ def _config_groups(slices: dict[str, SliceTensor]) -> dict[str, dict]:
 
 
 def export_compressed_tensors(model, tokenizer, out, dtype: torch.dtype = torch.float16, pack_bits: int | None = None,
-                              overwrite: bool = False) -> CTExportReport:
-    """Write the model's current slice (per-module bits) as a compressed-tensors pack-quantized HF folder."""
+                              overwrite: bool = False, fit: str = "lsq") -> CTExportReport:
+    """Write the model's current slice (per-module bits) as a compressed-tensors pack-quantized HF folder.
+    `fit`: how the integer-zero grid is fitted where it cannot hold the slice exactly (ZERO_FITS)."""
     from matquant.nn.rotation import online_rotation_refusal
 
     if (why := online_rotation_refusal(model, "a compressed-tensors engine (vLLM)")) is not None:
@@ -166,7 +197,9 @@ def export_compressed_tensors(model, tokenizer, out, dtype: torch.dtype = torch.
     bad = [n for n, st in slices.items() if st.shape[1] % st.group_size]
     if bad:
         raise ExportError(f"{bad[0]}: input width {slices[bad[0]].shape[1]} is not a multiple of the group size.")
-    fits = {n: integer_zero_fit(st, dtype, pack_bits) for n, st in slices.items()}
+    if fit not in ZERO_FITS:
+        raise ExportError(f"unknown zero-point fit {fit!r}; choose one of {', '.join(ZERO_FITS)}.")
+    fits = {n: integer_zero_fit(st, dtype, pack_bits, fit) for n, st in slices.items()}
     if pack_bits:
         slices = {n: replace(st, bits=max(st.bits, pack_bits)) for n, st in slices.items()}  # the stored widths
 
