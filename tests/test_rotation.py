@@ -212,3 +212,18 @@ def test_exporters_refuse_an_online_rotation(rotated_ckpt, tmp_path):
         with pytest.raises(ExportError, match="online input rotation.*--rotate none"):
             export(model, None, tmp_path / "out")
         assert not (tmp_path / "out").exists()
+
+
+def test_cli_rotate_quantize_slice_export(tmp_path, tiny_model_dir, capsys):
+    from matquant.cli import main
+
+    ck = tmp_path / "ck"
+    assert main(["quantize", "--method", "rtn", "--model", str(tiny_model_dir), "--out", str(ck), "--group-size", "32",
+                 "--rotate", "block", "--rotate-seed", "7"]) == 0
+    q = json.loads((ck / "config.json").read_text())["quantization_config"]
+    assert q["rotation"] == {"mode": "block", "kind": "hadamard", "seed": 7, "block_size": 32}
+    assert main(["export", str(ck), "--bits", "4", "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 1
+    assert "--rotate none" in capsys.readouterr().err
+    assert main(["quantize", "--method", "rtn", "--model", str(tiny_model_dir), "--out", str(tmp_path / "c2"),
+                 "--group-size", "-1", "--rotate", "block"]) == 1
+    assert "needs a positive group size" in capsys.readouterr().err
