@@ -103,6 +103,8 @@ def test_every_method_rotates_and_round_trips(method, tmp_path, tiny_tokenizer):
         want = _logits(model)
         assert torch.equal(_logits(loaded), want)
         assert torch.equal(_logits(hf), want)
+    with torch.inference_mode():  # what `matquant eval` runs under (inference tensors have no version counter)
+        assert torch.equal(loaded(X).logits, want)
 
 
 def test_block_mode_every_backend_and_dense_export(tmp_path, tiny_tokenizer):

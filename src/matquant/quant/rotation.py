@@ -13,7 +13,7 @@ methods are unchanged; only the input of the layer is transformed online, once p
 
 V depends only on (seed, n, b): layers that read the same input (q/k/v, gate/up) share one V, so their rotated
 input is computed once (`InputRotation` reuses its last result for the same input tensor when no gradient is
-recorded). A checkpoint stores only the spec, e.g. {"mode": "input", "kind": "hadamard", "seed": 0} or
+recorded, outside torch.inference_mode). A checkpoint stores only the spec, e.g. {"mode": "input", "kind": "hadamard", "seed": 0} or
 {"mode": "block", "kind": "hadamard", "seed": 0, "block_size": 64}; V is rebuilt from it at load.
 
 x·V is applied as two dense matmuls: H_b = A ⊗ B (A, B the Kronecker products of the first and last factors of
@@ -162,7 +162,9 @@ class InputRotation:
         if x.shape[-1] != self.n:
             raise ValueError(f"rotation expects inputs with {self.n} features, got shape {tuple(x.shape)}.")
         last = self._last
-        cacheable = not (torch.is_grad_enabled() and x.requires_grad)
+        # reuse needs the version counter (an in-place change of x must not reuse a stale result): none under
+        # autograd, and inference-mode tensors have none at all
+        cacheable = not (torch.is_grad_enabled() and x.requires_grad) and not x.is_inference()
         if cacheable and last is not None and last[0]() is x and last[1] == x._version:
             return last[2]
         low = x.dtype in (torch.float16, torch.bfloat16)
