@@ -11,9 +11,11 @@ Three ways to hold the same RTN int8 master of a SmolLM2 checkpoint, each loaded
                      a switch is at most one AND per layer.
 
 Per precision pair a -> b, median of `--reps`: ``switch_ms`` = `set_bits(model, b)` + building every layer's new
-slice (exactly the work the first forward after a switch does, `dispatch.packed_slice`), timed alone; and
+slice (exactly the work the first forward after a switch does, `dispatch.packed_slice`), timed alone (wall, and
+``switch_cpu_ms`` the process CPU time of the same interval: on a shared, overloaded machine the wall time is
+mostly waiting for a core, the CPU time is what the switch costs; all threads summed); and
 ``e2e_ms`` = set_bits + the first 1-token forward minus a steady 1-token forward (noisier). Also one quick decode
-row per variant (int4 and int6 tokens/s, 32 new tokens) to show the runtime did not get slower.
+row per variant (int4 and int6 tokens/s, 16 new tokens after a 32-token prompt) to show the runtime did not get slower.
 
     python benchmarks/bench_switch.py --threads 1 --out benchmarks/results/switch_t1.json
 """
@@ -67,15 +69,16 @@ def switch_rows(ckpt: str, variant: str, reps: int) -> list[dict]:
     with torch.inference_mode():
         m(ids)
         for a, b in PAIRS:
-            sw, e2e, steady = [], [], []
+            sw, cpu, e2e, steady = [], [], [], []
             for _ in range(reps):
                 matquant.set_bits(m, a)
                 _pack_all(m)
                 m(ids)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 matquant.set_bits(m, b)
                 _pack_all(m)
                 sw.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
                 matquant.set_bits(m, a)
                 _pack_all(m)
                 t0 = time.perf_counter()
@@ -88,6 +91,7 @@ def switch_rows(ckpt: str, variant: str, reps: int) -> list[dict]:
             rows.append({"variant": variant, "switch": f"{a}->{b}",
                          "switch_ms": round(1e3 * statistics.median(sw), 2),
                          "switch_ms_min": round(1e3 * min(sw), 2),
+                         "switch_cpu_ms": round(1e3 * statistics.median(cpu), 2),
                          "e2e_ms": round(1e3 * (statistics.median(e2e) - statistics.median(steady)), 1),
                          "forward_ms": round(1e3 * statistics.median(steady), 1),
                          "resident_mib_at_target": round(resident_bytes(m) / 2**20, 2),
@@ -129,16 +133,45 @@ def worker(ckpt: str, variant: str, threads: int, reps: int, decode_tokens: int)
     return out
 
 
+def table(result: dict) -> str:
+    """Markdown: per checkpoint and thread count, one row per pair, wall / CPU ms of every variant."""
+    runs = [r for r in result["runs"] if "switch" in r]
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
+    out = []
+    for ckpt, threads in dict.fromkeys((r["ckpt"], r["threads"]) for r in runs):
+        by = {r["variant"]: {row["switch"]: row for row in r["switch"]} for r in runs
+              if (r["ckpt"], r["threads"]) == (ckpt, threads)}
+        layers = next(iter(by.values()))[next(iter(next(iter(by.values()))))]["layers"]
+        out += [f"**{ckpt}, {threads} thread(s), {layers} layers** (switch wall / CPU ms, median)", "",
+                "| switch | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+        for a, b in PAIRS:
+            key = f"{a}->{b}"
+            cells = [f"{by[v][key]['switch_ms']:.0f} / {by[v][key]['switch_cpu_ms']:.0f}" if key in by.get(v, {})
+                     else "" for v in variants]
+            out.append(f"| {a} → {b} | " + " | ".join(cells) + " |")
+        dec = {r["variant"]: {d["bits"]: d["decode_tok_s"] for d in r.get("decode", [])} for r in runs
+               if (r["ckpt"], r["threads"]) == (ckpt, threads)}
+        if any(dec.values()):
+            out.append("| decode tok/s int4 / int6 | " + " | ".join(
+                f"{dec[v].get(4, '')} / {dec[v].get(6, '')}" for v in variants) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpts", default="/work/artifacts/rt15_rtn_ffn,/work/artifacts/rt15_rtn_ffnattn")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--decode-tokens", type=int, default=32, help="0: skip the decode rows")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--decode-tokens", type=int, default=16, help="0: skip the decode rows")
     p.add_argument("--worker", nargs=3, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
+    p.add_argument("--table", default=None, metavar="JSON", help="print the markdown table of a result file")
     a = p.parse_args(argv)
+    if a.table:
+        print(table(json.loads(Path(a.table).read_text())))
+        return 0
     if a.worker:
         ckpt, variant, threads = a.worker
         print("RESULT " + json.dumps(worker(ckpt, variant, int(threads), a.reps, a.decode_tokens)))
@@ -161,11 +194,16 @@ def main(argv=None) -> int:
                 print(json.dumps({k: v for k, v in run.items() if k not in ("switch", "decode")}), flush=True)
                 for row in run.get("switch", []):
                     print(f"  {run['ckpt']} t{threads} {variant:14s} {row['switch']}: switch {row['switch_ms']} ms"
+                          f" (cpu {row['switch_cpu_ms']} ms)"
                           f" (e2e {row['e2e_ms']} ms, forward {row['forward_ms']} ms)", flush=True)
                 for row in run.get("decode", []):
                     print(f"  decode int{row['bits']}: {row['decode_tok_s']} tok/s", flush=True)
                 result["runs"].append(run)
+                if a.out:  # after every run: a killed benchmark keeps what it measured
+                    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+                    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     result["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(table(result))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
