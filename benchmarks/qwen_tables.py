@@ -64,8 +64,9 @@ def measurement(name: str, bits, windows: int, seqlen: int) -> dict:
             "bits": bits, "eval": {"text": "eval", "windows": windows, "seqlen": seqlen}}
 
 
-def quantize(src, tok, name: str, ckpt_dir: Path, log):
-    """(model, quant info): loaded from ckpt_dir/name if an earlier run saved it, else quantized now."""
+def quantize(src, tok, name: str, ckpt_dir: Path, log, in_place: bool = False):
+    """(model, quant info): loaded from ckpt_dir/name if an earlier run saved it, else quantized now (a copy of
+    `src`, or `src` itself with in_place, which saves one fp32 model of memory)."""
     import torch
 
     from matquant.algorithms import CALIBRATED, quantize_model
@@ -83,7 +84,7 @@ def quantize(src, tok, name: str, ckpt_dir: Path, log):
     rss0 = _status_gib("VmRSS")
     reset_peak_rss()
     t0, c0 = time.time(), time.process_time()
-    model = copy.deepcopy(src)
+    model = src if in_place else copy.deepcopy(src)
     qcfg = quantize_model(model, q["method"], group_size=q["group_size"], scope=q["scope"], calib=calib,
                           progress=False)
     model.eval()
@@ -132,9 +133,10 @@ def run(a) -> None:
     if a.quantize_only:
         todo = {c: bs for c, bs in todo.items() if c != "fp32" and not (Path(a.ckpt_dir) / c / "quant_info.json").exists()}
     for c, bs in todo.items():
+        if a.quantize_only:  # one config per process: the source model is quantized in place
+            quantize(src, tok, c, Path(a.ckpt_dir), log, in_place=True)
+            break
         model, info = (src, {}) if c == "fp32" else quantize(src, tok, c, Path(a.ckpt_dir), log)
-        if a.quantize_only:
-            continue
         for b in bs:
             eff = 32.0
             if b != "fp32":
@@ -155,7 +157,7 @@ def run(a) -> None:
 def table(a) -> None:
     recs = ResultStore(a.store).records()
     ref = {r["config"]["eval"]["windows"]: r["result"]["ppl"] for r in recs if r["config"]["config"] == "fp32"}
-    print(f"fp32 reference: {', '.join(f'{v:.4f} ({w} windows)' for w, v in sorted(ref.items()))}\n")
+    print(f"fp32 reference: {', '.join(f'{v:.4f} ({w} x 2048-token windows)' for w, v in sorted(ref.items()))}\n")
     rows: dict = {}
     for r in recs:
         c = r["config"]
@@ -165,7 +167,7 @@ def table(a) -> None:
                         {})[c["bits"]] = r["result"]
     bits = [8, 6, 4, 3, 2]
     print("| method | scope | group | eval windows | " + " | ".join(f"int{b}" for b in bits)
-          + " | quantize s | peak RSS GiB |")
+          + " | quantize s | peak RSS GiB (before) |")
     print("|---|---|---|---|" + "---|" * len(bits) + "---|---|")
     for (scope, g, name, w), res in sorted(rows.items(), key=lambda kv: (kv[0][0] != "ffn", -kv[0][1], kv[0][2])):
         method = name.split("-")[0]
@@ -179,7 +181,8 @@ def table(a) -> None:
                 cells.append(f"{p:.3f} ({p / fp:.3f}×)" if fp else f"{p:.3f}")
         any_r = next(iter(res.values()))
         print(f"| {method} | {SCOPE_NAMES.get(scope, scope)} | {g} | {w} | " + " | ".join(cells)
-              + f" | {any_r.get('quantize_seconds', '—')} | {any_r.get('peak_rss_gib', '—')} |")
+              + f" | {any_r.get('quantize_seconds', '—')} | {any_r.get('peak_rss_gib', '—')} "
+              f"({any_r.get('rss_before_gib', '—')}) |")
 
 
 def main():

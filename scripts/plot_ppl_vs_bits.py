@@ -81,7 +81,7 @@ def _qwen_series(path: Path) -> dict:
         if q is None or w not in ref:
             continue
         label = f"{'MatGPTQ (default)' if q['method'] == 'matgptq' else q['method'].upper()}, " \
-                f"{scope.get(q['scope'], q['scope'])} g{q['group_size']}" + ("" if w >= 6 else f" ({w} windows)")
+                f"{scope.get(q['scope'], q['scope'])} g{q['group_size']}" + ("" if w >= 6 else f" ({w} eval window{'s' if w > 1 else ''})")
         out[label].append((r["result"]["effective_bits"], r["result"]["ppl"] / ref[w]))
     return out
 
