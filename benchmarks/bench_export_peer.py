@@ -103,17 +103,19 @@ def main(argv=None) -> int:
     from matquant.eval.perplexity import perplexity
     from matquant.models.loading import DEFAULT_MODEL, embedded_model_source
 
-    src = embedded_model_source(DEFAULT_MODEL)
-    tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
-    windows = token_windows(tok, "eval", a.seqlen, a.windows)
+    windows = None
+    if not a.skip_transformers:
+        src = embedded_model_source(DEFAULT_MODEL)
+        tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+        windows = token_windows(tok, "eval", a.seqlen, a.windows)
     for f in a.files:
         f = Path(f)
         t0 = time.time()
-        row = {"file": str(f), "file_mib": f.stat().st_size / 2**20, **real_bits(f), "windows": int(windows.shape[0]),
-               "seqlen": a.seqlen, "load": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d")}
-        if not a.skip_transformers:
+        row = {"file": str(f), "file_mib": f.stat().st_size / 2**20, **real_bits(f), "seqlen": a.seqlen,
+               "load": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d")}
+        if windows is not None:
             m = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32).eval()
-            row["ppl"] = perplexity(m, windows, progress=False).ppl
+            row.update(ppl=perplexity(m, windows, progress=False).ppl, windows=int(windows.shape[0]))
             del m
         row["seconds"] = round(time.time() - t0, 1)
         if a.llamacpp:

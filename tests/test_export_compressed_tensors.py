@@ -139,9 +139,9 @@ def test_lsq_zero_fit_never_worse_than_search(ckpts, tmp_path):
             errs[fit] = ((w - st.reference.double()) ** 2).reshape(w.shape[0], -1, g).sum(-1)
         assert (errs["lsq"] <= errs["search"] * (1 + 1e-9) + 1e-18).all(), st.module  # per group, never worse
         gains.append(errs["lsq"].sum() / errs["search"].sum())
-    assert max(gains) < 0.98  # and it does improve the fractional-zero groups (measured ~0.8 on SmolLM2)
-    # the folder written with the default fit is read back by transformers with the reported error
-    rep = export_compressed_tensors(model, tok, tmp_path / "lsq", dtype=torch.float32)
+    assert max(gains) < 0.98  # and it does lower the squared error (SmolLM2 int4: 8.4 % -> 7.5 % rms)
+    # the folder written with fit="lsq" is read back by transformers with the reported error
+    rep = export_compressed_tensors(model, tok, tmp_path / "lsq", dtype=torch.float32, fit="lsq")
     _weights_match_report(model, _read_back(tmp_path / "lsq"), rep)
     with pytest.raises(ExportError, match="unknown zero-point fit"):
         export_compressed_tensors(model, tok, tmp_path / "bad", fit="nope")

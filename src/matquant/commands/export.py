@@ -29,10 +29,11 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
                    help="compressed-tensors: dtype of the scales and the non-quantized tensors (default float16: "
                         "holds our fp16 scales exactly)")
-    p.add_argument("--zero-fit", default="lsq", choices=("lsq", "search"),
+    p.add_argument("--zero-fit", default="search", choices=("search", "lsq"),
                    help="compressed-tensors: how the integer-zero-point grid is fitted to the slice where it cannot "
-                        "hold it exactly: lsq = candidate search, then least-squares refit of scale and codes with "
-                        "the zero among its neighbours (default); search = candidate search only (docs/export.md)")
+                        "hold it exactly: search = best of candidate grids around the slice's scale (default); lsq = "
+                        "then a least-squares refit of scale and codes (lower weight rms, measured worse perplexity: "
+                        "docs/export.md)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=run)
@@ -46,7 +47,7 @@ def run(args) -> int:
     check_out_path(args.out, args.overwrite)  # fail before loading anything
     if args.format != "gguf" and (args.template or args.k_quants):
         raise ValueError("--template and --k-quants apply to --format gguf only.")
-    if args.format == "gguf" and (args.pack_bits or args.zero_fit != "lsq"):
+    if args.format == "gguf" and (args.pack_bits or args.zero_fit != "search"):
         raise ValueError("--pack-bits and --zero-fit apply to --format compressed-tensors only.")
     if args.pack_bits is not None and not 1 <= args.pack_bits <= 8:
         raise ValueError(f"--pack-bits must be in 1..8, got {args.pack_bits}")
