@@ -2,7 +2,8 @@
 layer it precedes, for SmolLM2's FFN shapes (gate/up: 576 -> 1536, down: 1536 -> 576), plus one whole-model decode
 step of the real model with rotation none / input / block (timing only, see model_rows).
 
-Per layer: median µs of (a) the transform alone (`quant.rotation.InputRotation`, input mode = full randomized
+Times are CPU time of the (single) compute thread (`time.thread_time`), not wall time: on the shared 2-core
+machine wall time mostly measures the wait for a core. Per layer: median µs of (a) the transform alone (`quant.rotation.InputRotation`, input mode = full randomized
 Hadamard, block mode = H_64 per group), (b) the layer's forward without rotation and (c) with it, for the packed
 int4 / int8 runtime (`backend='packed'`, the CPU default of matquant.load) and the dense fp32 reference. The
 configurations are interleaved round by round in ONE process, so machine noise hits them alike. Whole model: RTN,
@@ -23,12 +24,15 @@ import time
 import torch
 
 
+CLOCK = time.thread_time  # CPU time of this thread (1 thread): waiting for a core on the shared machine not counted
+
+
 def timed(fn, reps: int) -> float:
     fn()
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     for _ in range(reps):
         fn()
-    return (time.perf_counter() - t0) / reps * 1e6  # µs
+    return (CLOCK() - t0) / reps * 1e6  # µs
 
 
 def layer_rows(rounds: int, reps: int) -> list[dict]:
@@ -90,12 +94,12 @@ def model_rows(rounds: int, steps: int) -> list[dict]:
                     for layer in layers:
                         layer.set_rotation(make_spec(mode, 64))
                     m(input_ids=nxt, past_key_values=cache, use_cache=True)  # warm
-                    cache.crop(128)
-                    t0 = time.perf_counter()
+                    cache.crop(-1)
+                    t0 = CLOCK()
                     for _ in range(steps):
                         m(input_ids=nxt, past_key_values=cache, use_cache=True)
-                        cache.crop(128)  # every step sees the same 128-token context
-                    times[mode].append((time.perf_counter() - t0) / steps * 1e3)
+                        cache.crop(-1)  # drop the appended token: every step sees the same 128-token context
+                    times[mode].append((CLOCK() - t0) / steps * 1e3)
             for mode, v in times.items():
                 out.append({"model": "smollm2-135m, 90 FFN layers packed", "bits": bits, "rotation": mode,
                             "ms_per_token_median": round(statistics.median(v), 2), "ms_min": round(min(v), 2)})
@@ -109,16 +113,22 @@ def main():
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--no-model", action="store_true")
+    ap.add_argument("--no-layers", action="store_true")
+    ap.add_argument("--merge", action="store_true", help="keep the other part already in --out")
     args = ap.parse_args()
     load0 = open("/proc/loadavg").read().split()[:3]
-    rows = {"layers": layer_rows(args.rounds, args.reps)}
-    for r in rows["layers"]:
-        print(r, flush=True)
+    rows = json.load(open(args.out)) if args.merge and os.path.exists(args.out) else {}
+    if not args.no_layers:
+        rows["layers"] = layer_rows(args.rounds, args.reps)
+        for r in rows["layers"]:
+            print(r, flush=True)
+        with open(args.out, "w") as f:  # written part by part
+            json.dump(rows, f, indent=1)
     if not args.no_model:
         rows["model_decode"] = model_rows(args.rounds, args.steps)
         for r in rows["model_decode"]:
             print(r, flush=True)
-    rows["machine"] = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+    rows["machine" + ("_model" if args.no_layers else "")] = {"threads": torch.get_num_threads(), "torch": torch.__version__,
                        "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
                        "loadavg_start": load0, "loadavg_end": open("/proc/loadavg").read().split()[:3],
                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
