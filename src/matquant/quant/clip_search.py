@@ -29,8 +29,8 @@ from functools import lru_cache
 
 import torch
 
-from matquant.quant.minmax import (QuantizedWeight, affine_params, check_bits, check_storable, grouped,
-                                  quantize_codes, resolve_group_size, symmetric_scale)
+from matquant.quant.minmax import (QuantizedWeight, affine_params, check_bits, check_storable, check_weight,
+                                  grouped, quantize_codes, resolve_group_size, symmetric_scale)
 from matquant.quant.rounding import round_half_up
 from matquant.quant.slicing import DEFAULT_SLICING, check_slicing, slice_master
 
@@ -125,10 +125,7 @@ def clip_search(w: torch.Tensor, h: torch.Tensor | None = None, *, bits: int, gr
     """Per-group (α, z) of a [out, in] weight minimising the λ-weighted, h-weighted multi-slice error (see module)."""
     check_bits(bits)
     check_slicing(slicing)
-    if w.dim() != 2:
-        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
-        raise ValueError("weight contains NaN or Inf values; cannot quantize. Check the source model.")
+    check_weight(w)
     gs = resolve_group_size(w.shape[1], group_size)
     R, lam = served_slices(bits, slices, lambdas)
     tables = tuple(t.to(w.device) if torch.is_tensor(t) else t for t in _tables(bits, R, lam, slicing))

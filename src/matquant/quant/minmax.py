@@ -120,6 +120,14 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return w.reshape(codes.shape)
 
 
+def check_weight(w: torch.Tensor) -> None:
+    """Refuse a weight that is not a finite 2-D [out, in] tensor, naming the problem."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN or Inf values; cannot quantize. Check the source model.")
+
+
 def quantize_minmax(
     w: torch.Tensor,
     bits: int,
@@ -133,10 +141,7 @@ def quantize_minmax(
     so that the stored codes are exactly the nearest codes under the stored parameters.
     """
     check_bits(bits)
-    if w.dim() != 2:
-        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
-        raise ValueError("weight contains NaN or Inf values; cannot quantize. Check the source model.")
+    check_weight(w)
     gs = resolve_group_size(w.shape[1], group_size)
     scale, zero = minmax_params(w, bits, gs, symmetric, param_dtype)
     scale, zero = scale.to(param_dtype), zero.to(param_dtype)
