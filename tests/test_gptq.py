@@ -133,6 +133,27 @@ def test_matgptq_code_search_is_the_exact_argmin(mode, c, bits, lam):
     assert torch.equal(got, rounder.codes_bruteforce(u))
 
 
+@pytest.mark.parametrize("mode", ["paper", "nested", "extra"])
+@pytest.mark.parametrize("c,bits,lam", [(8, None, None), (8, (8, 4, 2), (16.0, 4.0, 1.0)), (3, (3, 2), (0.0, 1.0))])
+def test_bucket_index_equals_searchsorted_at_and_around_every_breakpoint(mode, c, bits, lam):
+    from matquant.algorithms.matgptq import BucketIndex
+    r = MultiSliceRounder(c, bits, lam, mode)
+    brk = r._brk
+    g = torch.Generator().manual_seed(c)
+    b32 = brk.float()
+    u = torch.cat([torch.randn(50_000, generator=g) * 2**c, torch.rand(50_000, generator=g) * (2**c + 4) - 2,
+                   b32, b32.nextafter(torch.tensor(1e30)), b32.nextafter(torch.tensor(-1e30)),
+                   torch.tensor([float("inf"), -float("inf"), float("nan"), 1e30, -1e30])])
+    idx = BucketIndex(brk)
+    assert idx.steps <= BucketIndex.MAX_STEPS
+    assert torch.equal(idx(u), torch.searchsorted(brk, u.double()))
+    ud = torch.cat([brk, brk + 1e-12, brk - 1e-12])  # float64 inputs too
+    assert torch.equal(idx(ud), torch.searchsorted(brk, ud))
+    for tiny in (torch.tensor([], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64),
+                 torch.tensor([1.0, 1.0 + 1e-9, 7.0], dtype=torch.float64)):  # empty, one, clustered breakpoints
+        assert torch.equal(BucketIndex(tiny)(u), torch.searchsorted(tiny, u.double()))
+
+
 def test_matgptq_rounder_single_precision_is_round_to_nearest():
     r = MultiSliceRounder(4, (4,), (1.0,), "paper")
     u = torch.linspace(-3, 18, 999, dtype=torch.float64)
