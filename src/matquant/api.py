@@ -69,21 +69,28 @@ QUANTIZE_MODEL_ARGS = ("master_bits", "group_size", "scope", "modules", "symmetr
                        "rotate", "rotate_seed")
 
 
-def quantize(model: str = DEFAULT_MODEL, out: str | None = None, method: str = "matgptq", overwrite: bool = False,
-             calib=None, **kw):
+def quantize(model: str = DEFAULT_MODEL, out: str | None = None, method: str | None = None, overwrite: bool = False,
+             calib=None, recipe: str | None = None, calib_windows: int | None = None, **kw):
     """Load a full-precision model, quantize it, optionally save the checkpoint. Returns (model, tok, qconfig).
 
-    Data-driven methods (matgptq, gptq, omniquant, qat) calibrate on the embedded 'calib' text with the method's
-    default number of windows unless `calib` (token windows [n, seqlen]) is given.
+    `method` defaults to 'matgptq'. `recipe` (algorithms/recipes.py: 'fast', 'quality') fills in the options it
+    sets that are not given here, e.g. `quantize(out="ck", recipe="quality")` = MatGPTQ + clip='weighted'. Data-driven methods (matgptq, gptq, omniquant, qat; and clip='weighted') calibrate on the
+    embedded 'calib' text with the method's default number of windows (or `calib_windows`) unless `calib` (token
+    windows [n, seqlen]) is given.
     """
     from matquant.algorithms import CALIBRATED, METHODS, check_method_options
+    from matquant.algorithms.recipes import apply_recipe
     from matquant.data import token_windows
 
+    opts = apply_recipe(recipe, {"method": method, "clip": kw.pop("clip", None), "rotate": kw.pop("rotate", None),
+                                 "calib_windows": calib_windows})
+    method, calib_windows = opts.pop("method") or "matgptq", opts.pop("calib_windows")
+    kw.update({k: v for k, v in opts.items() if v is not None})
     check_method_options(method, {k: v for k, v in kw.items() if k not in QUANTIZE_MODEL_ARGS})  # before loading
     m, tok, _ = load_model(model)
-    if calib is None and method in CALIBRATED:
+    if calib is None and (method in CALIBRATED or kw.get("clip") == "weighted"):
         n, seqlen = getattr(METHODS[method], "calib_defaults", (32, 512))
-        calib = token_windows(tok, "calib", seqlen, n)
+        calib = token_windows(tok, "calib", seqlen, calib_windows or n)
     qcfg = quantize_model(m, method, calib=calib, **kw)
     if out is not None:
         save_checkpoint(m, tok, out, qcfg, overwrite=overwrite)

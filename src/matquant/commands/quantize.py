@@ -6,6 +6,7 @@ import time
 from matquant.commands.common import float_list, int_list
 from matquant.models.loading import DEFAULT_MODEL
 from matquant.models.targets import SCOPES
+from matquant.algorithms.recipes import RECIPES, apply_recipe
 from matquant.quant.clip_search import CLIP_MODES
 from matquant.quant.rotation import ROTATE_MODES
 from matquant.quant.slicing import DEFAULT_SLICING, SLICING_MODES
@@ -16,10 +17,16 @@ def add_quant_args(p, method_default: str = "matgptq", threads_default: int | No
     from matquant.algorithms.matgptq import DEFAULT_ERROR_FEEDBACK, DEFAULT_GROUP_PARAMS, ERROR_FEEDBACK, GROUP_PARAMS
 
     g = p.add_argument_group("quantization")
-    g.add_argument("--method", default=method_default, choices=sorted(METHODS),
+    g.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                   help="a measured combination of the options below, filling in those not given: "
+                        + "; ".join(f"{k} = {recipe_text(k)}" for k in RECIPES)
+                        + " (docs/results.md 'Recipes': what each costs and gives). Default: none (the options' own "
+                          "defaults, = fast)")
+    g.add_argument("--method", default=None, choices=sorted(METHODS),
                    help="rtn: round-to-nearest MinMax (no data); gptq: GPTQ at --bits-master bits (the per-bit "
                         "baseline); matgptq: multi-precision GPTQ whose int-C codes are chosen for every slice in "
-                        "--bits-list. See docs/methods.md (default %(default)s)")
+                        f"--bits-list. See docs/methods.md (default {method_default})")
+    p.set_defaults(_method_default=method_default)
     g.add_argument("--bits-master", type=int, default=8, metavar="C",
                    help="bits of the stored master codes; every precision <= C is sliced from them (default 8)")
     g.add_argument("--scope", default="ffn", choices=SCOPES, help="which linear layers to quantize (default ffn)")
@@ -36,11 +43,11 @@ def add_quant_args(p, method_default: str = "matgptq", threads_default: int | No
                         "(default %(default)s)")
     g.add_argument("--param-dtype", default="float16", choices=("float16", "bfloat16", "float32"),
                    help="storage dtype of scales and zeros (default float16)")
-    g.add_argument("--rotate", default="none", choices=ROTATE_MODES,
+    g.add_argument("--rotate", default=None, choices=ROTATE_MODES,
                    help="incoherence processing for every method: input = randomized Hadamard over each layer's "
                         "input dimension, block = one per group; W·V is quantized and each layer rotates its input "
                         "online (stored in the checkpoint; GGUF/compressed-tensors export refuse it). See "
-                        "docs/results.md 'Rotations' (default %(default)s)")
+                        "docs/results.md 'Rotations' (default none)")
     g.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's random signs (default 0)")
     g.add_argument("--clip", default=None, choices=CLIP_MODES,
                    help="group scale/zero of the master, every method: minmax (the MinMax range; the default), mse "
@@ -93,6 +100,26 @@ def add_quant_args(p, method_default: str = "matgptq", threads_default: int | No
                         "a time is moved there")
     add_qat_args(p)
     add_omniquant_args(p)
+
+
+def recipe_text(name: str) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in RECIPES[name].items())
+
+
+def resolve_recipe(args):
+    """Fill the options a --recipe sets (unless given on the command line), then the plain defaults; idempotent.
+    Every command taking add_quant_args calls it before reading args.method / args.rotate."""
+    if getattr(args, "_recipe_resolved", False):
+        return args
+    given = {k: getattr(args, k, None) for k in ("method", "clip", "rotate", "calib_windows")}
+    for k, v in apply_recipe(args.recipe, given).items():
+        setattr(args, k, v)
+    if args.method is None:
+        args.method = args._method_default
+    if args.rotate is None:
+        args.rotate = "none"
+    args._recipe_resolved = True
+    return args
 
 
 def method_kwargs(args) -> dict:
@@ -207,6 +234,7 @@ def set_threads(n: int | None) -> int:
 def quant_kwargs(args) -> dict:
     from matquant.quant.rotation import make_spec
 
+    resolve_recipe(args)
     make_spec(args.rotate, args.group_size, args.rotate_seed)  # a bad --rotate / --rotate-seed: before loading
     return dict(master_bits=args.bits_master, group_size=args.group_size, scope=args.scope, modules=args.modules,
                 symmetric=args.symmetric, slicing=args.slicing, param_dtype=args.param_dtype,
@@ -253,6 +281,7 @@ def run(args) -> int:
     from matquant.format.checkpoint import save_checkpoint
     from matquant.models import load_model
 
+    resolve_recipe(args)
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} already exists (a complete checkpoint: it is written atomically, so an "
                               "interrupted run leaves either nothing or all of it there); pass --overwrite or choose "

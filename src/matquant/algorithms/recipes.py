@@ -1,0 +1,46 @@
+"""Named recipes: measured combinations of method options, callable as `--recipe NAME` / `recipe="NAME"`.
+
+A recipe only fills in options the caller did not give (an explicit `--clip mse` beside `--recipe quality` wins),
+and the checkpoint records the options that were used (its `method_args`, `rotation`), not the recipe's name, so
+a recipe is a shorthand and never a hidden state. What each recipe costs and gives is measured in
+docs/results.md, "Recipes"; the numbers live there, not here.
+"""
+from __future__ import annotations
+
+import difflib
+
+# Option names are the Python API's (`matquant.quantize` keyword arguments); the CLI's flags map onto them.
+RECIPES: dict[str, dict] = {
+    # the fast default: MatGPTQ, MinMax group parameters, no rotation (≈ 2 min on 2 cores for SmolLM2 FFN)
+    "fast": {"method": "matgptq"},
+    # the best one-checkpoint slices measured within 30 minutes of a 2-core machine (docs/results.md, "Recipes");
+    # adding --rotate input to it was measured worse at every precision (the rotation flattens the importance the
+    # weighted search relies on), so the recipe leaves rotation off
+    "quality": {"method": "matgptq", "clip": "weighted"},
+}
+RECIPE_OPTIONS = ("method", "clip", "rotate", "calib_windows")  # the options a recipe may set
+DEFAULT_RECIPE = "fast"
+
+
+def check_recipe(name: str) -> dict:
+    """The options of recipe `name` (a copy); an unknown name is a ValueError listing the known ones."""
+    if name not in RECIPES:
+        close = difflib.get_close_matches(str(name), RECIPES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown recipe {name!r}{hint}; choose one of {', '.join(RECIPES)} (docs/results.md, "
+                         "'Recipes', says what each costs and gives).")
+    return dict(RECIPES[name])
+
+
+def apply_recipe(name: str | None, given: dict) -> dict:
+    """`given` (option -> value, None = not given) completed by recipe `name`: the caller's values win."""
+    out = dict(given)
+    if name is None:
+        return out
+    for key, value in check_recipe(name).items():
+        if out.get(key) is None:
+            out[key] = value
+    return out
+
+
+__all__ = ["DEFAULT_RECIPE", "RECIPES", "RECIPE_OPTIONS", "apply_recipe", "check_recipe"]

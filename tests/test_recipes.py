@@ -1,0 +1,70 @@
+"""Named recipes (`--recipe`, `recipe=`): fill in only the options not given; the checkpoint records what was used."""
+import pytest
+import torch
+
+import matquant
+from matquant.algorithms.recipes import RECIPE_OPTIONS, RECIPES, apply_recipe, check_recipe
+from matquant.cli import build_parser
+from matquant.commands.quantize import quant_kwargs, resolve_recipe
+
+
+def test_recipes_only_set_known_options_and_methods():
+    from matquant.algorithms import METHODS
+
+    assert "fast" in RECIPES and "quality" in RECIPES
+    for name, opts in RECIPES.items():
+        assert set(opts) <= set(RECIPE_OPTIONS), name
+        assert opts["method"] in METHODS
+
+
+def test_caller_values_win_and_unknown_names_are_errors():
+    assert apply_recipe("quality", {"clip": "mse", "method": None, "rotate": "input"}) == {
+        "clip": "mse", "method": "matgptq", "rotate": "input"}
+    assert apply_recipe("quality", {"clip": None, "method": None}) == {"clip": "weighted", "method": "matgptq"}
+    assert apply_recipe(None, {"clip": None}) == {"clip": None}
+    with pytest.raises(ValueError, match=r"unknown recipe 'qualty' \(did you mean 'quality'\?\).*fast"):
+        check_recipe("qualty")
+
+
+def _args(*argv):
+    return build_parser().parse_args(["quantize", "--out", "x", *argv])
+
+
+def test_cli_recipe_fills_defaults_and_explicit_flags_win():
+    a = resolve_recipe(_args("--recipe", "quality"))
+    assert (a.method, a.clip, a.rotate) == ("matgptq", "weighted", "none")
+    kw = quant_kwargs(a)
+    assert kw["rotate"] == "none" and kw["clip"] == "weighted"
+    a = resolve_recipe(_args("--recipe", "quality", "--clip", "mse", "--rotate", "input", "--method", "gptq"))
+    assert (a.method, a.clip, a.rotate) == ("gptq", "mse", "input")
+    a = resolve_recipe(_args())  # no recipe: the plain defaults, and --clip stays unrecorded
+    assert (a.method, a.clip, a.rotate) == ("matgptq", None, "none") and "clip" not in quant_kwargs(a)
+    with pytest.raises(SystemExit):
+        _args("--recipe", "best-ever")
+
+
+def _tiny_folder(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests._tiny import bpe_tokenizer
+
+    tok = bpe_tokenizer()
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512))
+    d = tmp_path / "tiny"
+    m.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def test_api_recipe_end_to_end_records_the_options_used(tmp_path):
+    src = _tiny_folder(tmp_path)
+    _, _, q = matquant.quantize(src, str(tmp_path / "ck"), recipe="quality", calib_windows=2, group_size=32,
+                                progress=False)
+    assert q.method == "matgptq" and q.method_args["clip"] == "weighted" and q.rotation is None
+    model, _ = matquant.load(str(tmp_path / "ck"), bits=4)
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    _, _, q = matquant.quantize(src, None, recipe="quality", clip="mse", rotate="input", calib_windows=2,
+                                group_size=32, progress=False)
+    assert q.method_args["clip"] == "mse" and q.rotation["mode"] == "input"
