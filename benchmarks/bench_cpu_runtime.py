@@ -38,7 +38,8 @@ def _rss_mib() -> float:
 
 def load_config(cfg: str, ckpts: dict):
     """'fp32' | 'bf16' | 'SCOPE:BITS[:FORMAT][@bf16]' (SCOPE ffn or ffnattn, FORMAT int4x2 or bf16; '@bf16': the
-    unquantized parts (embeddings, LM head, norms) and activations in bf16)."""
+    unquantized parts (embeddings, LM head, norms) and activations in bf16). The worker also takes a '+compile'
+    suffix on any of them (matquant.nn.compiled.compile_decode; its first, compiling run is the warm-up)."""
     import torch
 
     cfg, _, model_dtype = cfg.partition("@")
@@ -73,19 +74,29 @@ def worker(cfg: str, ckpts: dict, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model, tok = load_config(cfg, ckpts)
+    base, compiled, _ = cfg.partition("+compile")  # compiled: "+compile" or ""
+    model, tok = load_config(base, ckpts)
     load_s = time.perf_counter() - t0
     _trim_heap()
     rss_load = _rss_mib()
     weights = resident_bytes(model)
     ids, mask = prompt_ids(tok)
     model.generation_config.eos_token_id = None  # exactly NEW_TOKENS new tokens
-    generate(model, tok, ids[:, :16], mask[:, :16], max_new_tokens=4, stream=False)  # warm-up
+    compile_s = None
+    if compiled:  # the warm-up is the same run (same shapes): it compiles
+        from matquant.nn.compiled import compile_decode
+
+        compile_decode(model)
+        t1 = time.perf_counter()
+        generate(model, tok, ids, mask, max_new_tokens=NEW_TOKENS, stream=False)
+        compile_s = round(time.perf_counter() - t1, 1)
+    else:
+        generate(model, tok, ids[:, :16], mask[:, :16], max_new_tokens=4, stream=False)  # warm-up
     r = generate(model, tok, ids, mask, max_new_tokens=NEW_TOKENS, stream=False)
     return {"config": cfg, "threads": threads, "load_s": round(load_s, 2), "rss_load_mib": round(rss_load, 1),
             "rss_gen_mib": round(_rss_mib(), 1), "resident_weight_mib": round(weights / 2**20, 2),
             "prefill_tok_s": round(r["prefill_tok_s"], 2), "decode_tok_s": round(r["decode_tok_s"], 2),
-            "new_tokens": r["new_tokens"], "text_head": r["text"][:60]}
+            "new_tokens": r["new_tokens"], "text_head": r["text"][:60], "compile_first_run_s": compile_s}
 
 
 def llama_cpp(gguf_dir: Path, bin_dir: Path, typ: str, threads: int) -> dict:
@@ -220,6 +231,9 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default=None, help="comma-separated subset (default: all)")
     p.add_argument("--bits", default="8,6,4,3,2")
     p.add_argument("--no-llama", action="store_true")
+    p.add_argument("--gguf-types", default=",".join(GGUF_TYPES),
+                   help="GGUF files (NAME.gguf in --gguf-dir) llama-bench runs, e.g. llama.cpp's own F16,Q4_1 and "
+                        "matquant exports copied there as mq_int4.gguf (default %(default)s)")
     p.add_argument("--switch", action="store_true", help="measure precision switch times instead")
     p.add_argument("--profile", action="store_true", help="profile int4 decode (+ torch.compile) instead")
     p.add_argument("--compile", action="store_true", help="with --profile: also try torch.compile (slow)")
@@ -252,7 +266,7 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
             rows.append(row)
         if not a.no_llama:
-            for typ in GGUF_TYPES:
+            for typ in a.gguf_types.split(","):
                 row = llama_cpp(a.gguf_dir, a.llama_bin, typ, a.threads)
                 row["load_avg_after"] = round(os.getloadavg()[0], 2)
                 print(json.dumps(row), flush=True)

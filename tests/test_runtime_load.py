@@ -1,5 +1,7 @@
 """matquant.load on the packed CPU runtime: packed at load, keep / keep_master=False semantics, budget loading,
 and `matquant generate` on a tiny checkpoint."""
+import shutil
+
 import pytest
 import torch
 
@@ -124,3 +126,23 @@ def test_greedy_generation_is_deterministic(ckpt):
     a = generate(m, tok, ids, mask, max_new_tokens=5, stream=False)
     b = generate(m, tok, ids, mask, max_new_tokens=5, stream=False)
     assert a["text"] == b["text"] and a["new_tokens"] == 5 and a["decode_tok_s"] > 0
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_decode_gives_the_eager_tokens_and_fixes_the_precision(ckpt):
+    """compile_decode (static KV cache + torch.compile) must not change what greedy decoding produces, and must
+    refuse a precision switch (the compiled graph captured the packed slices)."""
+    from matquant.commands.generate import build_inputs, generate
+    from matquant.nn.compiled import compile_decode, is_compiled
+
+    m, tok = matquant.load(ckpt, bits=4)
+    ids, mask = build_inputs(tok, "The quick brown")
+    eager = generate(m, tok, ids, mask, max_new_tokens=4, stream=False)
+    assert compile_decode(m) is m and is_compiled(m) and compile_decode(m) is m  # idempotent
+    compiled = generate(m, tok, ids, mask, max_new_tokens=4, stream=False)
+    assert compiled["text"] == eager["text"] and compiled["new_tokens"] == 4
+    with pytest.raises(ValueError, match="compiled for decoding"):
+        matquant.set_bits(m, 2)
+    with pytest.raises(ValueError, match="generation_config"):
+        compile_decode(torch.nn.Linear(2, 2))

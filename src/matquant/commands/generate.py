@@ -37,6 +37,10 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="dtype of the unquantized parts (embeddings, norms) and activations (default float32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the forward with a static KV cache: ~2x faster decode on CPU after a first "
+                        "call of a few minutes (compiling; the generation that compiles is run once as a warm-up "
+                        "and not timed). docs/runtime.md")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=run)
 
@@ -165,10 +169,18 @@ def run(args) -> int:
     _trim_heap()
     rss_load = _rss_mib()
     ids, mask = build_inputs(tok, args.prompt, chat=not args.no_chat)
+    if args.compile:
+        from matquant.nn.compiled import compile_decode
+
+        compile_decode(model)
+        t0 = time.perf_counter()
+        print("compiling (first generation, not shown) ...", flush=True)
+        generate(model, tok, ids, mask, args.max_new_tokens, args.temperature, args.top_p, args.seed, stream=False)
+        print(f"compiled in {time.perf_counter() - t0:.0f} s", flush=True)
     r = generate(model, tok, ids, mask, args.max_new_tokens, args.temperature, args.top_p, args.seed)
     print()
     print(f"model: {what}")
     print(f"prefill: {r['prompt_tokens']} tokens, {r['prefill_tok_s']:.1f} tok/s | decode: {r['new_tokens']} "
           f"tokens, {r['decode_tok_s']:.1f} tok/s | RSS after load {rss_load:.0f} MiB, after generation "
-          f"{_rss_mib():.0f} MiB | {torch.get_num_threads()} threads")
+          f"{_rss_mib():.0f} MiB | {torch.get_num_threads()} threads{' | compiled' if args.compile else ''}")
     return 0

@@ -25,6 +25,8 @@ warning naming the reason: the answer is never wrong, only slower.
 """
 from __future__ import annotations
 
+import contextlib
+
 import warnings
 
 import torch
@@ -142,6 +144,22 @@ def planes_eligible(mod) -> bool:
                                         mod.master_bits, "paper", "int4x2") is None)
 
 
+@contextlib.contextmanager
+def single_thread():
+    """Run a block on one torch thread: a switch is ~10 small ops per layer (an AND over a ~0.4 MB plane, a table
+    column), which a second thread only slows down (measured: FFN+attn switch 32–75 ms wall at 2 threads on an idle
+    machine, and 1–2 s when the other core is busy; docs/benchmarks.md)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def packed_slice(mod, bits: int | None = None, mode: str | None = None) -> cpu_packed.PackedSlice:
     """The layer's PackedSlice at (bits, mode), built from the master codes if not resident. Precisions not in
     ``mod.keep_bits`` (other than the one asked for) are dropped, so at most len(keep) + 1 stay resident."""
@@ -155,8 +173,9 @@ def packed_slice(mod, bits: int | None = None, mode: str | None = None) -> cpu_p
     if (ps is None and mod.master_planes is not None and (mode == "nested" or bits >= mod.master_bits)
             and not (bits > 4 and mod.high_format == "bf16")):  # a switch: at most one AND over one plane
         like = next((p for p in st.slices.values() if cpu_packed.planes_layout(p, mod.master_bits)), None)
-        ps = st.slices[key] = cpu_packed.nested_slice(mod.master_planes, mod.scales, mod.zeros, bits, mod.group_size,
-                                                      like=like)
+        with single_thread():
+            ps = st.slices[key] = cpu_packed.nested_slice(mod.master_planes, mod.scales, mod.zeros, bits,
+                                                          mod.group_size, like=like)
     if ps is None:
         if mod.master_dropped:
             raise ValueError(f"int{bits} ({mode}) is not resident and the master codes were dropped "

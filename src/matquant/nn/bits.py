@@ -59,6 +59,11 @@ def set_bits(model: nn.Module, bits: BitsSpec, slicing: str | None = None) -> di
     `bits` is an int (every layer) or a map {module name | glob | regex: bits}; unmatched layers keep theirs.
     `slicing` optionally switches the slicing mode ('paper', 'nested', 'extra') too.
     """
+    from matquant.nn.compiled import is_compiled
+
+    if is_compiled(model):
+        raise ValueError("this model was compiled for decoding (compile_decode / --compile), which fixes its "
+                         "precision; reload it (matquant.load(..., bits=...)) and compile again after switching.")
     mods = matquant_modules(model)
     if not mods:
         raise ValueError("model has no MatQuantLinear layers: quantize it first or load a matquant checkpoint.")
