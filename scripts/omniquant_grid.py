@@ -53,6 +53,8 @@ def run_one(a) -> dict:
 
     torch.set_num_threads(a.threads)
     method, master, kw, bits = RUNS[a.run]
+    if a.bits:
+        bits = [b for b in bits if b in a.bits]
     # the dequantized GGUF, cached once as an fp32 HF folder (identical weights; skips the slow GGUF conversion)
     cache = Path(a.out).parent / "fp_model"
     model, tok, _ = load_model(str(cache) if (cache / "config.json").exists() else "smollm2-135m")
@@ -123,6 +125,8 @@ def main():
     p.add_argument("--block-inputs", default="quant", choices=("quant", "fp"))
     p.add_argument("--tag", default="", help="suffix for the result file name")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--bits", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                   help="evaluate only these of the run's precisions (e.g. 4,3,2)")
     a = p.parse_args()
     out = Path(a.out)
     if a.table:
