@@ -108,7 +108,7 @@ def envelope(c: int, bits: tuple, lam: tuple, mode: str) -> tuple[torch.Tensor, 
 
 
 def _take(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """table[idx] for a 1-D table: index_select is ~5x faster than advanced indexing on CPU (measured)."""
+    """table[idx] for a 1-D table (index_select: much faster than advanced indexing on CPU)."""
     return table.index_select(0, idx.reshape(-1)).view(idx.shape)
 
 
@@ -116,8 +116,8 @@ class BucketIndex:
     """Exact `torch.searchsorted(brk, u)` (the number of breakpoints < u) for a fixed sorted `brk`, as one table
     gather plus a few compare-and-step corrections: u's cell of a uniform grid over [brk[0], brk[-1]] gives the
     count below the cell's left edge, and each correction step adds one breakpoint of the cell that lies below u.
-    The grid is refined until no cell holds more than `MAX_STEPS` breakpoints. On CPU it is ~10x faster than the
-    binary search (MatGPTQ's code choice calls it for every candidate of the clipping search)."""
+    The grid is refined until no cell holds more than `MAX_STEPS` breakpoints. Faster than the binary search on CPU
+    (MatGPTQ's code choice calls it for every candidate of the clipping search; timing in docs/results.md)."""
 
     MAX_STEPS = 3
 
@@ -183,7 +183,7 @@ class MultiSliceRounder:
 
     def _on(self, device):
         if self._dev != device:
-            self._brk_d, self._index_d = self._brk.to(device), self._index.to(device)
+            self._index_d = self._index.to(device)
             self._codes_d, self._fb_d = self._codes.to(device), self._fb.to(device)
             self._A_d, self._B_d = self._A.to(device), self._B.to(device)
             self._S_d = self._S.float().to(device)

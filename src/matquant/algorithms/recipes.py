@@ -11,7 +11,7 @@ import difflib
 
 # Option names are the Python API's (`matquant.quantize` keyword arguments); the CLI's flags map onto them.
 RECIPES: dict[str, dict] = {
-    # the fast default: MatGPTQ, MinMax group parameters, no rotation (≈ 2 min on 2 cores for SmolLM2 FFN)
+    # the fast default: MatGPTQ, MinMax group parameters, no rotation
     "fast": {"method": "matgptq"},
     # the best one-checkpoint slices measured within 30 minutes of a 2-core machine (docs/results.md, "Recipes");
     # adding --rotate input to it was measured worse at every precision (the rotation flattens the importance the
@@ -19,7 +19,6 @@ RECIPES: dict[str, dict] = {
     "quality": {"method": "matgptq", "clip": "weighted"},
 }
 RECIPE_OPTIONS = ("method", "clip", "rotate", "calib_windows")  # the options a recipe may set
-DEFAULT_RECIPE = "fast"
 
 
 def check_recipe(name: str) -> dict:
@@ -43,4 +42,4 @@ def apply_recipe(name: str | None, given: dict) -> dict:
     return out
 
 
-__all__ = ["DEFAULT_RECIPE", "RECIPES", "RECIPE_OPTIONS", "apply_recipe", "check_recipe"]
+__all__ = ["RECIPES", "RECIPE_OPTIONS", "apply_recipe", "check_recipe"]

@@ -6,7 +6,7 @@ import time
 from matquant.commands.common import float_list, int_list
 from matquant.models.loading import DEFAULT_MODEL
 from matquant.models.targets import SCOPES
-from matquant.algorithms.recipes import RECIPES, apply_recipe
+from matquant.algorithms.recipes import RECIPE_OPTIONS, RECIPES, apply_recipe
 from matquant.quant.clip_search import CLIP_MODES
 from matquant.quant.rotation import ROTATE_MODES
 from matquant.quant.slicing import DEFAULT_SLICING, SLICING_MODES
@@ -111,7 +111,7 @@ def resolve_recipe(args):
     Every command taking add_quant_args calls it before reading args.method / args.rotate."""
     if getattr(args, "_recipe_resolved", False):
         return args
-    given = {k: getattr(args, k, None) for k in ("method", "clip", "rotate", "calib_windows")}
+    given = {k: getattr(args, k, None) for k in RECIPE_OPTIONS}
     for k, v in apply_recipe(args.recipe, given).items():
         setattr(args, k, v)
     if args.method is None:

@@ -26,7 +26,6 @@ warning naming the reason: the answer is never wrong, only slower.
 from __future__ import annotations
 
 import contextlib
-
 import warnings
 
 import torch
@@ -146,9 +145,9 @@ def planes_eligible(mod) -> bool:
 
 @contextlib.contextmanager
 def single_thread():
-    """Run a block on one torch thread: a switch is ~10 small ops per layer (an AND over a ~0.4 MB plane, a table
-    column), which a second thread only slows down (measured: FFN+attn switch 32–75 ms wall at 2 threads on an idle
-    machine, and 1–2 s when the other core is busy; docs/benchmarks.md)."""
+    """Run a block on one torch thread: a switch is ~10 small ops per layer (an AND over one plane, a table column),
+    which a second thread does not speed up and, on a busy machine, slows down badly (docs/benchmarks.md, "Precision
+    switch at 2 threads")."""
     n = torch.get_num_threads()
     if n == 1:
         yield

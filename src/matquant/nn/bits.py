@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from matquant.nn.compiled import is_compiled
 from matquant.nn.linear import MatQuantLinear
 from matquant.quant.minmax import check_bits
 
@@ -59,8 +60,6 @@ def set_bits(model: nn.Module, bits: BitsSpec, slicing: str | None = None) -> di
     `bits` is an int (every layer) or a map {module name | glob | regex: bits}; unmatched layers keep theirs.
     `slicing` optionally switches the slicing mode ('paper', 'nested', 'extra') too.
     """
-    from matquant.nn.compiled import is_compiled
-
     if is_compiled(model):
         raise ValueError("this model was compiled for decoding (compile_decode / --compile), which fixes its "
                          "precision; reload it (matquant.load(..., bits=...)) and compile again after switching.")

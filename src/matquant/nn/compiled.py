@@ -4,8 +4,8 @@ In eager mode a batch-1 decode step of a small model is mostly Python and small-
 attention, norms, rotary, cache bookkeeping and the casts around each quantized matmul; docs/benchmarks.md, "CPU
 runtime"). With a static KV cache every decode step has the same shapes, so inductor compiles the whole forward
 once per (prompt length, total length) into fused C++ loops around the packed int4 kernels, which it calls as
-extern ops. Measured on SmolLM2-135M int4 FFN+attn, 2 threads: 76 → 41 ms per token, after a ~3.5 minute first
-call (docs/benchmarks.md has the table).
+extern ops; the first generation at a new shape pays the compilation (minutes). Measurements: docs/benchmarks.md,
+"CPU runtime at 2 threads on an idle machine, and compiled decoding".
 
 The compiled graph captures the layers' packed slices as they are when it is traced, so the precision is fixed:
 `set_bits` on a compiled model is refused (reload, or compile after switching).
