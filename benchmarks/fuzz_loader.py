@@ -448,6 +448,7 @@ def supervise(args) -> dict:
     crashes: dict[str, dict] = {}
     tf_errors: dict[str, int] = {}
     done, nxt, t0 = 0, args.first, time.time()
+    saved = t0
     while nxt < args.inputs and time.time() - t0 < args.time_limit:
         cmd = [sys.executable, __file__, "--worker", "--work", str(work), "--start", str(nxt), "--end",
                str(args.inputs), "--seed", str(args.seed), "--eval-every", str(args.eval_every), "--hf-every", str(args.hf_every)]
@@ -486,6 +487,11 @@ def supervise(args) -> dict:
                         continue
                     done += 1
                     nxt = rec["i"] + 1
+                    if args.out and args.save_every > 0 and time.time() - saved > args.save_every:
+                        # a long run keeps its counts on disk: a killed supervisor loses at most save_every seconds
+                        write_summary(summary_of(done, time.time() - t0, counts, tf_errors, crashes, args, False),
+                                      args.out)
+                        saved = time.time()
                     for target, (outcome, detail) in rec["results"].items():
                         counts.setdefault(target, {}).setdefault(outcome, 0)
                         counts[target][outcome] += 1
@@ -549,12 +555,32 @@ def supervise(args) -> dict:
             crashes[key]["count"] += 1
             done += 1
             nxt = current + 1
-    secs = time.time() - t0
+    return summary_of(done, time.time() - t0, counts, tf_errors, crashes, args, final=True)
+
+
+def summary_of(done, secs, counts, tf_errors, crashes, args, final) -> dict:
     return {"inputs": done, "seconds": round(secs, 1), "inputs_per_second": round(done / max(secs, 1e-9), 2),
-            "seed": args.seed, "outcomes": counts, "transformers_config_errors": tf_errors, "crashes": crashes,
+            "seed": args.seed, "first": args.first, "next": args.first + done, "final": final,
+            "outcomes": counts, "transformers_config_errors": tf_errors, "crashes": crashes,
             "crash_count": sum(c["count"] for c in crashes.values()), "timeout_cpu_s": args.timeout,
             "timeout_wall_s": args.wall_timeout,
             "max_rss_gib": args.max_rss_gib}
+
+
+def write_summary(summary: dict, out) -> str:
+    import torch
+    import transformers
+
+    summary["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                          "torch": torch.__version__, "transformers": transformers.__version__,
+                          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                          "load": os.getloadavg()}
+    text = json.dumps(summary, indent=2)
+    if out:
+        from matquant.format.atomic import atomic_write_text
+
+        atomic_write_text(out, text + "\n")
+    return text
 
 
 def _where(trace: str | None) -> str:
@@ -593,6 +619,8 @@ def main(argv=None):
     p.add_argument("--nice", type=int, default=10)
     p.add_argument("--work", default=None, help="work folder (the seed checkpoint is built there once)")
     p.add_argument("--out", default=None, help="write the summary JSON here")
+    p.add_argument("--save-every", type=float, default=120.0,
+                   help="also rewrite --out every this many seconds during the run (partial counts, final: false)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--end", type=int, default=0, help=argparse.SUPPRESS)
@@ -603,19 +631,7 @@ def main(argv=None):
     if args.replay is not None:
         return replay(args)
     summary = supervise(args)
-    import torch
-    import transformers
-
-    summary["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                          "torch": torch.__version__, "transformers": transformers.__version__,
-                          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                          "load": os.getloadavg()}
-    text = json.dumps(summary, indent=2)
-    if args.out:
-        from matquant.format.atomic import atomic_write_text
-
-        atomic_write_text(args.out, text + "\n")
-    print(text)
+    print(write_summary(summary, args.out))
     return 1 if summary["crash_count"] else 0
 
 

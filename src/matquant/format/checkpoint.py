@@ -114,9 +114,11 @@ def build_model(hf_cfg, dtype=torch.float32):
     """transformers' model for `hf_cfg` (in the caller's device context); a config transformers cannot build a
     model from (a negative size, an unknown rope type, heads not dividing the width, ...) is a CheckpointError."""
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     try:
-        return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+        with no_init_weights():  # every weight is loaded afterwards: random init is wasted work
+            return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     except Exception as e:  # the input decides what transformers raises: KeyError, RuntimeError, ValueError, ...
         raise CheckpointError(f"config.json describes a model transformers cannot build: {_one_line(e)}") from None
 
