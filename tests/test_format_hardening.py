@@ -261,3 +261,62 @@ def test_weights_symlinked_to_a_device_are_refused(ckpt):
     (d / "model.safetensors").symlink_to("/dev/zero")  # reading it never ends
     with pytest.raises(CheckpointError, match="not a regular file"):
         matquant.load(d)
+
+
+# ---- errors transformers raised before any matquant hook (import matquant pre-checks local matquant folders) ----
+
+@pytest.mark.parametrize("edit_text,match", [
+    (lambda t: t[: len(t) // 2], "not valid JSON"),  # truncated config.json: transformers' JSONDecodeError/OSError
+    (lambda t: "[" * 100000, "not valid JSON"),  # transformers' RecursionError
+    (lambda t: t.replace('"model_type": "llama"', '"model_type": 7'), "model_type"),
+    (lambda t: t.replace('"matquant"', '"gptq"'), "quant_method|matquant"),  # transformers would build another quantizer
+    (lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "quantization_config"}),
+     "no quantization_config"),  # transformers loaded a plain model with the codes as unexpected keys
+])
+def test_from_pretrained_prechecks_a_corrupt_matquant_config(ckpt, edit_text, match):
+    d, _ = ckpt
+    p = d / "config.json"
+    p.write_text(edit_text(p.read_text()))
+    with pytest.raises(CheckpointError, match=match):
+        _from_pretrained(d)
+
+
+def test_from_pretrained_precheck_runs_for_direct_model_classes(ckpt):
+    from transformers import LlamaForCausalLM
+
+    d, _ = ckpt
+    _edit_config(d, lambda c: c.update(num_hidden_layers=100000))
+    with pytest.raises(CheckpointError, match="config"):
+        LlamaForCausalLM.from_pretrained(d)
+
+
+def test_precheck_leaves_other_folders_to_transformers(tmp_path):
+    """A plain model folder, a GPTQ-style folder (qweight + qzeros) and a hub id are not matquant's business."""
+    import transformers as T
+
+    from matquant.format.validate import looks_like_matquant
+
+    cfg = T.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1)
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "plain")
+    assert not looks_like_matquant(tmp_path / "plain")
+    assert isinstance(T.AutoModelForCausalLM.from_pretrained(tmp_path / "plain"), T.LlamaForCausalLM)
+    gptq = tmp_path / "gptq"
+    gptq.mkdir()
+    save_file({"model.layers.0.mlp.up_proj.qweight": torch.zeros(2, 2, dtype=torch.int32),
+               "model.layers.0.mlp.up_proj.qzeros": torch.zeros(1, 2, dtype=torch.int32),
+               "model.layers.0.mlp.up_proj.scales": torch.ones(1, 2)}, str(gptq / "model.safetensors"))
+    assert not looks_like_matquant(gptq)
+    assert not looks_like_matquant("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert not looks_like_matquant(b"\0bytes")
+
+
+def test_matquant_folder_is_recognised_by_its_weights_when_config_is_gone(ckpt):
+    from matquant.format.validate import looks_like_matquant
+
+    d, _ = ckpt
+    assert looks_like_matquant(d)
+    (d / "config.json").write_text("{")
+    assert looks_like_matquant(d)
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        _from_pretrained(d)

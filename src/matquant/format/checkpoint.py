@@ -174,6 +174,16 @@ def tied_keys(model) -> set[str]:
     return {f"{names[0]}.weight"} if names else set()
 
 
+def precheck(ckpt_dir) -> None:
+    """Every check `load_checkpoint` makes before it builds anything (files, config.json, the architecture config
+    transformers would build, its size against the weights header), raising CheckpointError. Run by the
+    transformers hook before transformers parses config.json itself."""
+    cfg, _ = read_quant_config(ckpt_dir)
+    cfg_path, wpath = V.checkpoint_files(ckpt_dir)
+    V.check_config_size(cfg, V.read_header(wpath), cfg_path)
+    hf_config(cfg, cfg_path)
+
+
 def load_checkpoint(ckpt_dir, bits=None, slicing: str | None = None, device: str = "cpu",
                     dtype: torch.dtype = torch.float32):
     """(model, tokenizer, qconfig). `bits` (int or map) overrides the stored default precision / bits map."""

@@ -69,6 +69,36 @@ def checkpoint_files(d) -> tuple[Path, Path]:
     return cfg, _regular_file(w, WEIGHTS_NAME)
 
 
+MARK_BYTES = 4 * 2**20  # how much of each file `looks_like_matquant` reads
+
+
+def _head_bytes(p: Path, n: int = MARK_BYTES) -> bytes:
+    """The first n bytes of p if it is a regular file (never opens a FIFO or a device), else b""."""
+    try:
+        if not stat.S_ISREG(p.stat().st_mode):
+            return b""
+        with open(p, "rb") as f:
+            return f.read(n)
+    except (OSError, ValueError):
+        return b""
+
+
+def looks_like_matquant(d) -> bool:
+    """Whether local folder `d` is (or was, before corruption) a matquant checkpoint: its config.json names matquant,
+    or its safetensors header holds matquant's code tensors (`<module>.qweight` with `<module>.zeros`; GPTQ/AWQ
+    folders store `qzeros`, so they do not match). Never raises; reads at most a few MiB."""
+    try:
+        d = Path(d)
+        if not d.is_dir():
+            return False
+    except (OSError, TypeError, ValueError):
+        return False
+    if b'"matquant"' in _head_bytes(d / CONFIG_NAME):
+        return True
+    head = _head_bytes(d / WEIGHTS_NAME)
+    return b'.qweight"' in head and b'.zeros"' in head
+
+
 def read_config(path: Path) -> dict:
     """config.json as a dict with a quantization_config object (not yet validated)."""
     try:

@@ -1,9 +1,17 @@
 """Register "matquant" with transformers so that `AutoModelForCausalLM.from_pretrained(DIR)` loads a matquant
 checkpoint (after `import matquant`), with its MatQuantLinear layers ready for `matquant.set_bits`.
 
-Uses transformers' public hooks `register_quantization_config` and `register_quantizer`.
+Uses transformers' public hooks `register_quantization_config` and `register_quantizer`, plus one pre-check
+(`install_precheck`): transformers parses config.json before any quantizer hook runs, so a corrupt matquant folder
+would fail inside transformers (JSONDecodeError, its dataclass validation, a default-size model built for a
+quant_method that is no longer matquant, ...). `import matquant` therefore wraps `PreTrainedConfig.get_config_dict`:
+for a LOCAL folder that is a matquant checkpoint (`format.validate.looks_like_matquant`) it first runs the checks
+`matquant.load` runs (`format.checkpoint.precheck`), raising CheckpointError; every other path is passed through
+untouched.
 """
 from __future__ import annotations
+
+import functools
 
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -139,3 +147,27 @@ def _skip_parent_init(model) -> None:
                 not any(True for _ in module.buffers(recurse=False)):
             module._is_hf_initialized = True
 
+
+
+def install_precheck() -> None:
+    """Wrap transformers' config reading with matquant's pre-checks for local matquant folders (idempotent)."""
+    from transformers import PretrainedConfig
+
+    orig = PretrainedConfig.get_config_dict.__func__
+    if getattr(orig, "_matquant_precheck", False):
+        return
+
+    @functools.wraps(orig)
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        from matquant.format import validate as V
+        from matquant.format.checkpoint import precheck
+
+        if V.looks_like_matquant(pretrained_model_name_or_path):  # never raises; False for hub ids
+            precheck(pretrained_model_name_or_path)
+        return orig(cls, pretrained_model_name_or_path, **kwargs)
+
+    get_config_dict._matquant_precheck = True
+    PretrainedConfig.get_config_dict = classmethod(get_config_dict)
+
+
+install_precheck()
