@@ -46,11 +46,12 @@ def describe(stem: str) -> tuple[str, str]:
         return "fp32 reference (F32 GGUF)", "–"
     if m:
         return f"llama.cpp {m.group(2)}{' + imatrix' if m.group(3) else ''}", m.group(1) or "all"
-    m = re.fullmatch(r"(rtn|mg|peer-ours)-(?:(g32|g64)-)?(int\d|map)(-k)?", stem)
-    if m:
-        who = {"rtn": "RTN g64", "mg": "MatGPTQ g64", "peer-ours": f"RTN {m.group(2)}"}[m.group(1)]
+    m = re.fullmatch(r"(rtn|mg|mga|q|qa|peer-ours)-(?:(g32|g64)-)?(int\d|map)(-k)?", stem)
+    if m:  # mg/q: MatGPTQ default / --recipe quality, FFN-only; mga/qa: the same on FFN+attention
+        who = {"rtn": "RTN g64", "mg": "MatGPTQ g64", "mga": "MatGPTQ g64", "q": "quality recipe g64",
+               "qa": "quality recipe g64", "peer-ours": f"RTN {m.group(2)}"}[m.group(1)]
         what = "3.0-bit Mix'n'Match map" if m.group(3) == "map" else m.group(3)
-        return f"matquant {who} {what}{' --k-quants' if m.group(4) else ''}", "ffn"
+        return f"matquant {who} {what}{' --k-quants' if m.group(4) else ''}", "all" if m.group(1) in ("mga", "qa") else "ffn"
     return stem, "?"
 
 

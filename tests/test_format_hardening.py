@@ -320,3 +320,23 @@ def test_matquant_folder_is_recognised_by_its_weights_when_config_is_gone(ckpt):
     assert looks_like_matquant(d)
     with pytest.raises(CheckpointError, match="not valid JSON"):
         _from_pretrained(d)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("value", ["nested", "[1]", 7])
+def test_config_dtype_must_name_a_float_dtype(ckpt, loader, value):
+    """Long fuzz run, seed 12 #2430 / #6214: transformers raised TypeError / IndexError resolving `dtype`."""
+    d, _ = ckpt
+    _edit_config(d, lambda c: c.update(dtype=value))
+    with pytest.raises(CheckpointError, match="dtype"):
+        LOADERS[loader](d)
+
+
+def test_edited_quant_method_with_unreadable_weights_is_still_recognised(ckpt):
+    """Seed 12 #1164: quant_method 8 and model.safetensors a symlink loop: transformers raised OSError."""
+    d, _ = ckpt
+    _edit_config(d, lambda c: c["quantization_config"].update(quant_method=8))
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors").symlink_to(d / "model.safetensors")
+    with pytest.raises(CheckpointError):
+        _from_pretrained(d)

@@ -69,6 +69,7 @@ def checkpoint_files(d) -> tuple[Path, Path]:
     return cfg, _regular_file(w, WEIGHTS_NAME)
 
 
+FLOAT_DTYPE_NAMES = frozenset({"float32", "float16", "bfloat16", "float64", "auto"})
 MARK_BYTES = 4 * 2**20  # how much of each file `looks_like_matquant` reads
 
 
@@ -84,8 +85,8 @@ def _head_bytes(p: Path, n: int = MARK_BYTES) -> bytes:
 
 
 def looks_like_matquant(d) -> bool:
-    """Whether local folder `d` is (or was, before corruption) a matquant checkpoint: its config.json names matquant,
-    or its safetensors header holds matquant's code tensors (`<module>.qweight` with `<module>.zeros`; GPTQ/AWQ
+    """Whether local folder `d` is (or was, before corruption) a matquant checkpoint: its config.json names matquant
+    or holds matquant's own quantization_config keys (master_bits and slicing), or its safetensors header holds matquant's code tensors (`<module>.qweight` with `<module>.zeros`; GPTQ/AWQ
     folders store `qzeros`, so they do not match). Never raises; reads at most a few MiB."""
     try:
         d = Path(d)
@@ -93,7 +94,8 @@ def looks_like_matquant(d) -> bool:
             return False
     except (OSError, TypeError, ValueError):
         return False
-    if b'"matquant"' in _head_bytes(d / CONFIG_NAME):
+    cfg = _head_bytes(d / CONFIG_NAME)
+    if b'"matquant"' in cfg or (b'"master_bits"' in cfg and b'"slicing"' in cfg):  # also with quant_method edited
         return True
     head = _head_bytes(d / WEIGHTS_NAME)
     return b'.qweight"' in head and b'.zeros"' in head
@@ -156,6 +158,10 @@ def check_config_types(cfg: dict, defaults: dict, path: Path | str = CONFIG_NAME
     for k, v in cfg.items():
         if isinstance(v, float) and not math.isfinite(v):  # rms_norm_eps: NaN loaded fine and gave NaN logits
             raise CheckpointError(f"{path}: {k} is {v}; a model config holds finite numbers only (corrupt file).")
+        if k in ("dtype", "torch_dtype") and v is not None and v not in FLOAT_DTYPE_NAMES:
+            # transformers resolves it to a torch dtype before any matquant hook (fuzz: "nested" -> TypeError)
+            raise CheckpointError(f"{path}: {k} is {v!r:.60}, not one of {sorted(FLOAT_DTYPE_NAMES)} or null; "
+                                  "edited or corrupt config.json.")
         d = defaults.get(k)
         if v is None or d is None or k.endswith("token_id") or k == "quantization_config":
             continue
