@@ -323,9 +323,10 @@ def test_matquant_folder_is_recognised_by_its_weights_when_config_is_gone(ckpt):
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-@pytest.mark.parametrize("value", ["nested", "[1]", 7])
+@pytest.mark.parametrize("value", ["nested", "[1]", 7, ["model.layers.0.mlp.up_proj"], {"a": 1}])
 def test_config_dtype_must_name_a_float_dtype(ckpt, loader, value):
-    """Long fuzz run, seed 12 #2430 / #6214: transformers raised TypeError / IndexError resolving `dtype`."""
+    """Long fuzz run, seed 12 #2430 / #6214: transformers raised TypeError / IndexError resolving `dtype`; seeds 13
+    #4293 / 14 #1827: a list or dict crashed the first version of this check (unhashable)."""
     d, _ = ckpt
     _edit_config(d, lambda c: c.update(dtype=value))
     with pytest.raises(CheckpointError, match="dtype"):

@@ -158,7 +158,8 @@ def check_config_types(cfg: dict, defaults: dict, path: Path | str = CONFIG_NAME
     for k, v in cfg.items():
         if isinstance(v, float) and not math.isfinite(v):  # rms_norm_eps: NaN loaded fine and gave NaN logits
             raise CheckpointError(f"{path}: {k} is {v}; a model config holds finite numbers only (corrupt file).")
-        if k in ("dtype", "torch_dtype") and v is not None and v not in FLOAT_DTYPE_NAMES:
+        if k in ("dtype", "torch_dtype") and v is not None and \
+                not (isinstance(v, str) and v in FLOAT_DTYPE_NAMES):  # (a list or dict is unhashable)
             # transformers resolves it to a torch dtype before any matquant hook (fuzz: "nested" -> TypeError)
             raise CheckpointError(f"{path}: {k} is {v!r:.60}, not one of {sorted(FLOAT_DTYPE_NAMES)} or null; "
                                   "edited or corrupt config.json.")
