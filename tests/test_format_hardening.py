@@ -226,6 +226,8 @@ def test_non_regular_weights_file_is_refused(ckpt, tmp_path):
     (lambda c: c.update(output_hidden_states="0b0"), "output_hidden_states is str"),
     # the long fuzz run (seed 10, #8948, #7993): loaded fine and gave NaN logits
     (lambda c: c.update(rms_norm_eps=float("nan")), "rms_norm_eps is nan"),
+    # fuzz seed 14 #17180: loaded fine, the first forward raised AttributeError (return_dict is not in to_dict())
+    (lambda c: c.update(return_dict="False"), "return_dict is str"),
 ])
 def test_fuzz_found_config_crashes_are_checkpoint_errors(ckpt, loader, edit, match):
     d, _ = ckpt

@@ -69,6 +69,7 @@ def checkpoint_files(d) -> tuple[Path, Path]:
     return cfg, _regular_file(w, WEIGHTS_NAME)
 
 
+BOOL_KEYS = ("return_dict", "output_hidden_states", "output_attentions", "use_cache", "tie_word_embeddings")
 FLOAT_DTYPE_NAMES = frozenset({"float32", "float16", "bfloat16", "float64", "auto"})
 MARK_BYTES = 4 * 2**20  # how much of each file `looks_like_matquant` reads
 
@@ -163,7 +164,7 @@ def check_config_types(cfg: dict, defaults: dict, path: Path | str = CONFIG_NAME
             # transformers resolves it to a torch dtype before any matquant hook (fuzz: "nested" -> TypeError)
             raise CheckpointError(f"{path}: {k} is {v!r:.60}, not one of {sorted(FLOAT_DTYPE_NAMES)} or null; "
                                   "edited or corrupt config.json.")
-        d = defaults.get(k)
+        d = defaults.get(k, True if k in BOOL_KEYS else None)  # some flags are missing from to_dict()
         if v is None or d is None or k.endswith("token_id") or k == "quantization_config":
             continue
         if isinstance(d, bool):
