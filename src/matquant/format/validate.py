@@ -87,8 +87,9 @@ def _head_bytes(p: Path, n: int = MARK_BYTES) -> bytes:
 
 def looks_like_matquant(d) -> bool:
     """Whether local folder `d` is (or was, before corruption) a matquant checkpoint: its config.json names matquant
-    or holds matquant's own quantization_config keys (master_bits and slicing), or its safetensors header holds matquant's code tensors (`<module>.qweight` with `<module>.zeros`; GPTQ/AWQ
-    folders store `qzeros`, so they do not match). Never raises; reads at most a few MiB."""
+    or holds matquant's own quantization_config keys (master_bits and slicing), or its safetensors header holds
+    matquant's code tensors (`<module>.qweight` with `<module>.zeros`; GPTQ/AWQ folders store `qzeros`, so they do
+    not match). Never raises; reads at most a few MiB."""
     try:
         d = Path(d)
         if not d.is_dir():

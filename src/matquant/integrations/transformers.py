@@ -148,7 +148,6 @@ def _skip_parent_init(model) -> None:
             module._is_hf_initialized = True
 
 
-
 def install_precheck() -> None:
     """Wrap transformers' config reading with matquant's pre-checks for local matquant folders (idempotent)."""
     from transformers import PretrainedConfig
