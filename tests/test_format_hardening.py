@@ -228,6 +228,9 @@ def test_non_regular_weights_file_is_refused(ckpt, tmp_path):
     (lambda c: c.update(rms_norm_eps=float("nan")), "rms_norm_eps is nan"),
     # fuzz seed 14 #17180: loaded fine, the first forward raised AttributeError (return_dict is not in to_dict())
     (lambda c: c.update(return_dict="False"), "return_dict is str"),
+    # fuzz seeds 14 #17180, 15 #12412, 16 #3154: the bool false (the fuzz log printed it as 'False'): transformers'
+    # own Llama/Qwen2 forward then fails reading its inner model's output
+    (lambda c: c.update(return_dict=False), "return_dict: false"),
 ])
 def test_fuzz_found_config_crashes_are_checkpoint_errors(ckpt, loader, edit, match):
     d, _ = ckpt

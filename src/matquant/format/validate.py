@@ -157,6 +157,12 @@ def check_config_types(cfg: dict, defaults: dict, path: Path | str = CONFIG_NAME
     """Each config.json value has the type of the architecture's default for that key (int where a float is
     expected is fine; null is always allowed; token ids may be lists): a string where transformers expects a bool
     would otherwise load and fail later, inside the first forward pass."""
+    if cfg.get("return_dict") is False:
+        # transformers 5's causal-LM heads read their inner model's output as an object, so a model whose config
+        # says return_dict: false loads and then fails in its first forward (AttributeError, fuzz seed 15 #12412)
+        raise CheckpointError(f"{path} sets return_dict: false, with which transformers' causal-LM forward fails "
+                              "(it reads the inner model's output object); remove the key or set it to true, and "
+                              "pass return_dict=False to a call to get tuples.")
     for k, v in cfg.items():
         if isinstance(v, float) and not math.isfinite(v):  # rms_norm_eps: NaN loaded fine and gave NaN logits
             raise CheckpointError(f"{path}: {k} is {v}; a model config holds finite numbers only (corrupt file).")
