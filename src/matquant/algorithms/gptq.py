@@ -178,7 +178,7 @@ def nearest_round_fn(bits: int) -> RoundFn:
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
                          param_dtype: torch.dtype = torch.float16, percdamp: float = 0.01, act_order: bool = False,
                          blocksize: int = DEFAULT_BLOCKSIZE, name: str = "layer", clip: str = DEFAULT_CLIP,
-                         slicing: str = DEFAULT_SLICING) -> tuple[QuantizedWeight, float]:
+                         slicing: str = DEFAULT_SLICING, refit: bool = False) -> tuple[QuantizedWeight, float]:
     """GPTQ-quantize one [out, in] weight with Hessian H to `bits` bits; returns (QuantizedWeight, loss).
     `clip` != 'minmax' searches the group parameters for the served slices under `slicing` (quant/clip_search.py)."""
     check_bits(bits)
@@ -187,6 +187,11 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size
     codes, s, z, loss = gptq_columns(W, H, group_size=gs, params_fn=pfn,
                                      round_fn=nearest_round_fn(bits), percdamp=percdamp, act_order=act_order,
                                      blocksize=blocksize, name=name)
+    if refit:  # (α, z) re-solved for the chosen codes against the int-`bits` output error (quant/refit.py)
+        from matquant.quant.refit import refit_params
+
+        s, z, _ = refit_params(W, H, codes, s, z, master_bits=bits, group_size=gs, slicing=slicing,
+                               symmetric=symmetric, param_dtype=param_dtype)
     return QuantizedWeight(codes=codes, scales=s.to(param_dtype), zeros=z.to(param_dtype), bits=bits,
                            group_size=gs), loss
 
@@ -231,15 +236,16 @@ def blockwise_hessian_method(model, targets, calib, quantize_layer, *, true_sequ
 def gptq(model, targets: list[str], *, master_bits: int, group_size: int, symmetric: bool, param_dtype,
          slicing: str = DEFAULT_SLICING, calib=None, progress: bool = True, damp: float = 0.01,
          act_order: bool = False, blocksize: int = DEFAULT_BLOCKSIZE, true_sequential: bool = True, device=None,
-         batch_size: int = 1, clip: str = DEFAULT_CLIP) -> dict[str, QuantizedWeight]:
+         batch_size: int = 1, clip: str = DEFAULT_CLIP, refit: bool = False) -> dict[str, QuantizedWeight]:
     """Standard GPTQ at `master_bits` bits (the dedicated per-bit baseline; same checkpoint format). With
     clip='minmax' (default) its codes do not depend on `slicing` (only the checkpoint's default reading rule does);
-    'mse' / 'weighted' (h = diag H) search each group's (α, z) for the served slices under `slicing`."""
+    'mse' / 'weighted' (h = diag H) search each group's (α, z) for the served slices under `slicing`. `refit`:
+    re-solve each row's (α, z) for its final codes by least squares on ‖(W − Ŵ)X‖² (quant/refit.py)."""
     check_clip(clip)
 
     def q(name, W, H):
         qw, _ = gptq_quantize_weight(W, H, master_bits, group_size, symmetric, param_dtype, damp, act_order,
-                                     blocksize, name, clip, slicing)
+                                     blocksize, name, clip, slicing, refit)
         return qw
 
     return blockwise_hessian_method(model, targets, calib, q, true_sequential=true_sequential, device=device,

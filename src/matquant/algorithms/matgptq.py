@@ -31,6 +31,7 @@ import torch
 
 from matquant.algorithms.gptq import DEFAULT_BLOCKSIZE, blockwise_hessian_method, gptq_columns
 from matquant.quant.clip_search import DEFAULT_CLIP, check_clip
+from matquant.quant.refit import refit_params
 from matquant.quant.minmax import QuantizedWeight, affine_params, check_bits, resolve_group_size, symmetric_scale
 from matquant.quant.slicing import DEFAULT_SLICING, check_slicing, slice_master
 
@@ -240,7 +241,7 @@ def search_params_fn(rounder: MultiSliceRounder, symmetric: bool, param_dtype, f
 def matgptq_quantize_weight(W, H, rounder: MultiSliceRounder, group_size: int, symmetric: bool = False,
                             param_dtype=torch.float16, percdamp: float = 0.01, act_order: bool = False,
                             group_params: str = "minmax", blocksize: int = DEFAULT_BLOCKSIZE, name: str = "layer",
-                            clip: str = DEFAULT_CLIP):
+                            clip: str = DEFAULT_CLIP, refit: bool = False):
     from matquant.algorithms.gptq import group_params_fn
 
     check_group_params(group_params, clip)
@@ -250,6 +251,9 @@ def matgptq_quantize_weight(W, H, rounder: MultiSliceRounder, group_size: int, s
                                 rounder.codes))
     codes, s, z, loss = gptq_columns(W, H, group_size=gs, params_fn=pfn, round_fn=rounder.round, percdamp=percdamp,
                                      act_order=act_order, blocksize=blocksize, name=name)
+    if refit:  # (α, z) re-solved for the chosen codes against every slice's output error (quant/refit.py)
+        s, z, _ = refit_params(W, H, codes, s, z, master_bits=rounder.c, group_size=gs, slicing=rounder.mode,
+                               bits=rounder.bits, lambdas=rounder.lam, symmetric=symmetric, param_dtype=param_dtype)
     return QuantizedWeight(codes=codes, scales=s.to(param_dtype), zeros=z.to(param_dtype), bits=rounder.c,
                            group_size=gs), loss
 
@@ -258,11 +262,13 @@ def matgptq(model, targets: list[str], *, master_bits: int, group_size: int, sym
             slicing: str = DEFAULT_SLICING, calib=None, progress: bool = True, bits_list=None, lambdas=None,
             error_feedback: str = DEFAULT_ERROR_FEEDBACK, group_params: str = DEFAULT_GROUP_PARAMS, damp: float = 0.01,
             act_order: bool = False, blocksize: int = DEFAULT_BLOCKSIZE, true_sequential: bool = True, device=None,
-            batch_size: int = 1, propagate="master", clip: str = DEFAULT_CLIP) -> dict[str, QuantizedWeight]:
+            batch_size: int = 1, propagate="master", clip: str = DEFAULT_CLIP,
+            refit: bool = False) -> dict[str, QuantizedWeight]:
     """Multi-precision GPTQ: int-`master_bits` codes good for every precision in `bits_list` under `slicing`.
 
     `clip`: group (α, z) by MinMax ('minmax', default), or by the clipping search of quant/clip_search.py for the
-    same R, λ and multi-slice code choice, with h = 1 ('mse') or h = diag(H) ('weighted').
+    same R, λ and multi-slice code choice, with h = 1 ('mse') or h = diag(H) ('weighted'). `refit`: after the column
+    loop, re-solve each row's (α, z) for its codes by least squares on Σ_r λ_r ‖(W − Ŵ_r)X‖² (quant/refit.py).
 
     `propagate` is what the next layers and blocks see while the pass runs: "master" (the int-c weights, default),
     an int r (the r-bit slice, e.g. 4), or "fp" (the full-precision weights: every layer is calibrated on fp inputs).
@@ -273,7 +279,7 @@ def matgptq(model, targets: list[str], *, master_bits: int, group_size: int, sym
 
     def q(name, W, H):
         qw, _ = matgptq_quantize_weight(W, H, rounder, group_size, symmetric, param_dtype, damp, act_order,
-                                        group_params, blocksize, name, clip)
+                                        group_params, blocksize, name, clip, refit)
         return qw
 
     return blockwise_hessian_method(model, targets, calib, q, true_sequential=true_sequential, device=device,

@@ -86,6 +86,9 @@ def add_quant_args(p, method_default: str = "matgptq", threads_default: int | No
     g.add_argument("--group-params", default=DEFAULT_GROUP_PARAMS, choices=GROUP_PARAMS,
                    help="matgptq: group scale/zero: MinMax at C bits, or a per-row search of the range that "
                         "minimises the lambda-weighted multi-slice error (default %(default)s)")
+    g.add_argument("--refit", action="store_true", default=None,
+                   help="after the column loop, re-solve every group's scale/zero for its final codes by least squares "
+                        "on the calibration output error of every served slice (docs/results.md, 'Refit')")
     g.add_argument("--propagate", default="master", metavar="master|fp|BITS",
                    help="matgptq: what later layers see during the pass: the int-C master weights (default), the "
                         "full-precision weights (fp), or one slice (e.g. 4)")
@@ -134,6 +137,8 @@ def method_kwargs(args) -> dict:
     kw = dict(damp=args.damp, act_order=args.act_order, batch_size=args.calib_batch_size)
     if args.quant_device:
         kw["device"] = args.quant_device
+    if getattr(args, "refit", None):
+        kw["refit"] = True  # recorded only when used
     if args.method == "matgptq":
         kw.update(bits_list=args.bits_list, lambdas=args.lambdas, error_feedback=args.error_feedback,
                   group_params=args.group_params, propagate=args.propagate)
