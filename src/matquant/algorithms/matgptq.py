@@ -31,8 +31,8 @@ import torch
 
 from matquant.algorithms.gptq import DEFAULT_BLOCKSIZE, blockwise_hessian_method, gptq_columns
 from matquant.quant.clip_search import DEFAULT_CLIP, check_clip
-from matquant.quant.refit import refit_params
 from matquant.quant.minmax import QuantizedWeight, affine_params, check_bits, resolve_group_size, symmetric_scale
+from matquant.quant.refit import refit_params
 from matquant.quant.slicing import DEFAULT_SLICING, check_slicing, slice_master
 
 DEFAULT_BITS = (8, 4, 3, 2)
