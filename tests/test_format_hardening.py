@@ -231,6 +231,9 @@ def test_non_regular_weights_file_is_refused(ckpt, tmp_path):
     # fuzz seeds 14 #17180, 15 #12412, 16 #3154: the bool false (the fuzz log printed it as 'False'): transformers'
     # own Llama/Qwen2 forward then fails reading its inner model's output
     (lambda c: c.update(return_dict=False), "return_dict: false"),
+    # fuzz seeds 15-17 (#2522, #25510, #20234, ...): a deeply nested value (here 200 levels) loaded through
+    # matquant.load but made from_pretrained raise RecursionError inside transformers' config copy
+    (lambda c: c["id2label"].update({"1": json.loads("[" * 200 + "]" * 200)}), "nests values"),
 ])
 def test_fuzz_found_config_crashes_are_checkpoint_errors(ckpt, loader, edit, match):
     d, _ = ckpt

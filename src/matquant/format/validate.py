@@ -103,6 +103,23 @@ def looks_like_matquant(d) -> bool:
     return b'.qweight"' in head and b'.zeros"' in head
 
 
+MAX_CONFIG_DEPTH = 32  # JSON nesting levels of config.json (real configs: 3-4)
+
+
+def _depth(v, limit: int = MAX_CONFIG_DEPTH + 1) -> int:
+    """Nesting depth of a JSON value (a scalar is 0), counted without recursion and capped at `limit`."""
+    best, stack = 0, [(v, 0)]
+    while stack:
+        x, d = stack.pop()
+        if isinstance(x, (dict, list)):
+            if d + 1 > best:
+                best = d + 1
+                if best >= limit:
+                    return best
+            stack.extend((c, d + 1) for c in (x.values() if isinstance(x, dict) else x))
+    return best
+
+
 def read_config(path: Path) -> dict:
     """config.json as a dict with a quantization_config object (not yet validated)."""
     try:
@@ -111,6 +128,10 @@ def read_config(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({str(e).splitlines()[0][:200]}); the file is corrupt.") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(cfg).__name__}; the file is corrupt.")
+    depth = _depth(cfg)
+    if depth > MAX_CONFIG_DEPTH:  # transformers' config copy recurses per level (fuzz seed 17 #20234: RecursionError)
+        raise CheckpointError(f"{path} nests values {depth} levels deep; a model config nests a few levels at most "
+                              f"(limit {MAX_CONFIG_DEPTH}): edited or corrupt file.")
     if "quantization_config" not in cfg:
         raise CheckpointError(f"{path} has no quantization_config: this is a plain model, not a matquant "
                               "checkpoint. Quantize it with `matquant quantize --model DIR`.")
