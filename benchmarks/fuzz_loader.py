@@ -11,8 +11,10 @@ watched by this one: a mutant using more than `--timeout` CPU seconds or `--wall
 is killed and reported as a crash too, and the worker restarts at the next seed.
 
 `from_pretrained` errors raised by transformers *before* any matquant code runs (its own config.json parsing: an
-unknown model_type, a config value its dataclass validation refuses, a non-matquant quant_method) are out of
-matquant's reach and are counted separately ("transformers-config"), not hidden.
+unknown model_type, a config value its dataclass validation refuses, a non-matquant quant_method) on a folder that
+no longer looks like a matquant checkpoint (`format.validate.looks_like_matquant`: no matquant mark left in
+config.json or the weights header) are out of matquant's reach and are counted separately ("transformers-config"),
+not hidden; on a folder that still looks like one (so `import matquant`'s pre-check ran) they are crashes.
 
 Mutations (1-3 per input, all drawn from the seed): config.json values and types (any key, the quantization_config's
 too), config.json bytes, the safetensors header JSON (dtype, shape, data_offsets, entries added/dropped/renamed,
@@ -347,15 +349,20 @@ def _logits_finite(model) -> bool:
         return bool(torch.isfinite(out[0] if isinstance(out, tuple) else out.logits).all())  # return_dict: false
 
 
-def _classify(fn, hf: bool):
+def _classify(fn, hf: bool, folder=None):
     from matquant.format import CheckpointError
+    from matquant.format.validate import looks_like_matquant
 
     _Entered.flag = False
+    ours = hf and looks_like_matquant(folder)  # the pre-check's own test, before transformers touches the folder
     try:
         out = fn()
     except CheckpointError as e:
         return "checkpoint-error" if "\n" not in str(e) and str(e) else "crash:CheckpointError-not-one-line", None
     except Exception as e:
+        if hf and not _Entered.flag and ours:
+            # a folder matquant recognises (so its pre-check ran) still reached transformers' own error: ours to fix
+            return f"crash:transformers-on-matquant-folder-{type(e).__name__}", traceback.format_exc()
         if hf and not _Entered.flag:
             return "transformers-config", f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         return f"crash:{type(e).__name__}", traceback.format_exc()
@@ -399,7 +406,7 @@ def run_targets(d: Path, eval_text: Path, do_eval: bool, do_hf: bool = True) -> 
     res["load"] = _classify(lambda: matquant.load(d), hf=False)
     if do_hf:
         print(MARK + json.dumps({"target": "from_pretrained"}), flush=True)
-        res["from_pretrained"] = _classify(lambda: AutoModelForCausalLM.from_pretrained(str(d)), hf=True)
+        res["from_pretrained"] = _classify(lambda: AutoModelForCausalLM.from_pretrained(str(d)), hf=True, folder=d)
         print(MARK + json.dumps({"target": None}), flush=True)
     res["info"] = _cli(["info", str(d), "--modules"])
     if do_eval:
