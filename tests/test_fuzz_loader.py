@@ -31,6 +31,18 @@ def test_harness_tells_crashes_from_clean_errors():
     assert fz._classify(lambda: raise_(KeyError("x")), hf=True)[0] == "transformers-config"  # matquant never ran
 
 
+def test_transformers_errors_on_a_matquant_folder_are_crashes(tmp_path):
+    fz = _fuzz()
+    seed = fz.build_seed(tmp_path / "seed")
+
+    def boom():
+        raise RecursionError("inside transformers")
+
+    # the folder is recognisably matquant, so the pre-check ran: an error past it is ours to fix
+    assert fz._classify(boom, hf=True, folder=seed)[0] == "crash:transformers-on-matquant-folder-RecursionError"
+    assert fz._classify(boom, hf=True, folder=tmp_path)[0] == "transformers-config"  # no matquant mark left
+
+
 def test_mutations_are_reproducible_from_the_seed(tmp_path):
     fz = _fuzz()
     seed = fz.build_seed(tmp_path / "seed")
