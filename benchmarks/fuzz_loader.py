@@ -501,11 +501,6 @@ def supervise(args) -> dict:
                         continue
                     done += 1
                     nxt = rec["i"] + 1
-                    if args.out and args.save_every > 0 and time.time() - saved > args.save_every:
-                        # a long run keeps its counts on disk: a killed supervisor loses at most save_every seconds
-                        write_summary(summary_of(done, time.time() - t0, counts, tf_errors, crashes, args, False),
-                                      args.out)
-                        saved = time.time()
                     for target, (outcome, detail) in rec["results"].items():
                         counts.setdefault(target, {}).setdefault(outcome, 0)
                         counts[target][outcome] += 1
@@ -522,6 +517,12 @@ def supervise(args) -> dict:
                                                          "trace": (detail or "")[-1500:]})
                             c["count"] += 1
                     current = None
+                    if args.out and args.save_every > 0 and time.time() - saved > args.save_every:
+                        # a long run keeps its counts on disk: a killed supervisor loses at most save_every seconds
+                        # (written after this mutant's outcomes are counted, so inputs == the outcomes' sum)
+                        write_summary(summary_of(done, time.time() - t0, counts, tf_errors, crashes, args, False),
+                                      args.out)
+                        saved = time.time()
             if ready and not chunk:  # EOF: the worker exited
                 proc.wait()
                 break
@@ -562,6 +563,7 @@ def supervise(args) -> dict:
             if time.time() - t0 > args.time_limit:
                 proc.kill()
                 proc.wait()
+                killed = "time-limit"  # our own stop: the mutant in flight is not counted (it was a crash before)
                 break
         if proc.poll() is not None and not killed and current is not None:  # the worker died on its own
             key = f"any:worker-died-rc{proc.returncode}"
