@@ -143,7 +143,7 @@ def mut_config_value(d: Path, rng):
             old = None
         v = _odd(rng, old)
         _set(cfg, path, v)
-        what = f"set {'.'.join(map(str, path))} = {repr(v)[:40]}"  # repr: False and 'False' look different"
+        what = f"set {'.'.join(map(str, path))} = {repr(v)[:40]}"  # repr: False and 'False' look different
     (d / CONFIG).write_text(json.dumps(cfg, allow_nan=True))
     return what
 

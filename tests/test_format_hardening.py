@@ -226,7 +226,8 @@ def test_non_regular_weights_file_is_refused(ckpt, tmp_path):
     (lambda c: c.update(output_hidden_states="0b0"), "output_hidden_states is str"),
     # the long fuzz run (seed 10, #8948, #7993): loaded fine and gave NaN logits
     (lambda c: c.update(rms_norm_eps=float("nan")), "rms_norm_eps is nan"),
-    # fuzz seed 14 #17180: loaded fine, the first forward raised AttributeError (return_dict is not in to_dict())
+    # a string where a bool belongs (return_dict is not in to_dict(), so it needs BOOL_KEYS); first written for seed
+    # 14 #17180, which was in fact the bool false (next case)
     (lambda c: c.update(return_dict="False"), "return_dict is str"),
     # fuzz seeds 14 #17180, 15 #12412, 16 #3154: the bool false (the fuzz log printed it as 'False'): transformers'
     # own Llama/Qwen2 forward then fails reading its inner model's output

@@ -29,6 +29,7 @@ from matquant.algorithms.blocks import BlockContext, run_blockwise
 from matquant.models.targets import linear_weight
 from matquant.quant.clip_search import DEFAULT_CLIP, check_clip, clip_search
 from matquant.quant.minmax import QuantizedWeight, check_bits, dequantize_codes, minmax_params, resolve_group_size
+from matquant.quant.refit import refit_params
 from matquant.quant.rounding import round_half_up
 from matquant.quant.slicing import DEFAULT_SLICING
 
@@ -188,8 +189,6 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size
                                      round_fn=nearest_round_fn(bits), percdamp=percdamp, act_order=act_order,
                                      blocksize=blocksize, name=name)
     if refit:  # (α, z) re-solved for the chosen codes against the int-`bits` output error (quant/refit.py)
-        from matquant.quant.refit import refit_params
-
         s, z, _ = refit_params(W, H, codes, s, z, master_bits=bits, group_size=gs, slicing=slicing,
                                symmetric=symmetric, param_dtype=param_dtype)
     return QuantizedWeight(codes=codes, scales=s.to(param_dtype), zeros=z.to(param_dtype), bits=bits,

@@ -128,10 +128,9 @@ def read_config(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({str(e).splitlines()[0][:200]}); the file is corrupt.") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(cfg).__name__}; the file is corrupt.")
-    depth = _depth(cfg)
-    if depth > MAX_CONFIG_DEPTH:  # transformers' config copy recurses per level (fuzz seed 17 #20234: RecursionError)
-        raise CheckpointError(f"{path} nests values {depth} levels deep; a model config nests a few levels at most "
-                              f"(limit {MAX_CONFIG_DEPTH}): edited or corrupt file.")
+    if _depth(cfg) > MAX_CONFIG_DEPTH:  # transformers' config copy recurses per level (fuzz seed 17 #20234: RecursionError)
+        raise CheckpointError(f"{path} nests values more than {MAX_CONFIG_DEPTH} levels deep; a model config nests a "
+                              "few levels at most: edited or corrupt file.")
     if "quantization_config" not in cfg:
         raise CheckpointError(f"{path} has no quantization_config: this is a plain model, not a matquant "
                               "checkpoint. Quantize it with `matquant quantize --model DIR`.")

@@ -47,12 +47,7 @@ def refit_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
     G = in_f // gs
     bits = (master_bits,) if bits is None else tuple(bits)
     lam = (1.0,) * len(bits) if lambdas is None else tuple(float(x) for x in lambdas)
-    H = H.double()
-    dead = torch.diag(H) == 0
-    if dead.any():  # columns never seen in calibration: no information on them
-        H = H.clone()
-        H[dead, :] = 0
-        H[:, dead] = 0
+    H = H.double()  # (a column never seen in calibration has a zero row and column: it adds nothing)
     Hb = H.view(G, gs, in_f)
     T = H.view(G, gs, G, gs).sum((1, 3))  # Σ_{i∈g, j∈h} H_ij: the t-t block, the same for every row
     smin, zmax = param_limits(param_dtype)
@@ -97,9 +92,8 @@ def refit_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
         s1 = p[:, :G].clamp_min(smin).to(param_dtype).double()
         z1 = z0 if symmetric else (p[:, G:] / s1).clamp(-zmax, zmax).to(param_dtype).double()
         p1 = s1 if symmetric else torch.cat([s1, s1 * z1], 1)
-        p0r = s0 if symmetric else torch.cat([s0, s0 * z0], 1)
-        better = (_error(K, b, p1) < _error(K, b, p0r) - 1e-12 * _error(K, b, p0r).abs()) & \
-            torch.isfinite(p1).all(1)
+        e0 = _error(K, b, p0)
+        better = (_error(K, b, p1) < e0 - 1e-12 * e0.abs()) & torch.isfinite(p1).all(1)
         new_s[r0:r1][better] = s1[better].to(scales.dtype)
         new_z[r0:r1][better] = z1[better].to(zeros.dtype)
         changed += int(better.sum())
