@@ -112,3 +112,12 @@ def test_cli_refit_flag_is_recorded_only_when_given():
 
     assert kw("--refit")["refit"] is True and kw("--method", "gptq", "--refit")["refit"] is True
     assert "refit" not in kw()  # the checkpoints made without it keep their method_args
+
+
+def test_cli_refit_with_another_method_is_an_error():
+    from matquant.cli import build_parser
+    from matquant.commands.quantize import quant_kwargs, resolve_recipe
+
+    args = resolve_recipe(build_parser().parse_args(["quantize", "--out", "x", "--method", "rtn", "--refit"]))
+    with pytest.raises(ValueError, match="--refit .* applies to --method gptq or matgptq, not rtn"):
+        quant_kwargs(args)

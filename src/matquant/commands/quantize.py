@@ -128,6 +128,9 @@ def resolve_recipe(args):
 def method_kwargs(args) -> dict:
     """The options of the chosen method (recorded in the checkpoint's quantization_config.method_args),
     validated before any work starts."""
+    if getattr(args, "refit", None) and args.method not in ("gptq", "matgptq"):
+        raise ValueError(f"--refit re-solves GPTQ's group scale/zero for its codes: it applies to --method gptq or "
+                         f"matgptq, not {args.method}; drop --refit or pick one of those methods.")
     if args.method == "qat":
         return qat_kwargs(args)
     if args.method == "omniquant":
