@@ -11,6 +11,7 @@ Everything uses the library's own pieces: `quantize_model` with the method defau
 the checkpoint default (nested), `matquant.eval.perplexity.perplexity` on the first N x 2048 windows of 'eval'.
 
     OMP_NUM_THREADS=1 python benchmarks/qwen_tables.py run --configs fp32,rtn-ffn-g128,matgptq-ffn-g128
+    OMP_NUM_THREADS=1 python benchmarks/qwen_tables.py run --configs quality-ffn-g128   # a recipe (--recipe quality)
     python benchmarks/qwen_tables.py table          # markdown tables from the store
 
 Peak RSS: the process's high-water mark (VmHWM) reset with /proc/self/clear_refs just before quantizing, read just
@@ -40,13 +41,18 @@ SCOPE_NAMES = {"ffn": "FFN", "ffn+attn": "FFN+attention"}
 
 
 def parse_config(name: str) -> dict | None:
-    """'matgptq-ffn+attn-g128' -> {method, scope, group_size}; 'fp32' -> None."""
+    """'matgptq-ffn+attn-g128' -> {method, scope, group_size}; a recipe name in place of the method
+    ('quality-ffn-g128') -> the recipe's options as well (method, clip, ...); 'fp32' -> None."""
+    from matquant.algorithms.recipes import RECIPES
+
     if name == "fp32":
         return None
-    m = re.fullmatch(r"(rtn|matgptq|gptq|omniquant)-(ffn|ffn\+attn|attn|all)-g(\d+)", name)
+    m = re.fullmatch(rf"(rtn|matgptq|gptq|omniquant|{'|'.join(RECIPES)})-(ffn|ffn\+attn|attn|all)-g(\d+)", name)
     if not m:
-        raise SystemExit(f"unknown configuration {name!r}; use fp32 or METHOD-SCOPE-gN, e.g. matgptq-ffn-g128.")
-    return {"method": m.group(1), "scope": m.group(2), "group_size": int(m.group(3))}
+        raise SystemExit(f"unknown configuration {name!r}; use fp32 or METHOD-SCOPE-gN or RECIPE-SCOPE-gN, "
+                         "e.g. matgptq-ffn-g128, quality-ffn-g128.")
+    head = {"method": m.group(1)} if m.group(1) not in RECIPES else {**RECIPES[m.group(1)], "recipe": m.group(1)}
+    return {**head, "scope": m.group(2), "group_size": int(m.group(3))}
 
 
 def _status_gib(field: str) -> float:
@@ -79,14 +85,16 @@ def quantize(src, tok, name: str, ckpt_dir: Path, log, in_place: bool = False):
         log(f"{name}: loading the saved quantization {ck}")
         model, _, _ = load_checkpoint(ck)
         return model, json.loads((ck / "quant_info.json").read_text())
-    args = argparse.Namespace(method=q["method"], calib_text="calib", calib_seqlen=None, calib_windows=None)
+    extra = {k: v for k, v in q.items() if k not in ("method", "scope", "group_size", "recipe", "calib_windows")}
+    args = argparse.Namespace(method=q["method"], calib_text="calib", calib_seqlen=None,
+                              calib_windows=q.get("calib_windows"), clip=q.get("clip"))
     calib = calibration(args, tok)
     rss0 = _status_gib("VmRSS")
     reset_peak_rss()
     t0, c0 = time.time(), time.process_time()
     model = src if in_place else copy.deepcopy(src)
     qcfg = quantize_model(model, q["method"], group_size=q["group_size"], scope=q["scope"], calib=calib,
-                          progress=False)
+                          progress=False, **extra)
     model.eval()
     info = {"quantize_seconds": round(time.time() - t0, 1), "quantize_cpu_seconds": round(time.process_time() - c0, 1),
             "peak_rss_gib": round(_status_gib("VmHWM"), 3), "rss_before_gib": round(rss0, 3),

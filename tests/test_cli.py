@@ -71,3 +71,14 @@ def test_help_explains_every_command(capsys):
     out = capsys.readouterr().out
     for opt in ("--group-size", "--slicing", "--scope", "--modules", "--bits-master", "--method"):
         assert opt in out
+
+
+def test_info_shows_the_method_options_and_rotation(tmp_path, tiny_model_dir, capsys):
+    ck = tmp_path / "ck"
+    assert main(["quantize", "--method", "rtn", "--model", str(tiny_model_dir), "--out", str(ck), "--group-size", "32",
+                 "--clip", "mse", "--rotate", "block"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(ck)]) == 0
+    out = capsys.readouterr().out
+    assert "method options: clip=mse" in out
+    assert "rotation: " in out and "block" in out

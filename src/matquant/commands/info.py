@@ -18,6 +18,11 @@ def run(args) -> int:
     print(f"  method {q.method}, int{q.master_bits} master codes, group size {q.group_size}, "
           f"{'symmetric' if q.symmetric else 'asymmetric'}, slicing {q.slicing}, default bits {q.default_bits}"
           + (f", bits map with {len(q.bits_map)} entries" if q.bits_map else ""))
+    opts = {k: v for k, v in (q.method_args or {}).items() if v is not None and v is not False}
+    if opts:  # the options the method ran with (what a recipe filled in is recorded here, not the recipe's name)
+        print("  method options: " + ", ".join(f"{k}={v}" if v is not True else k for k, v in sorted(opts.items())))
+    if q.rotation:
+        print("  rotation: " + ", ".join(f"{k} {v}" for k, v in q.rotation.items()) + " (applied online at inference)")
     print(f"  weights file {checkpoint_size_bytes(args.checkpoint) / 2**20:.1f} MiB")
     if args.modules:
         for m in q.modules:
