@@ -43,3 +43,32 @@ def test_method_args_are_exactly_the_options_used():
     calib = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     qcfg = quantize_model(_tiny(), "gptq", group_size=32, calib=calib, progress=False, damp=0.02)
     assert qcfg.method_args == {"damp": 0.02}
+
+
+def _cli_kwargs(*argv):
+    from matquant.cli import build_parser
+    from matquant.commands.quantize import quant_kwargs, resolve_recipe
+
+    return quant_kwargs(resolve_recipe(build_parser().parse_args(["quantize", "--out", "x", *argv])))
+
+
+@pytest.mark.parametrize("argv, flag, methods", [
+    (["--method", "rtn", "--damp", "0.1"], "--damp", "gptq or matgptq"),
+    (["--method", "omniquant", "--act-order"], "--act-order", "gptq or matgptq"),
+    (["--method", "gptq", "--propagate", "4"], "--propagate", "matgptq"),
+    (["--method", "gptq", "--lambdas", "1"], "--lambdas", "matgptq or qat or omniquant"),
+    (["--method", "matgptq", "--steps", "5"], "--steps", "qat"),
+    (["--method", "omniquant", "--no-amp"], "--no-amp", "qat"),
+    (["--method", "qat", "--epochs", "3"], "--epochs", "omniquant"),
+    (["--method", "rtn", "--seed", "1"], "--seed", "qat or omniquant"),
+])
+def test_cli_flag_of_another_method_is_an_error(argv, flag, methods):
+    with pytest.raises(ValueError, match=rf"^{flag} applies to --method {methods}, not {argv[1]}; drop {flag}"):
+        _cli_kwargs(*argv)
+
+
+def test_cli_flags_of_the_chosen_method_pass_and_defaults_are_not_given():
+    assert _cli_kwargs("--method", "matgptq", "--damp", "0.02", "--propagate", "fp")["propagate"] == "fp"
+    assert _cli_kwargs("--method", "omniquant", "--weight-decay", "0.1")["weight_decay"] == 0.1  # was dropped
+    assert _cli_kwargs("--method", "qat", "--no-amp")["amp"] is False
+    assert _cli_kwargs("--method", "rtn", "--damp", "0.01") == _cli_kwargs("--method", "rtn")  # the default value

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 
 from matquant.commands.common import float_list, int_list
 from matquant.models.loading import DEFAULT_MODEL
@@ -125,12 +126,49 @@ def resolve_recipe(args):
     return args
 
 
+# The methods that read each method-specific flag (argparse dest -> methods). Given with any other method, the
+# flag would be silently ignored, so it is an error instead (a value equal to the flag's default counts as not given).
+FLAG_METHODS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("damp", "act_order", "calib_batch_size", "quant_device", "refit"), ("gptq", "matgptq")),
+    **dict.fromkeys(("error_feedback", "group_params", "propagate"), ("matgptq",)),
+    **dict.fromkeys(("bits_list", "lambdas"), ("matgptq", "qat", "omniquant")),
+    **dict.fromkeys(("distill", "lr", "seed", "work_dir", "weight_decay"), ("qat", "omniquant")),
+    **dict.fromkeys(("steps", "warmup_steps", "min_lr_ratio", "batch_size_train", "grad_accum", "max_grad_norm",
+                     "qparams", "keep_work_dir", "save_every", "train_device", "amp"), ("qat",)),
+    **dict.fromkeys(("epochs", "lr_lwc", "lr_let", "let", "loss_balance", "block_inputs"), ("omniquant",)),
+}
+FLAG_WHAT = {"refit": "re-solves GPTQ's group scale/zero for its codes"}
+
+
+@lru_cache(maxsize=1)
+def _flag_defaults() -> dict:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_quant_args(p)
+    return {dest: p.get_default(dest) for dest in FLAG_METHODS}
+
+
+def _flag_name(dest: str) -> str:
+    return "--no-amp" if dest == "amp" else "--" + dest.replace("_", "-")
+
+
+def check_method_flags(args) -> None:
+    """One clear error for a method-specific flag given with a method that does not read it."""
+    defaults = _flag_defaults()
+    for dest, methods in FLAG_METHODS.items():
+        if getattr(args, dest, defaults[dest]) == defaults[dest] or args.method in methods:
+            continue
+        flag = _flag_name(dest)
+        what = f" {FLAG_WHAT[dest]}: it" if dest in FLAG_WHAT else ""
+        raise ValueError(f"{flag}{what} applies to --method {' or '.join(methods)}, not {args.method}; drop {flag} "
+                         "or pick one of those methods (`matquant quantize --help` groups the options by method).")
+
+
 def method_kwargs(args) -> dict:
     """The options of the chosen method (recorded in the checkpoint's quantization_config.method_args),
     validated before any work starts."""
-    if getattr(args, "refit", None) and args.method not in ("gptq", "matgptq"):
-        raise ValueError(f"--refit re-solves GPTQ's group scale/zero for its codes: it applies to --method gptq or "
-                         f"matgptq, not {args.method}; drop --refit or pick one of those methods.")
+    check_method_flags(args)
     if args.method == "qat":
         return qat_kwargs(args)
     if args.method == "omniquant":
@@ -154,7 +192,7 @@ def method_kwargs(args) -> dict:
 
 def add_qat_args(p) -> None:
     """Options of --method qat (the calibration windows are its training data)."""
-    g = p.add_argument_group("training (--method qat; --lr, --seed, --work-dir also omniquant)")
+    g = p.add_argument_group("training (--method qat; --lr, --seed, --work-dir, --weight-decay also omniquant)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200)")
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (qat: peak, default 1e-4; omniquant: constant, default 1e-3)")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0)")
@@ -197,7 +235,7 @@ def add_omniquant_args(p) -> None:
     from matquant.algorithms.omniquant import BLOCK_INPUTS, DEFAULT_EPOCHS, DEFAULT_LR_LWC, LOSS_BALANCE
 
     g = p.add_argument_group("omniquant (--method omniquant; also --bits-list, --lambdas, --distill, --lr, --seed, "
-                             "--work-dir)")
+                             "--work-dir, --weight-decay)")
     g.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
                    help="passes over the calibration windows per block (default %(default)s)")
     g.add_argument("--lr-lwc", type=float, default=None,
@@ -221,6 +259,7 @@ def omniquant_kwargs(args) -> dict:
 
     kw = dict(bits_list=args.bits_list, lambdas=args.lambdas, distill=args.distill, epochs=args.epochs,
               lr=args.lr if args.lr is not None else DEFAULT_LR, lr_lwc=args.lr_lwc, lr_let=args.lr_let, let=args.let,
+              weight_decay=args.weight_decay,
               block_inputs=args.block_inputs, loss_balance=args.loss_balance, work_dir=args.work_dir,
               seed=args.seed if args.seed is not None else 0)
     build_objective(kw["bits_list"], kw["lambdas"], kw["distill"], master_bits=args.bits_master,
