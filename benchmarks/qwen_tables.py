@@ -12,6 +12,7 @@ the checkpoint default (nested), `matquant.eval.perplexity.perplexity` on the fi
 
     OMP_NUM_THREADS=1 python benchmarks/qwen_tables.py run --configs fp32,rtn-ffn-g128,matgptq-ffn-g128
     OMP_NUM_THREADS=1 python benchmarks/qwen_tables.py run --configs quality-ffn-g128   # a recipe (--recipe quality)
+    OMP_NUM_THREADS=1 python benchmarks/qwen_tables.py run --configs 'quality-ffn-g128+clip_lambdas=4096:16:4:1'
     python benchmarks/qwen_tables.py table          # markdown tables from the store
 
 Peak RSS: the process's high-water mark (VmHWM) reset with /proc/self/clear_refs just before quantizing, read just
@@ -47,12 +48,20 @@ def parse_config(name: str) -> dict | None:
 
     if name == "fp32":
         return None
+    name, *opts = name.split("+")  # 'quality-ffn-g128+clip_lambdas=4096:16:4:1': extra method options
+    extra = {}
+    for o in opts:
+        k, _, v = o.partition("=")
+        if not k or not v:
+            raise SystemExit(f"bad option {o!r} in configuration {name!r}; use +KEY=VALUE (lists as a:b:c).")
+        vals = [float(x) if re.fullmatch(r"-?[0-9.]+", x) else x for x in v.split(":")]
+        extra[k] = vals if len(vals) > 1 else vals[0]
     m = re.fullmatch(rf"(rtn|matgptq|gptq|omniquant|{'|'.join(RECIPES)})-(ffn|ffn\+attn|attn|all)-g(\d+)", name)
     if not m:
         raise SystemExit(f"unknown configuration {name!r}; use fp32 or METHOD-SCOPE-gN or RECIPE-SCOPE-gN, "
                          "e.g. matgptq-ffn-g128, quality-ffn-g128.")
     head = {"method": m.group(1)} if m.group(1) not in RECIPES else {**RECIPES[m.group(1)], "recipe": m.group(1)}
-    return {**head, "scope": m.group(2), "group_size": int(m.group(3))}
+    return {**head, **extra, "scope": m.group(2), "group_size": int(m.group(3))}
 
 
 def _status_gib(field: str) -> float:
@@ -178,7 +187,7 @@ def table(a) -> None:
           + " | quantize s | peak RSS GiB (before) |")
     print("|---|---|---|---|" + "---|" * len(bits) + "---|---|")
     for (scope, g, name, w), res in sorted(rows.items(), key=lambda kv: (kv[0][0] != "ffn", -kv[0][1], kv[0][2])):
-        method = name.split("-")[0]
+        method = name.split("-")[0] + "".join(f" +{o}" for o in name.split("+")[1:])
         fp = ref.get(w)
         cells = []
         for b in bits:

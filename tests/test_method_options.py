@@ -72,3 +72,23 @@ def test_cli_flags_of_the_chosen_method_pass_and_defaults_are_not_given():
     assert _cli_kwargs("--method", "omniquant", "--weight-decay", "0.1")["weight_decay"] == 0.1  # was dropped
     assert _cli_kwargs("--method", "qat", "--no-amp")["amp"] is False
     assert _cli_kwargs("--method", "rtn", "--damp", "0.01") == _cli_kwargs("--method", "rtn")  # the default value
+
+
+def test_clip_lambdas_weights_only_the_search_and_is_checked_up_front():
+    assert _cli_kwargs("--clip", "weighted", "--clip-lambdas", "256,4,2,1")["clip_lambdas"] == [256, 4, 2, 1]
+    assert "clip_lambdas" not in _cli_kwargs("--clip", "weighted")  # recorded only when given
+    with pytest.raises(ValueError, match="needs --clip weighted or mse"):
+        _cli_kwargs("--clip-lambdas", "256,4,2,1")
+    with pytest.raises(ValueError, match="one weight per slice of R = 8,4,3,2"):
+        _cli_kwargs("--clip", "weighted", "--clip-lambdas", "1,1")
+    with pytest.raises(ValueError, match="--clip-lambdas applies to --method matgptq, not gptq"):
+        _cli_kwargs("--method", "gptq", "--clip", "weighted", "--clip-lambdas", "1")
+    calib = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    res = {}
+    for cl in (None, (16, 4, 2, 1), (4096, 16, 4, 1)):
+        model = _tiny()
+        quantize_model(model, "matgptq", group_size=32, calib=calib, progress=False, clip="weighted",
+                       **({} if cl is None else {"clip_lambdas": cl}))
+        res[cl] = torch.cat([m.scales.flatten().float() for m in model.modules() if hasattr(m, "qweight")])
+    assert torch.equal(res[None], res[(16, 4, 2, 1)])  # the default search weights are MatGPTQ's λ
+    assert not torch.equal(res[None], res[(4096, 16, 4, 1)])  # other weights move the searched ranges

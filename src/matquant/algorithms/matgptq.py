@@ -241,14 +241,14 @@ def search_params_fn(rounder: MultiSliceRounder, symmetric: bool, param_dtype, f
 def matgptq_quantize_weight(W, H, rounder: MultiSliceRounder, group_size: int, symmetric: bool = False,
                             param_dtype=torch.float16, percdamp: float = 0.01, act_order: bool = False,
                             group_params: str = "minmax", blocksize: int = DEFAULT_BLOCKSIZE, name: str = "layer",
-                            clip: str = DEFAULT_CLIP, refit: bool = False):
+                            clip: str = DEFAULT_CLIP, refit: bool = False, clip_lambdas=None):
     from matquant.algorithms.gptq import group_params_fn
 
     check_group_params(group_params, clip)
     gs = resolve_group_size(W.shape[1], group_size)
     pfn = (search_params_fn(rounder, symmetric, param_dtype) if group_params == "search"
-           else group_params_fn(clip, H, rounder.c, symmetric, param_dtype, rounder.mode, rounder.bits, rounder.lam,
-                                rounder.codes))
+           else group_params_fn(clip, H, rounder.c, symmetric, param_dtype, rounder.mode, rounder.bits,
+                                rounder.lam if clip_lambdas is None else tuple(clip_lambdas), rounder.codes))
     codes, s, z, loss = gptq_columns(W, H, group_size=gs, params_fn=pfn, round_fn=rounder.round, percdamp=percdamp,
                                      act_order=act_order, blocksize=blocksize, name=name)
     if refit:  # (α, z) re-solved for the chosen codes against every slice's output error (quant/refit.py)
@@ -263,11 +263,12 @@ def matgptq(model, targets: list[str], *, master_bits: int, group_size: int, sym
             error_feedback: str = DEFAULT_ERROR_FEEDBACK, group_params: str = DEFAULT_GROUP_PARAMS, damp: float = 0.01,
             act_order: bool = False, blocksize: int = DEFAULT_BLOCKSIZE, true_sequential: bool = True, device=None,
             batch_size: int = 1, propagate="master", clip: str = DEFAULT_CLIP,
-            refit: bool = False) -> dict[str, QuantizedWeight]:
+            refit: bool = False, clip_lambdas=None) -> dict[str, QuantizedWeight]:
     """Multi-precision GPTQ: int-`master_bits` codes good for every precision in `bits_list` under `slicing`.
 
     `clip`: group (α, z) by MinMax ('minmax', default), or by the clipping search of quant/clip_search.py for the
-    same R, λ and multi-slice code choice, with h = 1 ('mse') or h = diag(H) ('weighted'). `refit`: after the column
+    same R, λ and multi-slice code choice, with h = 1 ('mse') or h = diag(H) ('weighted'); `clip_lambdas` replaces
+    λ in that search only (one weight per slice of R; the code choice keeps `lambdas`). `refit`: after the column
     loop, re-solve each row's (α, z) for its codes by least squares on Σ_r λ_r ‖(W − Ŵ_r)X‖² (quant/refit.py).
 
     `propagate` is what the next layers and blocks see while the pass runs: "master" (the int-c weights, default),
@@ -275,11 +276,12 @@ def matgptq(model, targets: list[str], *, master_bits: int, group_size: int, sym
     """
     rounder = MultiSliceRounder(master_bits, bits_list, lambdas, slicing, error_feedback)
     check_group_params(group_params, clip)
+    check_clip_lambdas(clip_lambdas, clip, master_bits, rounder.bits)
     prop = propagate_fn(propagate, master_bits, slicing)
 
     def q(name, W, H):
         qw, _ = matgptq_quantize_weight(W, H, rounder, group_size, symmetric, param_dtype, damp, act_order,
-                                        group_params, blocksize, name, clip, refit)
+                                        group_params, blocksize, name, clip, refit, clip_lambdas)
         return qw
 
     return blockwise_hessian_method(model, targets, calib, q, true_sequential=true_sequential, device=device,
@@ -294,6 +296,21 @@ def check_group_params(group_params: str, clip: str) -> None:
     if group_params == "search" and clip != "minmax":
         raise ValueError(f"--group-params search and --clip {clip} both choose the group (α, z); give one of them "
                          "(--clip is the finer, importance-weighted search).")
+
+
+def check_clip_lambdas(clip_lambdas, clip: str, master_bits: int, bits) -> None:
+    """`clip_lambdas` needs a clipping search (clip mse/weighted) and one weight >= 0 per slice of R."""
+    if clip_lambdas is None:
+        return
+    if clip == "minmax":
+        raise ValueError("--clip-lambdas weights the slices in the clipping search: it needs --clip weighted or mse "
+                         "(the default minmax does not search).")
+    if len(tuple(clip_lambdas)) != len(bits):
+        raise ValueError(f"--clip-lambdas needs one weight per slice of R = {','.join(map(str, bits))}, got "
+                         f"{len(tuple(clip_lambdas))}: {','.join(map(str, clip_lambdas))}.")
+    from matquant.quant.clip_search import served_slices
+
+    served_slices(master_bits, bits, clip_lambdas)  # λ >= 0 with a positive sum
 
 
 def propagate_fn(propagate, master_bits: int, slicing: str):
