@@ -80,7 +80,10 @@ def _qwen_series(path: Path) -> dict:
         q, w = c["quant"], c["eval"]["windows"]
         if q is None or w not in ref:
             continue
-        label = f"{'MatGPTQ (default)' if q['method'] == 'matgptq' else q['method'].upper()}, " \
+        who = "quality recipe" if q.get("recipe") == "quality" else \
+            ("MatGPTQ (default)" if q["method"] == "matgptq" else q["method"].upper())
+        who += "".join(f" +{o}" for o in c["config"].split("+")[1:])  # extra options, e.g. clip_lambdas
+        label = f"{who}, " \
                 f"{scope.get(q['scope'], q['scope'])} g{q['group_size']}" + ("" if w >= 6 else f" ({w} eval window{'s' if w > 1 else ''})")
         out[label].append((r["result"]["effective_bits"], r["result"]["ppl"] / ref[w]))
     return out
