@@ -48,12 +48,13 @@ def parse_config(name: str) -> dict | None:
 
     if name == "fp32":
         return None
-    name, *opts = name.split("+")  # 'quality-ffn-g128+clip_lambdas=4096:16:4:1': extra method options
+    full = name  # 'quality-ffn-g128+clip_lambdas=4096:16:4:1': extra method options after the group size
+    name, _, rest = re.match(r"(.*?-g\d+)(\+?)(.*)", name).groups() if re.search(r"-g\d+", name) else (name, "", "")
     extra = {}
-    for o in opts:
+    for o in filter(None, rest.split("+")):
         k, _, v = o.partition("=")
         if not k or not v:
-            raise SystemExit(f"bad option {o!r} in configuration {name!r}; use +KEY=VALUE (lists as a:b:c).")
+            raise SystemExit(f"bad option {o!r} in configuration {full!r}; use +KEY=VALUE (lists as a:b:c).")
         vals = [float(x) if re.fullmatch(r"-?[0-9.]+", x) else x for x in v.split(":")]
         extra[k] = vals if len(vals) > 1 else vals[0]
     m = re.fullmatch(rf"(rtn|matgptq|gptq|omniquant|{'|'.join(RECIPES)})-(ffn|ffn\+attn|attn|all)-g(\d+)", name)
@@ -187,7 +188,7 @@ def table(a) -> None:
           + " | quantize s | peak RSS GiB (before) |")
     print("|---|---|---|---|" + "---|" * len(bits) + "---|---|")
     for (scope, g, name, w), res in sorted(rows.items(), key=lambda kv: (kv[0][0] != "ffn", -kv[0][1], kv[0][2])):
-        method = name.split("-")[0] + "".join(f" +{o}" for o in name.split("+")[1:])
+        method = name.split("-")[0] + "".join(f" +{o}" for o in re.findall(r"\+([a-z_]+=[^+]*)", name))
         fp = ref.get(w)
         cells = []
         for b in bits:

@@ -15,6 +15,7 @@ Two panels: all precisions (log y), and a zoom on 3–8.5 bits.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -82,7 +83,7 @@ def _qwen_series(path: Path) -> dict:
             continue
         who = "quality recipe" if q.get("recipe") == "quality" else \
             ("MatGPTQ (default)" if q["method"] == "matgptq" else q["method"].upper())
-        who += "".join(f" +{o}" for o in c["config"].split("+")[1:])  # extra options, e.g. clip_lambdas
+        who += "".join(f" +{o}" for o in re.findall(r"\+([a-z_]+=[^+]*)", c["config"]))  # e.g. clip_lambdas
         label = f"{who}, " \
                 f"{scope.get(q['scope'], q['scope'])} g{q['group_size']}" + ("" if w >= 6 else f" ({w} eval window{'s' if w > 1 else ''})")
         out[label].append((r["result"]["effective_bits"], r["result"]["ppl"] / ref[w]))

@@ -68,3 +68,13 @@ def test_api_recipe_end_to_end_records_the_options_used(tmp_path):
     _, _, q = matquant.quantize(src, None, recipe="quality", clip="mse", rotate="input", calib_windows=2,
                                 group_size=32, progress=False)
     assert q.method_args["clip"] == "mse" and q.rotation["mode"] == "input"
+
+
+def test_balanced_recipe_sets_the_search_weights_and_checks_them():
+    a = resolve_recipe(_args("--recipe", "balanced"))
+    kw = quant_kwargs(a)
+    assert kw["clip"] == "weighted" and kw["clip_lambdas"] == [4096.0, 16.0, 4.0, 1.0]
+    assert quant_kwargs(resolve_recipe(_args("--recipe", "balanced", "--clip-lambdas", "64,4,2,1")))[
+        "clip_lambdas"] == [64.0, 4.0, 2.0, 1.0]  # the caller's value wins
+    with pytest.raises(ValueError, match="one weight per slice of R = 8,4,2"):  # the recipe is for R = 8,4,3,2
+        quant_kwargs(resolve_recipe(_args("--recipe", "balanced", "--bits-list", "8,4,2")))

@@ -73,7 +73,7 @@ def quantize(model: str = DEFAULT_MODEL, out: str | None = None, method: str | N
              calib=None, recipe: str | None = None, calib_windows: int | None = None, **kw):
     """Load a full-precision model, quantize it, optionally save the checkpoint. Returns (model, tok, qconfig).
 
-    `method` defaults to 'matgptq'. `recipe` (algorithms/recipes.py: 'fast', 'quality') fills in the options it
+    `method` defaults to 'matgptq'. `recipe` (algorithms/recipes.py: 'fast', 'quality', 'balanced') fills in the options it
     sets that are not given here, e.g. `quantize(out="ck", recipe="quality")` = MatGPTQ + clip='weighted'. Data-driven methods (matgptq, gptq, omniquant, qat; and clip='weighted') calibrate on the
     embedded 'calib' text with the method's default number of windows (or `calib_windows`) unless `calib` (token
     windows [n, seqlen]) is given.
@@ -83,7 +83,7 @@ def quantize(model: str = DEFAULT_MODEL, out: str | None = None, method: str | N
     from matquant.data import token_windows
 
     opts = apply_recipe(recipe, {"method": method, "clip": kw.pop("clip", None), "rotate": kw.pop("rotate", None),
-                                 "calib_windows": calib_windows})
+                                 "clip_lambdas": kw.pop("clip_lambdas", None), "calib_windows": calib_windows})
     method, calib_windows = opts.pop("method") or "matgptq", opts.pop("calib_windows")
     kw.update({k: v for k, v in opts.items() if v is not None})
     check_method_options(method, {k: v for k, v in kw.items() if k not in QUANTIZE_MODEL_ARGS})  # before loading

@@ -17,8 +17,12 @@ RECIPES: dict[str, dict] = {
     # adding --rotate input to it was measured worse at every precision (the rotation flattens the importance the
     # weighted search relies on), so the recipe leaves rotation off
     "quality": {"method": "matgptq", "clip": "weighted"},
+    # the clipping search with each slice's relative error weighted alike (λ ∝ 4^r for R = 8,4,3,2): it keeps the
+    # outlier weights the int8 master needs, which `quality` clips on Qwen2.5 (int8 6 % worse there); it gives up
+    # most of `quality`'s int3/int2 gain on SmolLM2 (docs/results.md, "Recipes")
+    "balanced": {"method": "matgptq", "clip": "weighted", "clip_lambdas": (4096, 16, 4, 1)},
 }
-RECIPE_OPTIONS = ("method", "clip", "rotate", "calib_windows")  # the options a recipe may set
+RECIPE_OPTIONS = ("method", "clip", "clip_lambdas", "rotate", "calib_windows")  # the options a recipe may set
 
 
 def check_recipe(name: str) -> dict:

@@ -111,7 +111,8 @@ def add_quant_args(p, method_default: str = "matgptq", threads_default: int | No
 
 
 def recipe_text(name: str) -> str:
-    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in RECIPES[name].items())
+    return " ".join(f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                    for k, v in RECIPES[name].items())
 
 
 def resolve_recipe(args):
@@ -193,7 +194,7 @@ def method_kwargs(args) -> dict:
         propagate_fn(args.propagate, args.bits_master, args.slicing)
         if getattr(args, "clip_lambdas", None) is not None:
             check_clip_lambdas(args.clip_lambdas, args.clip or "minmax", args.bits_master, bits)
-            kw["clip_lambdas"] = list(args.clip_lambdas)  # recorded only when used
+            kw["clip_lambdas"] = [float(x) for x in args.clip_lambdas]  # recorded only when used
     return kw
 
 
