@@ -28,7 +28,8 @@ def errors(ck: str, ref: dict, bits: int) -> dict:
             continue
         d = mods[name].dense_weight(torch.float32) - W.float()
         i = W.abs().argmax()
-        out[name] = (float(d.norm() / W.norm()), float(d.abs().max()), float(W.reshape(-1)[i]), float(d.reshape(-1)[i]))
+        out[name] = (float(d.norm() / W.norm()), float(d.abs().max()), float(W.reshape(-1)[i]), float(d.reshape(-1)[i]),
+                     mods[name].scales.float())
     return out
 
 
@@ -49,8 +50,14 @@ def main() -> None:
         x, y = e1[k], e2[k]
         if x[0] > 1.5 * y[0] or abs(x[3]) > 3 * abs(y[3]) + 1e-3:
             print(f"{k} | {x[0]:.2e}, {x[1]:.3e} | {y[0]:.2e}, {y[1]:.3e} | {x[2]:+.3f}: {x[3]:+.3e} vs {y[3]:+.3e}")
-    med = lambda e: sorted(v[0] for v in e.values())[len(e) // 2]  # noqa: E731
-    print(f"median relative rms: first {med(e1):.3e}, second {med(e2):.3e}")
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    print(f"median relative rms: first {med([v[0] for v in e1.values()]):.3e}, "
+          f"second {med([v[0] for v in e2.values()]):.3e}")
+    at_max = [abs(e1[k][3]) / max(abs(e2[k][3]), 1e-12) for k in e1]
+    print(f"error at the largest weight, first / second: median {med(at_max):.1f}x "
+          f"(range {min(at_max):.2g}-{max(at_max):.3g}x over {len(at_max)} matrices)")
+    ratios = [float((e1[k][4] / e2[k][4]).median()) for k in e1]
+    print(f"group scale first / second, per-matrix median: {min(ratios):.3f}-{max(ratios):.3f}")
 
 
 if __name__ == "__main__":

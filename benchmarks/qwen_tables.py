@@ -49,9 +49,10 @@ def parse_config(name: str) -> dict | None:
     if name == "fp32":
         return None
     full = name  # 'quality-ffn-g128+clip_lambdas=4096:16:4:1': extra method options after the group size
-    name, _, rest = re.match(r"(.*?-g\d+)(\+?)(.*)", name).groups() if re.search(r"-g\d+", name) else (name, "", "")
+    head_opts = re.fullmatch(r"(.*?-g\d+)(?:\+(.*))?", name)
+    name, rest = head_opts.groups() if head_opts else (name, None)
     extra = {}
-    for o in filter(None, rest.split("+")):
+    for o in rest.split("+") if rest is not None else []:
         k, _, v = o.partition("=")
         if not k or not v:
             raise SystemExit(f"bad option {o!r} in configuration {full!r}; use +KEY=VALUE (lists as a:b:c).")

@@ -121,8 +121,10 @@ def resolve_recipe(args):
     if getattr(args, "_recipe_resolved", False):
         return args
     given = {k: getattr(args, k, None) for k in RECIPE_OPTIONS}
-    for k, v in apply_recipe(args.recipe, given).items():
+    filled = apply_recipe(args.recipe, given)
+    for k, v in filled.items():
         setattr(args, k, v)
+    args._from_recipe = {k for k, v in filled.items() if given[k] is None and v is not None}  # for error messages
     if args.method is None:
         args.method = args._method_default
     if args.rotate is None:
@@ -193,7 +195,17 @@ def method_kwargs(args) -> dict:
         bits, _ = resolve_bits_lambdas(args.bits_master, args.bits_list, args.lambdas)  # bad R / λ: before loading
         propagate_fn(args.propagate, args.bits_master, args.slicing)
         if getattr(args, "clip_lambdas", None) is not None:
-            check_clip_lambdas(args.clip_lambdas, args.clip or "minmax", args.bits_master, bits)
+            try:
+                check_clip_lambdas(args.clip_lambdas, args.clip or "minmax", args.bits_master, bits)
+            except ValueError as e:
+                if "clip_lambdas" not in getattr(args, "_from_recipe", ()):
+                    raise
+                from matquant.algorithms.matgptq import DEFAULT_BITS
+
+                raise ValueError(f"{e} (--recipe {args.recipe} sets --clip-lambdas "
+                                 f"{','.join(map(str, RECIPES[args.recipe]['clip_lambdas']))}, for the default R = "
+                                 f"{','.join(map(str, DEFAULT_BITS))}: pass --clip-lambdas with one weight per slice "
+                                 "of your --bits-list)") from None
             kw["clip_lambdas"] = [float(x) for x in args.clip_lambdas]  # recorded only when used
     return kw
 
