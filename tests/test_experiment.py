@@ -71,6 +71,15 @@ def test_grid_expansion_and_keys(grid_file):
     assert c["quant"]["method"] == "rtn" and c["quant"]["group_size"] == 32 and "batch_size" not in c
 
 
+def test_method_entry_may_be_a_dedicated_model():
+    """{master_bits, bits} on a method entry: a dedicated int4 model beside the sliced int8 one, same store."""
+    g = parse_grid({"methods": ["rtn", {"name": "rtn", "label": "rtn4", "master_bits": 4, "bits": [4]},
+                                {"name": "rtn", "label": "rtn3", "master_bits": 3}],
+                    "slicing": ["nested"], "bits": [8, 4, 3]})
+    got = {j.quant["label"]: (j.quant["master_bits"], [c["bits"] for c in j.evals]) for j in g.jobs[1:]}
+    assert got == {"rtn": (8, [8, 4, 3]), "rtn4": (4, [4]), "rtn3": (3, [3])}  # default bits: the grid's <= master
+
+
 @pytest.mark.parametrize("bad, msg", [
     ({"colour": 1}, "unknown grid key"),
     ({"methods": ["nosuch"]}, "unknown method 'nosuch'; registered: "),
@@ -81,6 +90,8 @@ def test_grid_expansion_and_keys(grid_file):
     ({"mixnmatch": [{"schedule": "zigzag", "target": 3}]}, "unknown Mix'n'Match schedule"),
     ({"mixnmatch": [{"schedule": "pyramid", "target": 3, "floor": 4}]}, "above the target"),
     ({"mixnmatch": [{"schedule": "pyramid", "target": 3, "flor": 2}]}, r"unknown key\(s\) \['flor'\]"),
+    ({"methods": [{"name": "rtn", "master_bits": 4, "bits": [6]}]}, r"'rtn': bits \[6\] are outside 1..master_bits \(4\)"),
+    ({"methods": [{"name": "rtn", "bit": [4]}]}, r"unknown key\(s\) \['bit'\]"),
 ])
 def test_grid_errors(bad, msg):
     with pytest.raises((GridError, ValueError), match=msg):

@@ -81,8 +81,8 @@ def test_clip_lambdas_weights_only_the_search_and_is_checked_up_front():
         _cli_kwargs("--clip-lambdas", "256,4,2,1")
     with pytest.raises(ValueError, match="one weight per slice of R = 8,4,3,2"):
         _cli_kwargs("--clip", "weighted", "--clip-lambdas", "1,1")
-    with pytest.raises(ValueError, match="--clip-lambdas applies to --method matgptq, not gptq"):
-        _cli_kwargs("--method", "gptq", "--clip", "weighted", "--clip-lambdas", "1")
+    with pytest.raises(ValueError, match="--clip-lambdas applies to --method gptq or matgptq, not rtn"):
+        _cli_kwargs("--method", "rtn", "--clip", "mse", "--clip-lambdas", "1")
     calib = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     res = {}
     for cl in (None, (16, 4, 2, 1), (4096, 16, 4, 1)):
@@ -92,3 +92,22 @@ def test_clip_lambdas_weights_only_the_search_and_is_checked_up_front():
         res[cl] = torch.cat([m.scales.flatten().float() for m in model.modules() if hasattr(m, "qweight")])
     assert torch.equal(res[None], res[(16, 4, 2, 1)])  # the default search weights are MatGPTQ's λ
     assert not torch.equal(res[None], res[(4096, 16, 4, 1)])  # other weights move the searched ranges
+
+
+def test_gptq_clip_lambdas_weight_its_served_slices():
+    """GPTQ's search serves the master and 6,4,3,2 below it; 1,0,0 at master 4 searches for int4 alone."""
+    assert _cli_kwargs("--method", "gptq", "--bits-master", "4", "--clip", "weighted",
+                       "--clip-lambdas", "1,0,0")["clip_lambdas"] == [1, 0, 0]
+    with pytest.raises(ValueError, match="one weight per slice of R = 4,3,2"):
+        _cli_kwargs("--method", "gptq", "--bits-master", "4", "--clip", "weighted", "--clip-lambdas", "1,0")
+    with pytest.raises(ValueError, match="needs --clip weighted or mse"):
+        quantize_model(_tiny(), "gptq", master_bits=4, group_size=32, progress=False, clip_lambdas=(1, 0, 0),
+                       calib=torch.zeros(1, 4, dtype=torch.long))
+    calib = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    res = {}
+    for cl in (None, (1, 0, 0)):
+        model = _tiny()
+        quantize_model(model, "gptq", master_bits=4, group_size=32, calib=calib, progress=False, clip="weighted",
+                       **({} if cl is None else {"clip_lambdas": cl}))
+        res[cl] = torch.cat([m.scales.flatten().float() for m in model.modules() if hasattr(m, "qweight")])
+    assert not torch.equal(res[None], res[(1, 0, 0)])  # searching for int4 alone moves the ranges

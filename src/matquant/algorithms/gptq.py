@@ -27,7 +27,7 @@ import torch
 
 from matquant.algorithms.blocks import BlockContext, run_blockwise
 from matquant.models.targets import linear_weight
-from matquant.quant.clip_search import DEFAULT_CLIP, check_clip, clip_search
+from matquant.quant.clip_search import DEFAULT_CLIP, check_clip, check_clip_lambdas, clip_search, served_slices
 from matquant.quant.minmax import QuantizedWeight, check_bits, dequantize_codes, minmax_params, resolve_group_size
 from matquant.quant.refit import refit_params
 from matquant.quant.rounding import round_half_up
@@ -167,6 +167,11 @@ def group_params_fn(clip: str, H: torch.Tensor, bits: int, symmetric: bool, para
     return clip_params_fn(bits, symmetric, param_dtype, slicing, h, slices, lambdas, codes_fn)
 
 
+def check_gptq_clip_lambdas(clip_lambdas, clip: str, master_bits: int) -> None:
+    """GPTQ's `clip_lambdas`: one weight >= 0 per served slice of its clipping search (see `gptq`)."""
+    check_clip_lambdas(clip_lambdas, clip, master_bits, served_slices(master_bits)[0])
+
+
 def nearest_round_fn(bits: int) -> RoundFn:
     qmax = 2**bits - 1
 
@@ -179,12 +184,14 @@ def nearest_round_fn(bits: int) -> RoundFn:
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
                          param_dtype: torch.dtype = torch.float16, percdamp: float = 0.01, act_order: bool = False,
                          blocksize: int = DEFAULT_BLOCKSIZE, name: str = "layer", clip: str = DEFAULT_CLIP,
-                         slicing: str = DEFAULT_SLICING, refit: bool = False) -> tuple[QuantizedWeight, float]:
+                         slicing: str = DEFAULT_SLICING, refit: bool = False,
+                         clip_lambdas=None) -> tuple[QuantizedWeight, float]:
     """GPTQ-quantize one [out, in] weight with Hessian H to `bits` bits; returns (QuantizedWeight, loss).
-    `clip` != 'minmax' searches the group parameters for the served slices under `slicing` (quant/clip_search.py)."""
+    `clip` != 'minmax' searches the group parameters for the served slices under `slicing` (quant/clip_search.py),
+    weighted by `clip_lambdas` (one per served slice; default: clip_search's)."""
     check_bits(bits)
     gs = resolve_group_size(W.shape[1], group_size)
-    pfn = group_params_fn(clip, H, bits, symmetric, param_dtype, slicing)
+    pfn = group_params_fn(clip, H, bits, symmetric, param_dtype, slicing, lambdas=clip_lambdas)
     codes, s, z, loss = gptq_columns(W, H, group_size=gs, params_fn=pfn,
                                      round_fn=nearest_round_fn(bits), percdamp=percdamp, act_order=act_order,
                                      blocksize=blocksize, name=name)
@@ -235,16 +242,20 @@ def blockwise_hessian_method(model, targets, calib, quantize_layer, *, true_sequ
 def gptq(model, targets: list[str], *, master_bits: int, group_size: int, symmetric: bool, param_dtype,
          slicing: str = DEFAULT_SLICING, calib=None, progress: bool = True, damp: float = 0.01,
          act_order: bool = False, blocksize: int = DEFAULT_BLOCKSIZE, true_sequential: bool = True, device=None,
-         batch_size: int = 1, clip: str = DEFAULT_CLIP, refit: bool = False) -> dict[str, QuantizedWeight]:
+         batch_size: int = 1, clip: str = DEFAULT_CLIP, refit: bool = False,
+         clip_lambdas=None) -> dict[str, QuantizedWeight]:
     """Standard GPTQ at `master_bits` bits (the dedicated per-bit baseline; same checkpoint format). With
     clip='minmax' (default) its codes do not depend on `slicing` (only the checkpoint's default reading rule does);
-    'mse' / 'weighted' (h = diag H) search each group's (α, z) for the served slices under `slicing`. `refit`:
-    re-solve each row's (α, z) for its final codes by least squares on ‖(W − Ŵ)X‖² (quant/refit.py)."""
+    'mse' / 'weighted' (h = diag H) search each group's (α, z) for the served slices under `slicing` (the master
+    and the precisions of clip_search.DEFAULT_SERVED below it), weighted by `clip_lambdas` (one per served slice;
+    e.g. 1,0,0 at master 4 searches for int4 alone: the dedicated model's own error). `refit`: re-solve each row's
+    (α, z) for its final codes by least squares on ‖(W − Ŵ)X‖² (quant/refit.py)."""
     check_clip(clip)
+    check_gptq_clip_lambdas(clip_lambdas, clip, master_bits)
 
     def q(name, W, H):
         qw, _ = gptq_quantize_weight(W, H, master_bits, group_size, symmetric, param_dtype, damp, act_order,
-                                     blocksize, name, clip, slicing, refit)
+                                     blocksize, name, clip, slicing, refit, clip_lambdas)
         return qw
 
     return blockwise_hessian_method(model, targets, calib, q, true_sequential=true_sequential, device=device,

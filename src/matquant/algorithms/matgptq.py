@@ -30,7 +30,7 @@ from functools import lru_cache
 import torch
 
 from matquant.algorithms.gptq import DEFAULT_BLOCKSIZE, blockwise_hessian_method, gptq_columns
-from matquant.quant.clip_search import DEFAULT_CLIP, check_clip
+from matquant.quant.clip_search import DEFAULT_CLIP, check_clip, check_clip_lambdas
 from matquant.quant.minmax import QuantizedWeight, affine_params, check_bits, resolve_group_size, symmetric_scale
 from matquant.quant.refit import refit_params
 from matquant.quant.slicing import DEFAULT_SLICING, check_slicing, slice_master
@@ -296,21 +296,6 @@ def check_group_params(group_params: str, clip: str) -> None:
     if group_params == "search" and clip != "minmax":
         raise ValueError(f"--group-params search and --clip {clip} both choose the group (α, z); give one of them "
                          "(--clip is the finer, importance-weighted search).")
-
-
-def check_clip_lambdas(clip_lambdas, clip: str, master_bits: int, bits) -> None:
-    """`clip_lambdas` needs a clipping search (clip mse/weighted) and one weight >= 0 per slice of R."""
-    if clip_lambdas is None:
-        return
-    if clip == "minmax":
-        raise ValueError("--clip-lambdas weights the slices in the clipping search: it needs --clip weighted or mse "
-                         "(the default minmax does not search).")
-    if len(tuple(clip_lambdas)) != len(bits):
-        raise ValueError(f"--clip-lambdas needs one weight per slice of R = {','.join(map(str, bits))}, got "
-                         f"{len(tuple(clip_lambdas))}: {','.join(map(str, clip_lambdas))}.")
-    from matquant.quant.clip_search import served_slices
-
-    served_slices(master_bits, bits, clip_lambdas)  # λ >= 0 with a positive sum
 
 
 def propagate_fn(propagate, master_bits: int, slicing: str):

@@ -8,7 +8,7 @@ from matquant.commands.common import float_list, int_list
 from matquant.models.loading import DEFAULT_MODEL
 from matquant.models.targets import SCOPES
 from matquant.algorithms.recipes import RECIPE_OPTIONS, RECIPES, apply_recipe
-from matquant.quant.clip_search import CLIP_MODES
+from matquant.quant.clip_search import CLIP_MODES, check_clip_lambdas
 from matquant.quant.rotation import ROTATE_MODES
 from matquant.quant.slicing import DEFAULT_SLICING, SLICING_MODES
 
@@ -88,9 +88,11 @@ def add_quant_args(p, method_default: str = "matgptq", threads_default: int | No
                    help="matgptq: group scale/zero: MinMax at C bits, or a per-row search of the range that "
                         "minimises the lambda-weighted multi-slice error (default %(default)s)")
     g.add_argument("--clip-lambdas", type=float_list, default=None, metavar="L",
-                   help="matgptq with --clip weighted/mse: the slice weights of the clipping search only (one per "
-                        "--bits-list precision; default: --lambdas). A large int8 weight keeps the search from "
-                        "clipping the outlier weights the master needs (docs/results.md, 'Recipes')")
+                   help="with --clip weighted/mse: the slice weights of the clipping search only. matgptq: one per "
+                        "--bits-list precision (default: --lambdas); a large int8 weight keeps the search from "
+                        "clipping the outlier weights the master needs (docs/results.md, 'Recipes'). gptq: one per "
+                        "served slice, the master and 6,4,3,2 below it (e.g. 1,0,0 at --bits-master 4: the search "
+                        "for int4 alone)")
     g.add_argument("--refit", action="store_true", default=None,
                    help="after the column loop, re-solve every group's scale/zero for its final codes by least squares "
                         "on the calibration output error of every served slice (docs/results.md, 'Refit')")
@@ -137,7 +139,8 @@ def resolve_recipe(args):
 # flag would be silently ignored, so it is an error instead (a value equal to the flag's default counts as not given).
 FLAG_METHODS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("damp", "act_order", "calib_batch_size", "quant_device", "refit"), ("gptq", "matgptq")),
-    **dict.fromkeys(("error_feedback", "group_params", "propagate", "clip_lambdas"), ("matgptq",)),
+    **dict.fromkeys(("error_feedback", "group_params", "propagate"), ("matgptq",)),
+    "clip_lambdas": ("gptq", "matgptq"),
     **dict.fromkeys(("bits_list", "lambdas"), ("matgptq", "qat", "omniquant")),
     **dict.fromkeys(("distill", "lr", "seed", "work_dir", "weight_decay"), ("qat", "omniquant")),
     **dict.fromkeys(("steps", "warmup_steps", "min_lr_ratio", "batch_size_train", "grad_accum", "max_grad_norm",
@@ -187,10 +190,15 @@ def method_kwargs(args) -> dict:
         kw["device"] = args.quant_device
     if getattr(args, "refit", None):
         kw["refit"] = True  # recorded only when used
+    if args.method == "gptq" and getattr(args, "clip_lambdas", None) is not None:
+        from matquant.algorithms.gptq import check_gptq_clip_lambdas
+
+        check_gptq_clip_lambdas(args.clip_lambdas, args.clip or "minmax", args.bits_master)
+        kw["clip_lambdas"] = [float(x) for x in args.clip_lambdas]  # recorded only when used
     if args.method == "matgptq":
         kw.update(bits_list=args.bits_list, lambdas=args.lambdas, error_feedback=args.error_feedback,
                   group_params=args.group_params, propagate=args.propagate)
-        from matquant.algorithms.matgptq import check_clip_lambdas, propagate_fn, resolve_bits_lambdas
+        from matquant.algorithms.matgptq import propagate_fn, resolve_bits_lambdas
 
         bits, _ = resolve_bits_lambdas(args.bits_master, args.bits_list, args.lambdas)  # bad R / λ: before loading
         propagate_fn(args.propagate, args.bits_master, args.slicing)

@@ -104,11 +104,19 @@ def parse_grid(raw: dict, default_name: str = "grid") -> Grid:
             raise GridError(f"method entry {m} has no name.")
         if m["name"] not in METHODS:
             raise GridError(f"unknown method {m['name']!r}; registered: {', '.join(sorted(METHODS))}.")
-        extra = sorted(set(m) - {"name", "args", "label"})
+        extra = sorted(set(m) - {"name", "args", "label", "master_bits", "bits"})
         if extra:
-            raise GridError(f"method entry {m['name']!r} has unknown key(s) {extra}; use name, label, args.")
+            raise GridError(f"method entry {m['name']!r} has unknown key(s) {extra}; use name, label, args, "
+                            "master_bits, bits.")
         m.setdefault("args", {})
         m.setdefault("label", m["name"])
+        # a dedicated model per bit-width in the same grid: {name: gptq, master_bits: 4, bits: [4]}
+        m["master_bits"] = int(m.get("master_bits", master))
+        m["bits"] = [int(b) for b in _as_list(m.get("bits", [b for b in bits if b <= m["master_bits"]]), "bits")]
+        bad = [b for b in m["bits"] if not 1 <= b <= m["master_bits"]]
+        if bad or not m["bits"]:
+            raise GridError(f"method entry {m['label']!r}: bits {bad or '[]'} are outside 1..master_bits "
+                            f"({m['master_bits']}).")
         methods.append(m)
     ev = raw.get("eval", {"ppl": {}})
     if not isinstance(ev, dict) or not ev or set(ev) - set(EVAL_KINDS):
@@ -141,10 +149,10 @@ def parse_grid(raw: dict, default_name: str = "grid") -> Grid:
             for m in methods:
                 for sl in slicings:
                     quant = {"method": m["name"], "label": m["label"], "args": m["args"], "scope": scope,
-                             "slicing": sl, **common}
+                             "slicing": sl, **common, "master_bits": m["master_bits"]}
                     if m["name"] in CALIBRATED:
                         quant["calib"] = calib
-                    ms = [measurement(model, k, s, quant, b) for b in bits for k, s in evals]
+                    ms = [measurement(model, k, s, quant, b) for b in m["bits"] for k, s in evals]
                     for mm in _as_list(raw.get("mixnmatch"), "mixnmatch"):
                         ms += [measurement(model, k, s, quant, _mixnmatch_spec(mm)) for k, s in evals]
                     jobs.append(QuantJob(model, quant, ms))

@@ -77,6 +77,19 @@ def served_slices(master_bits: int, slices=None, lambdas=None) -> tuple[tuple[in
     return bits, lam
 
 
+def check_clip_lambdas(clip_lambdas, clip: str, master_bits: int, bits) -> None:
+    """`clip_lambdas` needs a clipping search (clip mse/weighted) and one weight >= 0 per slice of R."""
+    if clip_lambdas is None:
+        return
+    if clip == "minmax":
+        raise ValueError("--clip-lambdas weights the slices in the clipping search: it needs --clip weighted or mse "
+                         "(the default minmax does not search).")
+    if len(tuple(clip_lambdas)) != len(bits):
+        raise ValueError(f"--clip-lambdas needs one weight per slice of R = {','.join(map(str, bits))}, got "
+                         f"{len(tuple(clip_lambdas))}: {','.join(map(str, clip_lambdas))}.")
+    served_slices(master_bits, bits, clip_lambdas)  # λ >= 0 with a positive sum
+
+
 @lru_cache(maxsize=64)
 def _tables(c: int, bits: tuple, lam: tuple, mode: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     q = torch.arange(2**c)
@@ -192,5 +205,5 @@ def quantize_clipped(w: torch.Tensor, h: torch.Tensor | None, *, bits: int, grou
                            group_size=gs)
 
 
-__all__ = ["CLIP_MODES", "DEFAULT_CLIP", "DEFAULT_SERVED", "DEFAULT_SERVED_LAMBDAS", "ClipResult", "check_clip", "clip_search",
+__all__ = ["CLIP_MODES", "DEFAULT_CLIP", "DEFAULT_SERVED", "DEFAULT_SERVED_LAMBDAS", "ClipResult", "check_clip", "check_clip_lambdas", "clip_search",
            "multislice_error", "quantize_clipped", "served_slices"]
