@@ -139,6 +139,12 @@ def test_report_tables_plots_docs(grid_file):
     md = (g.out / "results.md").read_text()
     assert "perplexity (lower is better)" in md and "| rtn [ffn, nested] |" in md and "M&M pyramid@5" in md
     assert "first 3 questions per task" in md and "**50.0** / 25.0" in md
+    import re
+
+    rtn = next(line for line in md.splitlines() if line.startswith("| rtn [ffn, nested] |"))
+    ref = float(re.search(r"\| fp32 \| ([0-9.]+) \(1\.000×\)", md).group(1))
+    ppl, rel = map(float, re.search(r"\| ([0-9.]+) \(([0-9.]+)×\)", rtn).groups())  # each cell ÷ the fp32 row
+    assert rel == pytest.approx(ppl / ref, abs=1e-3) and "| quantize s |" in md
     docs = g.docs.read_text()
     assert docs.count("matquant-experiment tiny: begin") == 1
     write_report(ResultStore(g.store), g.out, name="tiny", docs=g.docs)  # regenerating replaces the section

@@ -67,12 +67,18 @@ def build_tables(records: list[dict]) -> str:
         rows = OrderedDict()
         for r in recs:
             rows.setdefault(_series(r), {})[_bits_label(r["config"]["bits"])] = r["result"]
-        fmt = (lambda x: f"{x['ppl']:.3f}") if kind == "ppl" else (lambda x: f"{100 * x['average']:.1f}")
+        ref = rows.get("fp32", {}).get("fp32", {}).get("ppl") if kind == "ppl" else None
+        fmt = (lambda x: f"{x['ppl']:.3f}" + (f" ({x['ppl'] / ref:.3f}×)" if ref else "")) if kind == "ppl" \
+            else (lambda x: f"{100 * x['average']:.1f}")
         what = "perplexity (lower is better)" if kind == "ppl" else "zero-shot task average, % (higher is better)"
-        out += [f"### {model}: {what}", "", f"_{setting}_", "",
-                "| method [scope, slicing] | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        ratio = "; in brackets ÷ fp32" if ref else ""
+        out += [f"### {model}: {what}", "", f"_{setting}{ratio}; quantize s = the quantization's wall seconds_", "",
+                "| method [scope, slicing] | " + " | ".join(cols) + " | quantize s |",
+                "|---|" + "---|" * (len(cols) + 1)]
         for s, cells in rows.items():
-            out.append(f"| {s} | " + " | ".join(fmt(cells[c]) if c in cells else "" for c in cols) + " |")
+            qs = [c["quantize_seconds"] for c in cells.values() if c.get("quantize_seconds") is not None]
+            row = " | ".join(fmt(cells[c]) if c in cells else "" for c in cols)
+            out.append(f"| {s} | {row} | {f'{max(qs):.0f}' if qs else ''} |")
         effs = {c: cells[c].get("effective_bits") for cells in rows.values() for c in cells}
         out += ["", "Effective bits per quantized weight (codes + scales/zeros): " +
                 ", ".join(f"{c} {effs[c]}" for c in cols if effs.get(c) is not None), ""]
