@@ -371,12 +371,13 @@ def run(args) -> int:
     model, tok, src = load_model(args.model)
     calib = calibration(args, tok)
     qcfg = quantize_model(model, args.method, calib=calib, **kw)
-    if is_main_process():  # under torchrun every rank trains (DDP); rank 0 writes
+    main = is_main_process()  # (asked before finish_distributed: after it every process looks like rank 0)
+    if main:  # under torchrun every rank trains (DDP); rank 0 writes
         save_checkpoint(model, tok, args.out, qcfg, overwrite=args.overwrite)
         print(f"wrote {args.out}: {len(qcfg.modules)} layers, {args.method}, int{qcfg.master_bits} master, "
               f"group {qcfg.group_size}, slicing {qcfg.slicing} ({time.time() - t0:.0f}s, {threads} threads)")
     finish_distributed()
-    if is_main_process() and getattr(args, "work_dir", None) and Path(args.work_dir).exists():
+    if main and getattr(args, "work_dir", None) and Path(args.work_dir).exists():
         if default_work and not getattr(args, "keep_work_dir", False):
             import os
             import shutil

@@ -47,13 +47,30 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def finish_distributed() -> None:
-    """Wait for every rank, then leave the process group (call once, after rank 0 has written its output)."""
+FINISH_KEY = "matquant/finished/"
+
+
+def finish_distributed(timeout_s: float = 1800.0) -> None:
+    """Wait for every rank, then leave the process group (call once, after rank 0 has written its output).
+
+    The wait goes through torchrun's key-value store, not a gloo barrier: a rank that leaves right after a barrier
+    can close its sockets while a peer is still finishing that barrier, and the peer then fails with "Connection
+    closed by peer" (a known gloo shutdown race, pytorch/gloo#155). After the store wait no collective is in
+    flight anywhere."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    store = getattr(dist.distributed_c10d, "_get_default_store", lambda: None)()
+    if store is None:
         dist.barrier()
-        dist.destroy_process_group()
+    else:
+        from datetime import timedelta
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        store.set(f"{FINISH_KEY}{rank}", "1")
+        store.wait([f"{FINISH_KEY}{r}" for r in range(world)], timedelta(seconds=timeout_s))
+    dist.destroy_process_group()
 
 
 def barrier(d: Dist) -> None:

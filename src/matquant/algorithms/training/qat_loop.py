@@ -161,9 +161,14 @@ def train_qat(model, targets: list[str], calib: torch.Tensor, objective: Objecti
     settings = qat_settings(objective, cfg, targets, calib, layers, d.world)
     if clip != "minmax":  # (absent for MinMax, so work dirs of earlier versions still resume)
         settings["clip"] = clip
-    wd = WorkDir(cfg.work_dir, settings) if cfg.work_dir else None
-    if wd is not None and d.main:
-        wd.clean_temporaries()
+    wd = None
+    if cfg.work_dir:  # rank 0 creates (or checks) the work dir before the other ranks open it: no creation race
+        if d.main:
+            wd = WorkDir(cfg.work_dir, settings)
+            wd.clean_temporaries()
+        barrier(d)
+        if not d.main:
+            wd = WorkDir(cfg.work_dir, settings)
 
     was_training = model.training
     grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
