@@ -106,6 +106,10 @@ def quantize_model(
         qweights = METHODS[method](model, targets, master_bits=master_bits, group_size=group_size,
                                    symmetric=symmetric, param_dtype=pdtype, slicing=slicing, calib=calib,
                                    progress=progress, **method_args)
+    own = {tuple(sorted(qw.slice_params or ())) for qw in qweights.values()}
+    if len(own) > 1:
+        raise RuntimeError(f"the layers got different slice-own parameter sets {sorted(own)}; a bug, please report it.")
+    slice_params = list(own.pop()) or None
     replace_with_matquant(model, qweights, slicing=slicing)
     if rotation is not None:
         for n in targets:
@@ -113,7 +117,7 @@ def quantize_model(
     return QuantConfig(master_bits=master_bits, group_size=group_size, symmetric=symmetric, slicing=slicing,
                        scope=scope if modules is None else "custom", modules=list(targets),
                        default_bits=master_bits, method=method, method_args=_jsonable(method_args),
-                       param_dtype=param_dtype, rotation=rotation).validate()
+                       param_dtype=param_dtype, rotation=rotation, slice_params=slice_params).validate()
 
 
 def _jsonable(d: dict) -> dict:

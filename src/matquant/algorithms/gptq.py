@@ -33,6 +33,9 @@ from matquant.quant.refit import refit_params
 from matquant.quant.rounding import round_half_up
 from matquant.quant.slicing import DEFAULT_SLICING
 
+SLICE_PARAMS = ("shared", "own")
+DEFAULT_SLICE_PARAMS = "shared"  # the paper's: every slice reads its codes with the master's (α, z)
+
 DEFAULT_BLOCKSIZE = 128
 
 
@@ -228,8 +231,10 @@ def blockwise_hessian_method(model, targets, calib, quantize_layer, *, true_sequ
                 wq = dequantize_codes(qw.codes, qw.scales, qw.zeros) if propagate is None else propagate(qw, W)
                 wref.data.copy_(wq.to(wref.dtype))
                 home = wref.device
+                own = None if not qw.slice_params else \
+                    {r: (a.to(home), b.to(home)) for r, (a, b) in qw.slice_params.items()}
                 out[n] = QuantizedWeight(qw.codes.to(home), qw.scales.to(home), qw.zeros.to(home), qw.bits,
-                                         qw.group_size)
+                                         qw.group_size, own)
 
     run_blockwise(model, calib, targets, per_block, device=device, batch_size=batch_size, progress=progress,
                   desc=desc)
@@ -243,20 +248,49 @@ def gptq(model, targets: list[str], *, master_bits: int, group_size: int, symmet
          slicing: str = DEFAULT_SLICING, calib=None, progress: bool = True, damp: float = 0.01,
          act_order: bool = False, blocksize: int = DEFAULT_BLOCKSIZE, true_sequential: bool = True, device=None,
          batch_size: int = 1, clip: str = DEFAULT_CLIP, refit: bool = False,
-         clip_lambdas=None) -> dict[str, QuantizedWeight]:
+         clip_lambdas=None, slice_params: str = DEFAULT_SLICE_PARAMS) -> dict[str, QuantizedWeight]:
     """Standard GPTQ at `master_bits` bits (the dedicated per-bit baseline; same checkpoint format). With
     clip='minmax' (default) its codes do not depend on `slicing` (only the checkpoint's default reading rule does);
     'mse' / 'weighted' (h = diag H) search each group's (α, z) for the served slices under `slicing` (the master
     and the precisions of clip_search.DEFAULT_SERVED below it), weighted by `clip_lambdas` (one per served slice;
     e.g. 1,0,0 at master 4 searches for int4 alone: the dedicated model's own error). `refit`: re-solve each row's
-    (α, z) for its final codes by least squares on ‖(W − Ŵ)X‖² (quant/refit.py)."""
+    (α, z) for its final codes by least squares on ‖(W − Ŵ)X‖² (quant/refit.py). `slice_params`: 'own' also fits
+    every served slice below the master its own (α_r, z_r) for the same codes (`with_slice_params`)."""
     check_clip(clip)
     check_gptq_clip_lambdas(clip_lambdas, clip, master_bits)
+    check_slice_params(slice_params)
 
     def q(name, W, H):
         qw, _ = gptq_quantize_weight(W, H, master_bits, group_size, symmetric, param_dtype, damp, act_order,
                                      blocksize, name, clip, slicing, refit, clip_lambdas)
-        return qw
+        return with_slice_params(qw, W, H, slice_params, slicing, symmetric, param_dtype)
 
     return blockwise_hessian_method(model, targets, calib, q, true_sequential=true_sequential, device=device,
                                     batch_size=batch_size, progress=progress, desc=f"GPTQ int{master_bits}")
+
+
+def check_slice_params(slice_params: str) -> str:
+    if slice_params not in SLICE_PARAMS:
+        raise ValueError(f"unknown slice_params {slice_params!r}; choose one of {', '.join(SLICE_PARAMS)} (shared: "
+                         "every slice reads its codes with the master's α, z; own: each served slice below the "
+                         "master gets its own α, z fitted to its output error, +1 pair per group and slice in the "
+                         "checkpoint).")
+    return slice_params
+
+
+def with_slice_params(qw: QuantizedWeight, W, H, slice_params: str, slicing: str, symmetric: bool,
+                      param_dtype) -> QuantizedWeight:
+    """`qw` with slice-own (α_r, z_r) for the served slices below its master (clip_search.DEFAULT_SERVED), fitted by
+    least squares on each slice's output error ‖(W − Ŵ_r)X‖² for the fixed codes (quant/refit.own_slice_params);
+    unchanged for slice_params='shared'."""
+    if slice_params != "own":
+        return qw
+    from matquant.quant.clip_search import DEFAULT_SERVED
+    from matquant.quant.refit import own_slice_params
+
+    slices = [b for b in DEFAULT_SERVED if b < qw.bits]
+    if slices:
+        qw.slice_params = own_slice_params(W, H, qw.codes, qw.scales, qw.zeros, master_bits=qw.bits,
+                                           group_size=qw.group_size, slicing=slicing, slices=slices,
+                                           symmetric=symmetric, param_dtype=param_dtype)
+    return qw

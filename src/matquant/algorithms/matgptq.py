@@ -263,13 +263,15 @@ def matgptq(model, targets: list[str], *, master_bits: int, group_size: int, sym
             error_feedback: str = DEFAULT_ERROR_FEEDBACK, group_params: str = DEFAULT_GROUP_PARAMS, damp: float = 0.01,
             act_order: bool = False, blocksize: int = DEFAULT_BLOCKSIZE, true_sequential: bool = True, device=None,
             batch_size: int = 1, propagate="master", clip: str = DEFAULT_CLIP,
-            refit: bool = False, clip_lambdas=None) -> dict[str, QuantizedWeight]:
+            refit: bool = False, clip_lambdas=None, slice_params: str = "shared") -> dict[str, QuantizedWeight]:
     """Multi-precision GPTQ: int-`master_bits` codes good for every precision in `bits_list` under `slicing`.
 
     `clip`: group (α, z) by MinMax ('minmax', default), or by the clipping search of quant/clip_search.py for the
     same R, λ and multi-slice code choice, with h = 1 ('mse') or h = diag(H) ('weighted'); `clip_lambdas` replaces
     λ in that search only (one weight per slice of R; the code choice keeps `lambdas`). `refit`: after the column
     loop, re-solve each row's (α, z) for its codes by least squares on Σ_r λ_r ‖(W − Ŵ_r)X‖² (quant/refit.py).
+    `slice_params`: 'own' also fits every served slice below the master its own (α_r, z_r) for the same codes, on
+    that slice's output error alone (gptq.with_slice_params).
 
     `propagate` is what the next layers and blocks see while the pass runs: "master" (the int-c weights, default),
     an int r (the r-bit slice, e.g. 4), or "fp" (the full-precision weights: every layer is calibrated on fp inputs).
@@ -278,11 +280,14 @@ def matgptq(model, targets: list[str], *, master_bits: int, group_size: int, sym
     check_group_params(group_params, clip)
     check_clip_lambdas(clip_lambdas, clip, master_bits, rounder.bits)
     prop = propagate_fn(propagate, master_bits, slicing)
+    from matquant.algorithms.gptq import check_slice_params, with_slice_params
+
+    check_slice_params(slice_params)
 
     def q(name, W, H):
         qw, _ = matgptq_quantize_weight(W, H, rounder, group_size, symmetric, param_dtype, damp, act_order,
                                         group_params, blocksize, name, clip, refit, clip_lambdas)
-        return qw
+        return with_slice_params(qw, W, H, slice_params, slicing, symmetric, param_dtype)
 
     return blockwise_hessian_method(model, targets, calib, q, true_sequential=true_sequential, device=device,
                                     batch_size=batch_size, progress=progress, propagate=prop,

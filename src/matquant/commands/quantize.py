@@ -96,6 +96,12 @@ def add_quant_args(p, method_default: str = "matgptq", threads_default: int | No
     g.add_argument("--refit", action="store_true", default=None,
                    help="after the column loop, re-solve every group's scale/zero for its final codes by least squares "
                         "on the calibration output error of every served slice (docs/results.md, 'Refit')")
+    g.add_argument("--slice-params", default="shared", choices=("shared", "own"),
+                   help="group scale/zero of the slices below the master: the master's, shared by every slice (the "
+                        "paper's; default), or each served slice's own (6,4,3,2 below an int8 master), fitted by least "
+                        "squares to that slice's calibration output error for its unchanged codes. A served slice "
+                        "costs the same bits either way; the checkpoint holds one more pair per group and slice "
+                        "(docs/results.md, 'Slice-own group parameters')")
     g.add_argument("--propagate", default="master", metavar="master|fp|BITS",
                    help="matgptq: what later layers see during the pass: the int-C master weights (default), the "
                         "full-precision weights (fp), or one slice (e.g. 4)")
@@ -138,7 +144,8 @@ def resolve_recipe(args):
 # The methods that read each method-specific flag (argparse dest -> methods). Given with any other method, the
 # flag would be silently ignored, so it is an error instead (a value equal to the flag's default counts as not given).
 FLAG_METHODS: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(("damp", "act_order", "calib_batch_size", "quant_device", "refit"), ("gptq", "matgptq")),
+    **dict.fromkeys(("damp", "act_order", "calib_batch_size", "quant_device", "refit", "slice_params"),
+                    ("gptq", "matgptq")),
     **dict.fromkeys(("error_feedback", "group_params", "propagate"), ("matgptq",)),
     "clip_lambdas": ("gptq", "matgptq"),
     **dict.fromkeys(("bits_list", "lambdas"), ("matgptq", "qat", "omniquant")),
@@ -190,6 +197,8 @@ def method_kwargs(args) -> dict:
         kw["device"] = args.quant_device
     if getattr(args, "refit", None):
         kw["refit"] = True  # recorded only when used
+    if getattr(args, "slice_params", "shared") != "shared":
+        kw["slice_params"] = args.slice_params  # recorded only when used
     if args.method == "gptq" and getattr(args, "clip_lambdas", None) is not None:
         from matquant.algorithms.gptq import check_gptq_clip_lambdas
 

@@ -142,6 +142,8 @@ def replace_skeleton(model, qconfig: QuantConfig, dtype=torch.float32, device=No
         new = MatQuantLinear(in_f, out_f, bias=getattr(old, "bias", None) is not None, group_size=gs,
                              master_bits=qconfig.master_bits, slicing=qconfig.slicing,
                              param_dtype=getattr(torch, qconfig.param_dtype), dtype=dtype, device=device)
+        if qconfig.slice_params:
+            new.add_slice_params(qconfig.slice_params)
         try:
             new.set_rotation(qconfig.rotation)  # the online input transform, rebuilt from the stored spec
         except ValueError as e:

@@ -39,6 +39,11 @@ class QuantConfig:
     # "seed": 0}; None = no rotation. Optional: absent in older checkpoints, and not written when None, so a checkpoint
     # without rotation stays readable by matquant versions that predate the field.
     rotation: dict[str, Any] | None = None
+    # the slices below the master that have their own group parameters (<module>.scales_int{r} / zeros_int{r},
+    # fitted for `slicing`; `--slice-params own`), e.g. [2, 3, 4, 6]; None = every slice reads the shared ones.
+    # Optional like `rotation`: not written when None; a matquant that predates it refuses such a checkpoint
+    # ("unknown key(s) ['slice_params']") instead of reading the slices with the wrong parameters.
+    slice_params: list[int] | None = None
     quant_method: str = QUANT_METHOD
     format_version: int = FORMAT_VERSION
 
@@ -83,12 +88,19 @@ class QuantConfig:
             check_spec(self.rotation)
         except ValueError as e:
             fail(str(e))
+        if self.slice_params is not None:
+            sp = self.slice_params
+            if not isinstance(sp, list) or not sp or any(isinstance(b, bool) or not isinstance(b, int) for b in sp) \
+                    or len(set(sp)) != len(sp) or any(not 1 <= b < self.master_bits for b in sp):
+                fail(f"slice_params must be a non-empty list of distinct slice bit-widths below master_bits "
+                     f"{self.master_bits}, got {sp!r:.80}")
         return self
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["rotation"] is None:
-            del d["rotation"]  # see the field's comment
+        for k in ("rotation", "slice_params"):
+            if d[k] is None:
+                del d[k]  # see the fields' comments
         return d
 
     @classmethod

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import stat
 from pathlib import Path
 
@@ -26,6 +27,13 @@ CONFIG_NAME = "config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_CONFIG_BYTES = 16 * 2**20  # a config.json is a few KB; anything this large is not one
 CODE_LEAVES = ("qweight", "scales", "zeros")
+_PARAM_LEAF = re.compile(r"(scales|zeros)(_int[1-8])?")  # shared group parameters, or a slice's own (int{r})
+
+
+def param_leaf(leaf: str) -> str | None:
+    """'scales' / 'zeros' for a quantized layer's group-parameter tensor (shared or slice-own), else None."""
+    m = _PARAM_LEAF.fullmatch(leaf)
+    return m.group(1) if m else None
 MAX_ABS = 1e6  # largest |value| accepted in a weight or scale (trained weights are O(1); fp16 cannot exceed 65504)
 MAX_ABS_ZERO = 2.0**25  # zero-points: twice float32's 2/eps bound of quant/minmax.py
 # config keys that give a number of layers / a tensor dimension (the families in models/targets.py, and HF's aliases)
@@ -263,7 +271,7 @@ def check_header(header, expected, qconfig: QuantConfig, path: Path | str = WEIG
         module, _, leaf = k.rpartition(".")
         if module in quantized and leaf == "qweight":
             want = torch.uint8
-        elif module in quantized and leaf in ("scales", "zeros"):
+        elif module in quantized and param_leaf(leaf):
             want = pdtype
         elif edt.is_floating_point:
             if not dt.is_floating_point:
@@ -281,7 +289,8 @@ def check_header(header, expected, qconfig: QuantConfig, path: Path | str = WEIG
 def check_values(name: str, t: torch.Tensor, qconfig: QuantConfig, path: Path | str = WEIGHTS_NAME) -> None:
     """The values of one tensor: codes below 2^master_bits, floats finite, scales positive."""
     module, _, leaf = name.rpartition(".")
-    is_code = module in set(qconfig.modules) and leaf in CODE_LEAVES
+    is_code = module in set(qconfig.modules) and (leaf == "qweight" or param_leaf(leaf) is not None)
+    kind = param_leaf(leaf) if is_code else None
     if is_code and leaf == "qweight" and t.numel() and int(t.max()) >= 2**qconfig.master_bits:
         raise CheckpointError(f"tensor {name} in {path} holds codes >= 2^{qconfig.master_bits} (master_bits); "
                               "the file is corrupt.")
@@ -290,12 +299,12 @@ def check_values(name: str, t: torch.Tensor, qconfig: QuantConfig, path: Path | 
             raise CheckpointError(f"tensor {name} in {path} contains NaN/Inf values.")
         # finite but absurd (a flipped exponent bit): no trained weight or MinMax α comes near MAX_ABS, and the
         # zero-points stay within the dtype's 2/eps (quant/minmax.py param_limits); such values overflow in forward
-        bound = MAX_ABS_ZERO if (is_code and leaf == "zeros") else MAX_ABS
+        bound = MAX_ABS_ZERO if kind == "zeros" else MAX_ABS
         big = float(t.abs().max())
         if big > bound:
             raise CheckpointError(f"tensor {name} in {path} holds a value of magnitude {big:.3g} (> {bound:.0e}), "
                                   "far beyond any trained weight: the file is corrupt.")
-    if is_code and leaf == "scales" and t.numel() and not bool((t > 0).all()):
+    if kind == "scales" and t.numel() and not bool((t > 0).all()):
         raise CheckpointError(f"tensor {name} in {path} has scales <= 0; the file is corrupt.")
 
 

@@ -42,7 +42,7 @@ def module_slice(name: str, m) -> SliceTensor:
     c, r, mode = m.master_bits, m.bits, m.slicing
     q = slice_codes(m.master_codes(), c, r, mode)
     levels = 2**r + (1 if (mode == "extra" and r < c) else 0)
-    a, b = slice_params(m.scales, m.zeros, c, r, mode)
+    a, b = slice_params(*m.group_params(r, mode), c, r, mode)
     ref = m.dequantized_weight(torch.float32).detach().float().cpu()
     return SliceTensor(name, q.to(torch.uint8).cpu(), a.cpu(), b.cpu(), m.group_size, r, mode, levels, ref)
 
@@ -54,7 +54,8 @@ def model_slices(model) -> dict[str, SliceTensor]:
 def plain_tensors(model) -> dict[str, torch.Tensor]:
     """Every tensor of the model that is not a quantized module's codes/scales/zeros (norms, embeddings, biases)."""
     qmods = matquant_modules(model)
-    skip = {f"{n}.{t}" for n in qmods for t in CODE_TENSORS}
+    skip = {f"{n}.{t}" for n, m in qmods.items()
+            for t in CODE_TENSORS + tuple(f"{p}_int{r}" for r in m.own_bits for p in ("scales", "zeros"))}
     return {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k not in skip}
 
 

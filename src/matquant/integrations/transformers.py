@@ -92,9 +92,11 @@ class MatQuantHfQuantizer(HfQuantizer):
 
     def get_new_dtype(self, converter, param, dtype):
         # keep codes (uint8) and the stored dtype of scales/zeros exactly as saved
+        from matquant.format import validate as V
+
         name = getattr(converter, "target_patterns", None) or getattr(converter, "source_patterns", None) or ""
         name = name[0] if isinstance(name, (list, tuple)) and name else str(name)
-        if name.endswith((".qweight", ".scales", ".zeros")):
+        if name.endswith(".qweight") or V.param_leaf(name.rpartition(".")[2]):
             return None
         return super().get_new_dtype(converter, param, dtype)
 

@@ -80,7 +80,7 @@ class BackendState:
     def slice_params(self, mod, bits: int, mode: str):
         key = (bits, mode, mod.scales.device)
         if key not in self.params:
-            a, b = cpu.slice_params(mod.scales, mod.zeros, mod.master_bits, bits, mode)
+            a, b = cpu.slice_params(*mod.group_params(bits, mode), mod.master_bits, bits, mode)
             self.params[key] = (a.contiguous(), b.contiguous())
         return self.params[key]
 
@@ -104,7 +104,7 @@ def _bias(mod, x):
 
 def _cpu_forward(mod, x):
     st = _state(mod)
-    return cpu.linear(x, mod.qweight, mod.scales, mod.zeros, mod.master_bits, mod.bits, mod.slicing, mod.bias,
+    return cpu.linear(x, mod.qweight, *mod.group_params(), mod.master_bits, mod.bits, mod.slicing, mod.bias,
                       cache=st.weights if mod.cache_dequantized else None)
 
 
@@ -171,9 +171,11 @@ def packed_slice(mod, bits: int | None = None, mode: str | None = None) -> cpu_p
     ps = st.slices.get(key)
     if (ps is None and mod.master_planes is not None and (mode == "nested" or bits >= mod.master_bits)
             and not (bits > 4 and mod.high_format == "bf16")):  # a switch: at most one AND over one plane
-        like = next((p for p in st.slices.values() if cpu_packed.planes_layout(p, mod.master_bits)), None)
+        sz = mod.group_params(bits, mode)  # a slice with its own (α, z) shares no scale tables with the others
+        like = next((p for p in st.slices.values() if cpu_packed.planes_layout(p, mod.master_bits)
+                     and mod.group_params(p.bits, p.mode)[0] is sz[0]), None)
         with single_thread():
-            ps = st.slices[key] = cpu_packed.nested_slice(mod.master_planes, mod.scales, mod.zeros, bits,
+            ps = st.slices[key] = cpu_packed.nested_slice(mod.master_planes, *sz, bits,
                                                           mod.group_size, like=like)
     if ps is None:
         if mod.master_dropped:
@@ -181,7 +183,7 @@ def packed_slice(mod, bits: int | None = None, mode: str | None = None) -> cpu_p
                              f"(keep_master=False); resident: {sorted(st.slices)}. Reload the checkpoint with "
                              "keep_master=True, or list this precision in keep=[...].")
         # paper slices (no bit prefix) and the bf16 format: re-packed from the uint8 codes
-        ps = cpu_packed.pack_slice(mod.master_codes(), mod.scales, mod.zeros, mod.master_bits, bits, mode,
+        ps = cpu_packed.pack_slice(mod.master_codes(), *mod.group_params(bits, mode), mod.master_bits, bits, mode,
                                    mod.group_size, mod.high_format)
         st.slices[key] = ps
     if len(st.slices) > 1 and not mod.master_dropped:  # a switch: free the precision(s) left that are not kept

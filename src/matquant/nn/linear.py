@@ -53,6 +53,8 @@ class MatQuantLinear(nn.Module):
         self._backend_state = None
         self.rotation: dict | None = None  # input rotation spec (quant/rotation.py); set_rotation
         self._input_rotation = None
+        self.own_bits: tuple[int, ...] = ()  # slices with their own scales_int{r}/zeros_int{r} (add_slice_params)
+        self.own_slicing = slicing
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=param_dtype, device=device))
         self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=param_dtype, device=device))
@@ -73,12 +75,47 @@ class MatQuantLinear(nn.Module):
         m.qweight.copy_(qw.codes)
         m.scales.copy_(qw.scales)
         m.zeros.copy_(qw.zeros)
+        if qw.slice_params:
+            m.add_slice_params(sorted(qw.slice_params))
+            for r, (sr, zr) in qw.slice_params.items():
+                getattr(m, f"scales_int{r}").copy_(sr)
+                getattr(m, f"zeros_int{r}").copy_(zr)
         if bias is not None:
             m.bias.data.copy_(bias.detach().to(dtype))
         return m
 
     def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.master_codes(), self.scales, self.zeros, self.master_bits, self.group_size)
+        own = {r: self.group_params(r) for r in self.own_bits} or None
+        return QuantizedWeight(self.master_codes(), self.scales, self.zeros, self.master_bits, self.group_size, own)
+
+    # ---- slice-own group parameters (quant/refit.own_slice_params) ----
+    def add_slice_params(self, bits_list) -> None:
+        """Give the slices in `bits_list` (below the master) their own ``scales_int{r}``/``zeros_int{r}`` buffers
+        (initialised to the shared values; a checkpoint load fills them). They are read for the slicing this layer
+        was built with only; another slicing reads the shared ones."""
+        for r in sorted({int(b) for b in bits_list}):
+            check_bits(r, "slice-own parameter bits")
+            if r >= self.master_bits:
+                raise ValueError(f"slice-own parameters are for slices below the int{self.master_bits} master, "
+                                 f"got int{r}.")
+            dev = self.scales.device
+            self.register_buffer(f"scales_int{r}", torch.empty_like(self.scales, device=dev).copy_(self.scales)
+                                 if dev.type != "meta" else torch.empty_like(self.scales))
+            self.register_buffer(f"zeros_int{r}", torch.empty_like(self.zeros, device=dev).copy_(self.zeros)
+                                 if dev.type != "meta" else torch.empty_like(self.zeros))
+        self.own_bits = tuple(sorted(set(self.own_bits) | {int(b) for b in bits_list}))
+        self.own_slicing = self.slicing
+        self._cached = None
+        self._backend_state = None
+
+    def group_params(self, bits: int | None = None, mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scales, zeros) the `bits`-bit slice read with `mode` dequantizes with: its own where it has them (for
+        the slicing they were fitted for), else the master's shared ones."""
+        bits = self.bits if bits is None else bits
+        mode = self.slicing if mode is None else mode
+        if bits in self.own_bits and mode == self.own_slicing:
+            return getattr(self, f"scales_int{bits}"), getattr(self, f"zeros_int{bits}")
+        return self.scales, self.zeros
 
     # ---- precision ----
     def check_precision(self, bits: int, slicing: str | None = None) -> None:
@@ -148,8 +185,8 @@ class MatQuantLinear(nn.Module):
         key = (self.bits, self.slicing, dtype, self.qweight.device)
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
-        w = torch_ref.dequantize_slice(self.master_codes(), self.scales, self.zeros, self.master_bits, self.bits,
-                                       self.slicing, dtype)
+        s, z = self.group_params()
+        w = torch_ref.dequantize_slice(self.master_codes(), s, z, self.master_bits, self.bits, self.slicing, dtype)
         if self.cache_dequantized:
             self._cached = (key, w)
         return w
@@ -184,7 +221,7 @@ class MatQuantLinear(nn.Module):
             raise ValueError("drop_master needs the packed backend with at least one precision packed "
                              "(set_backend('packed'), then prepare it: matquant.nn.memory.prepare_packed).")
         freed = 0
-        for name in ("qweight", "scales", "zeros"):
+        for name in ("qweight", "scales", "zeros", *(f"{p}_int{r}" for r in self.own_bits for p in ("scales", "zeros"))):
             t = getattr(self, name)
             freed += t.numel() * t.element_size()
             setattr(self, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
@@ -257,5 +294,6 @@ class MatQuantLinear(nn.Module):
                 f"master_bits={self.master_bits}, bits={self.bits}, group_size={self.group_size}, "
                 f"slicing={self.slicing}" + (f", backend={self.backend}" if self.backend != "torch" else "")
                 + (f", rotation={self.rotation['mode']}" if self.rotation else "")
+                + (f", own params int{'/'.join(map(str, self.own_bits))}" if self.own_bits else "")
                 + (", master dropped" if self.master_dropped else "")
                 + (", master held as packed planes" if self.master_planes is not None else ""))

@@ -24,9 +24,11 @@ from matquant.quant.ste import fake_quant_ste
 
 
 def dequantize(qw: QuantizedWeight, bits: int | None = None, mode: str = DEFAULT_SLICING):
-    """Float32 weight of the `bits`-bit slice (default: the master precision) of a QuantizedWeight."""
+    """Float32 weight of the `bits`-bit slice (default: the master precision) of a QuantizedWeight; a slice with
+    its own group parameters (`qw.slice_params`, fitted for the slicing `mode` it was quantized with) uses them."""
     r = qw.bits if bits is None else bits
-    return dequantize_codes(slice_master(qw.codes, qw.bits, r, mode), qw.scales, qw.zeros)
+    s, z = (qw.slice_params or {}).get(r, (qw.scales, qw.zeros))
+    return dequantize_codes(slice_master(qw.codes, qw.bits, r, mode), s, z)
 
 
 __all__ = [

@@ -21,6 +21,9 @@ class QuantizedWeight:
     zeros: torch.Tensor  # [out, n_groups] (float zero-point, in code units)
     bits: int
     group_size: int  # actual group size used (== in_features for per-channel)
+    # optional slice-own group parameters {r: (scales, zeros)} in master code units, like `scales`/`zeros`: the
+    # r-bit slice reads its (unchanged) codes with these instead of the shared ones (quant/refit.py own_slice_params)
+    slice_params: dict | None = None
 
 
 def resolve_group_size(in_features: int, group_size: int | None) -> int:

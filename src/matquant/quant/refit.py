@@ -98,3 +98,24 @@ def refit_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
         new_z[r0:r1][better] = z1[better].to(zeros.dtype)
         changed += int(better.sum())
     return new_s, new_z, changed / max(1, out_f)
+
+
+@torch.no_grad()
+def own_slice_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                     zeros: torch.Tensor, *, master_bits: int, group_size: int, slicing: str, slices,
+                     symmetric: bool = False, param_dtype: torch.dtype = torch.float16) -> dict:
+    """{r: (scales_r, zeros_r)}: for every slice r in `slices` (below the master), the group parameters that
+    minimise that slice's own output error ‖(W − Ŵ_r)X‖² for its fixed codes (`refit_params` with R = {r}).
+
+    The codes stay the master's bit prefixes; only how the r-bit slice reads them back changes, and it stays one
+    affine map per group, in master code units like the shared (α, z): ŵ_r = α_r·(S_r(q) − z_r). Serving slice r
+    costs the same bits as before (one α and z per group); the checkpoint stores one more pair per group and slice.
+    A row keeps the shared values where the fit does not lower its error (the refit's guarantee)."""
+    out = {}
+    for r in sorted({int(b) for b in slices}, reverse=True):
+        if not 1 <= r < master_bits:
+            raise ValueError(f"slice-own parameters are for slices below the int{master_bits} master, got int{r}.")
+        s, z, _ = refit_params(W, H, codes, scales, zeros, master_bits=master_bits, group_size=group_size,
+                               slicing=slicing, bits=(r,), symmetric=symmetric, param_dtype=param_dtype)
+        out[r] = (s.to(param_dtype), z.to(param_dtype))
+    return out

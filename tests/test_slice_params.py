@@ -1,0 +1,174 @@
+"""Slice-own group parameters (`slice_params='own'`, gptq / matgptq): each served slice below the master reads its
+unchanged codes with its own (α_r, z_r), fitted to its output error (quant/refit.own_slice_params)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import matquant
+from matquant.algorithms import quantize_model
+from matquant.format import CheckpointError, save_checkpoint
+from matquant.quant import dequantize
+from matquant.quant.minmax import QuantizedWeight, minmax_params, quantize_codes
+from matquant.quant.refit import own_slice_params
+
+X = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))
+CALIB = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(2))
+
+
+def _tiny(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(X).logits
+
+
+def _slice_error(W, H, qw, r, mode="nested"):
+    E = (W - dequantize(qw, r, mode)).double()
+    return ((E @ H.double()) * E).sum(1)  # per row
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_own_params_are_never_worse_per_row_and_keep_the_codes(symmetric):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 64, generator=g)
+    Xc = torch.randn(300, 64, generator=g) * torch.linspace(0.1, 2, 64)
+    H = Xc.T @ Xc
+    s, z = minmax_params(W, 8, 16, symmetric, torch.float16)
+    q = quantize_codes(W, s, z, 8)
+    shared = QuantizedWeight(q, s.half(), z.half(), 8, 16)
+    own = own_slice_params(W, H, q, shared.scales.float(), shared.zeros.float(), master_bits=8, group_size=16,
+                           slicing="nested", slices=(6, 4, 3, 2), symmetric=symmetric, param_dtype=torch.float16)
+    assert sorted(own) == [2, 3, 4, 6]
+    withown = QuantizedWeight(q, shared.scales, shared.zeros, 8, 16, own)
+    for r in (6, 4, 3, 2):
+        assert own[r][0].dtype == torch.float16 and own[r][0].shape == s.shape
+        e0, e1 = _slice_error(W, H, shared, r), _slice_error(W, H, withown, r)
+        assert (e1 <= e0 * (1 + 1e-9)).all()
+        assert e1.sum() < 0.99 * e0.sum()  # the shared (α, z) are not the r-bit slice's least-squares optimum
+    assert torch.equal(dequantize(withown, 8, "nested"), dequantize(shared, 8, "nested"))  # the master: shared
+    with pytest.raises(ValueError, match="below the int8 master"):
+        own_slice_params(W, H, q, s, z, master_bits=8, group_size=16, slicing="nested", slices=(8,))
+
+
+@pytest.fixture(scope="module")
+def own_ckpt(tmp_path_factory, tiny_tokenizer):
+    model = _tiny()
+    qcfg = quantize_model(model, "matgptq", group_size=32, scope="ffn", calib=CALIB, progress=False,
+                          slice_params="own")
+    d = tmp_path_factory.mktemp("own") / "ckpt"
+    save_checkpoint(model, tiny_tokenizer, d, qcfg)
+    return d, model, qcfg
+
+
+def test_matgptq_own_params_round_trip_every_backend_and_transformers(own_ckpt):
+    from transformers import AutoModelForCausalLM
+
+    d, model, qcfg = own_ckpt
+    assert qcfg.slice_params == [2, 3, 4, 6] and qcfg.method_args["slice_params"] == "own"
+    assert json.loads((d / "config.json").read_text())["quantization_config"]["slice_params"] == [2, 3, 4, 6]
+    layer = model.get_submodule(qcfg.modules[0])
+    assert layer.own_bits == (2, 3, 4, 6)
+    assert not torch.equal(layer.group_params(2)[0], layer.scales)  # int2 reads its own scales
+    assert layer.group_params(8)[0] is layer.scales
+    assert layer.group_params(2, "paper")[0] is layer.scales  # fitted for nested: another slicing reads the shared
+    hf = AutoModelForCausalLM.from_pretrained(d)
+    loaded = {b: matquant.load(d, backend=b)[0] for b in ("torch", "cpu", "packed")}
+    for bits in (8, 6, 4, 3, 2):
+        matquant.set_bits(model, bits)
+        want = _logits(model)
+        for m in (hf, *loaded.values()):
+            matquant.set_bits(m, bits)
+        assert torch.equal(_logits(hf), want)
+        assert torch.equal(_logits(loaded["torch"]), want)
+        assert torch.allclose(_logits(loaded["cpu"]), want, atol=1e-5 * want.abs().max(), rtol=0)
+        assert torch.allclose(_logits(loaded["packed"]), want, atol=3e-3 * want.abs().max(), rtol=0), bits
+
+
+def test_own_params_change_the_slices_not_the_master():
+    base, own = _tiny(), _tiny()
+    quantize_model(base, "gptq", group_size=32, scope="ffn", calib=CALIB, progress=False)
+    qcfg = quantize_model(own, "gptq", group_size=32, scope="ffn", calib=CALIB, progress=False,
+                          slice_params="own")
+    assert qcfg.slice_params == [2, 3, 4, 6]
+    n = qcfg.modules[0]
+    a, b = base.get_submodule(n), own.get_submodule(n)
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales)  # same codes, same master
+    matquant.set_bits(base, 2)
+    matquant.set_bits(own, 2)
+    assert not torch.equal(a.dense_weight(), b.dense_weight())
+
+
+def test_export_slices_read_the_own_params(own_ckpt):
+    from matquant.integrations.export_slices import model_slices, plain_tensors
+
+    _, model, qcfg = own_ckpt
+    matquant.set_bits(model, 3)
+    for name, st in model_slices(model).items():
+        g = st.codes.float().reshape(st.codes.shape[0], -1, st.group_size)
+        w = (g * st.a.unsqueeze(-1) + st.b.unsqueeze(-1)).reshape(st.codes.shape)
+        assert torch.allclose(w, st.reference, atol=1e-5 * st.reference.abs().max()), name
+    assert not any("_int" in k for k in plain_tensors(model))  # no slice-own tensor leaks into an export
+
+
+def test_shared_checkpoints_do_not_write_the_field(tmp_path, tiny_tokenizer):
+    model = _tiny()
+    qcfg = quantize_model(model, "rtn", group_size=32, scope="ffn", progress=False)
+    save_checkpoint(model, tiny_tokenizer, tmp_path / "c", qcfg)
+    assert "slice_params" not in json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
+
+
+def _edit(d, value):
+    cfg = json.loads((d / "config.json").read_text())
+    if value is None:
+        del cfg["quantization_config"]["slice_params"]
+    else:
+        cfg["quantization_config"]["slice_params"] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("value, match", [([8], "below master_bits 8"), ([4, 4], "distinct"), ("4", "list"),
+                                          ([2, 3], "does not use"), (None, "does not use")])
+def test_inconsistent_slice_params_are_checkpoint_errors(own_ckpt, tmp_path, value, match):
+    import shutil
+
+    d = tmp_path / "c"
+    shutil.copytree(own_ckpt[0], d)
+    _edit(d, value)
+    with pytest.raises(CheckpointError, match=match):
+        matquant.load(d)
+
+
+def test_a_matquant_without_the_field_refuses_the_checkpoint(own_ckpt, monkeypatch):
+    """What a matquant that predates slice_params says: the key is unknown to its QuantConfig."""
+    from matquant.format.config import QuantConfig
+
+    d = own_ckpt[0]
+    q = json.loads((d / "config.json").read_text())["quantization_config"]
+    fields = dict(QuantConfig.__dataclass_fields__)
+    del fields["slice_params"]
+    monkeypatch.setattr(QuantConfig, "__dataclass_fields__", fields)
+    with pytest.raises(CheckpointError, match=r"unknown key\(s\) \['slice_params'\]; written by a newer matquant"):
+        QuantConfig.from_dict(q)
+
+
+def test_cli_flag_is_for_gptq_methods_only(tmp_path, tiny_model_dir, capsys):
+    from matquant.cli import main
+
+    assert main(["quantize", "--method", "rtn", "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"),
+                 "--group-size", "32", "--slice-params", "own"]) == 1
+    assert "--slice-params applies to --method gptq or matgptq" in capsys.readouterr().err
+    assert main(["quantize", "--method", "gptq", "--model", str(tiny_model_dir), "--out", str(tmp_path / "g"),
+                 "--group-size", "32", "--calib-windows", "2", "--calib-seqlen", "32", "--slice-params", "own"]) == 0
+    q = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    assert q["slice_params"] == [2, 3, 4, 6] and q["method_args"]["slice_params"] == "own"
