@@ -81,7 +81,7 @@ def test_clip_lambdas_weights_only_the_search_and_is_checked_up_front():
         _cli_kwargs("--clip-lambdas", "256,4,2,1")
     with pytest.raises(ValueError, match="one weight per slice of R = 8,4,3,2"):
         _cli_kwargs("--clip", "weighted", "--clip-lambdas", "1,1")
-    with pytest.raises(ValueError, match="--clip-lambdas applies to --method gptq or matgptq, not rtn"):
+    with pytest.raises(ValueError, match="--clip-lambdas applies to --method gptq or matgptq or omniquant or qat, not rtn"):
         _cli_kwargs("--method", "rtn", "--clip", "mse", "--clip-lambdas", "1")
     calib = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     res = {}
@@ -111,3 +111,26 @@ def test_gptq_clip_lambdas_weight_its_served_slices():
                        **({} if cl is None else {"clip_lambdas": cl}))
         res[cl] = torch.cat([m.scales.flatten().float() for m in model.modules() if hasattr(m, "qweight")])
     assert not torch.equal(res[None], res[(1, 0, 0)])  # searching for int4 alone moves the ranges
+
+
+@pytest.mark.parametrize("method, extra", [("omniquant", {"epochs": 0}),
+                                           ("qat", {"steps": 1, "qparams": "learnable", "save_every": 0})])
+def test_training_methods_take_clip_lambdas_for_their_start(method, extra):
+    """OmniQuant / QAT start their learnable clipping at the search; --clip-lambdas weights that search only."""
+    args = ["--method", method, "--bits-list", "8,4,2", "--clip", "weighted"] + \
+        (["--qparams", "learnable"] if method == "qat" else [])
+    assert _cli_kwargs(*args, "--clip-lambdas", "256,4,1")["clip_lambdas"] == [256, 4, 1]
+    with pytest.raises(ValueError, match="one weight per slice of R = 8,4,2"):
+        _cli_kwargs(*args, "--clip-lambdas", "1,1")
+    with pytest.raises(ValueError, match="needs --clip weighted or mse"):
+        _cli_kwargs("--method", method, "--bits-list", "8,4,2", "--clip-lambdas", "1,1,1")
+    calib = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    res = {}
+    for cl in (None, (0.1, 0.1, 1), (4096, 16, 1)):  # (almost) no training: the checkpoint is the searched start
+        model = _tiny()
+        quantize_model(model, method, group_size=32, calib=calib, progress=False, clip="weighted",
+                       bits_list=[8, 4, 2], lambdas=[0.1, 0.1, 1], **extra,
+                       **({} if cl is None else {"clip_lambdas": cl}))
+        res[cl] = torch.cat([m.scales.flatten().float() for m in model.modules() if hasattr(m, "qweight")])
+    assert torch.equal(res[None], res[(0.1, 0.1, 1)])  # default: the objective's λ
+    assert not torch.equal(res[None], res[(4096, 16, 1)])

@@ -83,7 +83,8 @@ def quantize(model: str = DEFAULT_MODEL, out: str | None = None, method: str | N
     from matquant.data import token_windows
 
     opts = apply_recipe(recipe, {"method": method, "clip": kw.pop("clip", None), "rotate": kw.pop("rotate", None),
-                                 "clip_lambdas": kw.pop("clip_lambdas", None), "calib_windows": calib_windows})
+                                 "clip_lambdas": kw.pop("clip_lambdas", None), "calib_windows": calib_windows,
+                                 "slice_params": kw.pop("slice_params", None)})
     method, calib_windows = opts.pop("method") or "matgptq", opts.pop("calib_windows")
     kw.update({k: v for k, v in opts.items() if v is not None})
     check_method_options(method, {k: v for k, v in kw.items() if k not in QUANTIZE_MODEL_ARGS})  # before loading

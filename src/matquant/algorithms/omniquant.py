@@ -20,7 +20,7 @@ from matquant.algorithms.training.block_loop import BlockTraining, calibrate_blo
 from matquant.algorithms.training.objective import build_objective
 from matquant.algorithms.training.workdir import WorkDir, tensor_sha256
 from matquant.models.targets import linear_weight
-from matquant.quant.clip_search import DEFAULT_CLIP, check_clip
+from matquant.quant.clip_search import DEFAULT_CLIP, check_clip, check_clip_lambdas
 from matquant.quant.minmax import QuantizedWeight
 from matquant.quant.slicing import DEFAULT_SLICING, check_slicing
 
@@ -37,14 +37,15 @@ def omniquant(
     distill: str | None = None, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
     lr_lwc: float | None = DEFAULT_LR_LWC, lr_let: float | None = None, weight_decay: float = 0.0, let: bool = False,
     block_inputs: str = "quant", loss_balance: str = "none", work_dir=None, seed: int = 0, device: str = "cpu",
-    clip: str = DEFAULT_CLIP, _crash_after_block: int | None = None,
+    clip: str = DEFAULT_CLIP, clip_lambdas=None, _crash_after_block: int | None = None,
 ) -> dict[str, QuantizedWeight]:
     """`clip`: where the learnable clipping starts: MinMax ('minmax', default, OmniQuant's), or the clipping search
     of quant/clip_search.py for the objective's R and λ, data-free ('mse') or weighted by the calibration inputs'
-    mean x² ('weighted')."""
+    mean x² ('weighted'); `clip_lambdas` (one per slice of R) replaces λ in that search only."""
     objective = build_objective(bits_list, lambdas, distill, master_bits=master_bits, slicing=slicing)
     check_slicing(slicing)
     check_clip(clip)
+    check_clip_lambdas(clip_lambdas, clip, master_bits, objective.bits)
     lr_lwc = DEFAULT_LR_LWC if lr_lwc is None else lr_lwc
     if block_inputs not in BLOCK_INPUTS:
         raise ValueError(f"block_inputs must be one of {BLOCK_INPUTS}, got {block_inputs!r}.")
@@ -60,13 +61,14 @@ def omniquant(
     hp = BlockTraining(master_bits=master_bits, group_size=group_size, symmetric=symmetric, param_dtype=param_dtype,
                        slicing=slicing, epochs=epochs, lr=lr, lr_lwc=lr_lwc, lr_let=lr_let,
                        weight_decay=weight_decay, let=let, block_inputs=block_inputs, loss_balance=loss_balance,
-                       seed=seed, clip=clip)
+                       seed=seed, clip=clip,
+                       clip_lambdas=None if clip_lambdas is None else tuple(float(x) for x in clip_lambdas))
     mods = dict(model.named_modules())
     wd = None
     if work_dir:
         settings = dict(method="omniquant", targets=list(targets), objective=objective.to_dict(),
-                        **{k: v for k, v in vars(hp).items() if k != "param_dtype" and not (k == "clip" and
-                                                                                           v == DEFAULT_CLIP)},
+                        **{k: v for k, v in vars(hp).items() if k != "param_dtype"
+                           and not (k == "clip" and v == DEFAULT_CLIP) and not (k == "clip_lambdas" and v is None)},
                         param_dtype=str(param_dtype),
                         calib_shape=list(calib.shape), calib_sha256=tensor_sha256(calib),
                         weights_sha256=tensor_sha256(*(linear_weight(mods[t]) for t in targets)))

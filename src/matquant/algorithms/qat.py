@@ -15,7 +15,7 @@ from matquant.algorithms.training.distributed import is_main_process
 from matquant.algorithms.training.objective import build_objective
 from matquant.algorithms.training.qat_config import make_config
 from matquant.algorithms.training.qat_loop import train_qat
-from matquant.quant.clip_search import DEFAULT_CLIP, check_clip
+from matquant.quant.clip_search import DEFAULT_CLIP, check_clip, check_clip_lambdas
 from matquant.quant.minmax import QuantizedWeight
 from matquant.quant.slicing import DEFAULT_SLICING
 
@@ -27,12 +27,14 @@ def qat(model, targets: list[str], *, master_bits: int, group_size: int, symmetr
         batch_size_train: int | None = None, grad_accum: int | None = None, max_grad_norm: float | None = None,
         qparams: str | None = None, seed: int | None = None, save_every: int | None = None, work_dir=None,
         device: str | None = None, amp: bool | None = None, step_callback=None,
-        clip: str = DEFAULT_CLIP) -> dict[str, QuantizedWeight]:
+        clip: str = DEFAULT_CLIP, clip_lambdas=None) -> dict[str, QuantizedWeight]:
     """`quantize_model(model, "qat", calib=windows, bits_list=..., lambdas=..., distill=..., steps=..., ...)`;
     None means the QATConfig default. `clip` ('mse' / 'weighted', needs qparams='learnable'): the learnable α, z
-    start at the clipping search of quant/clip_search.py for the objective's R and λ instead of MinMax."""
+    start at the clipping search of quant/clip_search.py for the objective's R and λ instead of MinMax;
+    `clip_lambdas` (one per slice of R) replaces λ in that search only (the training keeps `lambdas`)."""
     objective = build_objective(bits_list, lambdas, distill, master_bits=master_bits, slicing=slicing)
     check_clip(clip)
+    check_clip_lambdas(clip_lambdas, clip, master_bits, objective.bits)
     cfg = make_config(steps=steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                       min_lr_ratio=min_lr_ratio, batch_size_train=batch_size_train, grad_accum=grad_accum,
                       max_grad_norm=max_grad_norm, qparams=qparams, seed=seed, save_every=save_every,
@@ -48,7 +50,7 @@ def qat(model, targets: list[str], *, master_bits: int, group_size: int, symmetr
         importance = input_importance(model, targets, calib, progress)
     res = train_qat(model, targets, calib, objective, cfg, group_size=group_size, symmetric=symmetric,
                     param_dtype=param_dtype, progress=progress, step_callback=step_callback, clip=clip,
-                    importance=importance)
+                    importance=importance, clip_lambdas=None if clip_lambdas is None else tuple(map(float, clip_lambdas)))
     if progress and is_main_process():
         run_tokens = (res.steps - res.resumed_from) * res.tokens // res.steps
         tps = run_tokens / max(res.seconds, 1e-9)

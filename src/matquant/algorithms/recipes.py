@@ -22,7 +22,7 @@ RECIPES: dict[str, dict] = {
     # most of `quality`'s int3/int2 gain on SmolLM2 (docs/results.md, "Recipes")
     "balanced": {"method": "matgptq", "clip": "weighted", "clip_lambdas": (4096, 16, 4, 1)},
 }
-RECIPE_OPTIONS = ("method", "clip", "clip_lambdas", "rotate", "calib_windows")  # the options a recipe may set
+RECIPE_OPTIONS = ("method", "clip", "clip_lambdas", "rotate", "calib_windows", "slice_params")  # the options a recipe may set
 
 
 def check_recipe(name: str) -> dict:

@@ -88,20 +88,21 @@ def add_quant_args(p, method_default: str = "matgptq", threads_default: int | No
                    help="matgptq: group scale/zero: MinMax at C bits, or a per-row search of the range that "
                         "minimises the lambda-weighted multi-slice error (default %(default)s)")
     g.add_argument("--clip-lambdas", type=float_list, default=None, metavar="L",
-                   help="with --clip weighted/mse: the slice weights of the clipping search only. matgptq: one per "
-                        "--bits-list precision (default: --lambdas); a large int8 weight keeps the search from "
+                   help="with --clip weighted/mse: the slice weights of the clipping search only. matgptq, "
+                        "omniquant, qat: one per --bits-list precision (default: --lambdas; omniquant/qat: the "
+                        "search is the start of the learnable clipping); a large int8 weight keeps the search from "
                         "clipping the outlier weights the master needs (docs/results.md, 'Recipes'). gptq: one per "
                         "served slice, the master and 6,4,3,2 below it (e.g. 1,0,0 at --bits-master 4: the search "
                         "for int4 alone)")
     g.add_argument("--refit", action="store_true", default=None,
                    help="after the column loop, re-solve every group's scale/zero for its final codes by least squares "
                         "on the calibration output error of every served slice (docs/results.md, 'Refit')")
-    g.add_argument("--slice-params", default="shared", choices=("shared", "own"),
+    g.add_argument("--slice-params", default=None, choices=("shared", "own"),
                    help="group scale/zero of the slices below the master: the master's, shared by every slice (the "
                         "paper's; default), or each served slice's own (6,4,3,2 below an int8 master), fitted by least "
                         "squares to that slice's calibration output error for its unchanged codes. A served slice "
                         "costs the same bits either way; the checkpoint holds one more pair per group and slice "
-                        "(docs/results.md, 'Slice-own group parameters')")
+                        "(docs/results.md, 'Slice-own group parameters'; default: the --recipe's, else shared)")
     g.add_argument("--propagate", default="master", metavar="master|fp|BITS",
                    help="matgptq: what later layers see during the pass: the int-C master weights (default), the "
                         "full-precision weights (fp), or one slice (e.g. 4)")
@@ -147,7 +148,7 @@ FLAG_METHODS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("damp", "act_order", "calib_batch_size", "quant_device", "refit", "slice_params"),
                     ("gptq", "matgptq")),
     **dict.fromkeys(("error_feedback", "group_params", "propagate"), ("matgptq",)),
-    "clip_lambdas": ("gptq", "matgptq"),
+    "clip_lambdas": ("gptq", "matgptq", "omniquant", "qat"),
     **dict.fromkeys(("bits_list", "lambdas"), ("matgptq", "qat", "omniquant")),
     **dict.fromkeys(("distill", "lr", "seed", "work_dir", "weight_decay"), ("qat", "omniquant")),
     **dict.fromkeys(("steps", "warmup_steps", "min_lr_ratio", "batch_size_train", "grad_accum", "max_grad_norm",
@@ -197,7 +198,7 @@ def method_kwargs(args) -> dict:
         kw["device"] = args.quant_device
     if getattr(args, "refit", None):
         kw["refit"] = True  # recorded only when used
-    if getattr(args, "slice_params", "shared") != "shared":
+    if getattr(args, "slice_params", None) not in (None, "shared"):
         kw["slice_params"] = args.slice_params  # recorded only when used
     if args.method == "gptq" and getattr(args, "clip_lambdas", None) is not None:
         from matquant.algorithms.gptq import check_gptq_clip_lambdas
@@ -263,8 +264,10 @@ def qat_kwargs(args) -> dict:
 
     kw = {k: getattr(args, k, None) for k in method_options("qat") if k not in ("device", "step_callback", "clip")}
     kw["device"] = getattr(args, "train_device", None)
-    build_objective(kw["bits_list"], kw["lambdas"], kw["distill"], master_bits=args.bits_master, slicing=args.slicing)
-    make_config(**{k: v for k, v in kw.items() if k not in ("bits_list", "lambdas", "distill")})
+    obj = build_objective(kw["bits_list"], kw["lambdas"], kw["distill"], master_bits=args.bits_master,
+                          slicing=args.slicing)
+    check_clip_lambdas(kw.get("clip_lambdas"), args.clip or "minmax", args.bits_master, obj.bits)
+    make_config(**{k: v for k, v in kw.items() if k not in ("bits_list", "lambdas", "distill", "clip_lambdas")})
     return {k: v for k, v in kw.items() if v is not None}
 
 
@@ -298,9 +301,10 @@ def omniquant_kwargs(args) -> dict:
               lr=args.lr if args.lr is not None else DEFAULT_LR, lr_lwc=args.lr_lwc, lr_let=args.lr_let, let=args.let,
               weight_decay=args.weight_decay,
               block_inputs=args.block_inputs, loss_balance=args.loss_balance, work_dir=args.work_dir,
-              seed=args.seed if args.seed is not None else 0)
-    build_objective(kw["bits_list"], kw["lambdas"], kw["distill"], master_bits=args.bits_master,
-                    slicing=args.slicing)  # fail before loading the model
+              seed=args.seed if args.seed is not None else 0, clip_lambdas=getattr(args, "clip_lambdas", None))
+    obj = build_objective(kw["bits_list"], kw["lambdas"], kw["distill"], master_bits=args.bits_master,
+                          slicing=args.slicing)  # fail before loading the model
+    check_clip_lambdas(kw["clip_lambdas"], args.clip or "minmax", args.bits_master, obj.bits)
     return {k: v for k, v in kw.items() if v is not None}
 
 

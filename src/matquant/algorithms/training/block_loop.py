@@ -50,6 +50,7 @@ class BlockTraining:
     loss_balance: str
     seed: int
     clip: str = "minmax"  # initial LWC clipping: MinMax, or the clipping search (quant/clip_search.py)
+    clip_lambdas: tuple | None = None  # the search's slice weights (None: the objective's λ)
 
 
 def calibrate_blocks(model, targets: list[str], calib: torch.Tensor, objective: Objective, hp: BlockTraining,
@@ -117,7 +118,8 @@ def train_block(block, rel_targets, objective: Objective, streams, y_fp, args, i
     """Train one block's LWC (and LET) parameters; returns ({rel target: QuantizedWeight}, {fp tensors}, info)."""
     torch.manual_seed(hp.seed * 100003 + idx)
     clip = None if hp.clip == "minmax" else dict(
-        slices=objective.bits, lambdas=objective.lambdas, slicing=hp.slicing, param_dtype=hp.param_dtype,
+        slices=objective.bits, lambdas=hp.clip_lambdas or objective.lambdas, slicing=hp.slicing,
+        param_dtype=hp.param_dtype,
         importance=importance)
     bq = BlockQuant(block, rel_targets, hp.master_bits, hp.group_size, hp.symmetric, hp.let,
                     block_x=(streams["fp"], args) if hp.let else None, clip=clip).to(dev)

@@ -137,7 +137,8 @@ def set_layer_bits(layers, bits: int) -> None:
 
 def train_qat(model, targets: list[str], calib: torch.Tensor, objective: Objective, cfg: QATConfig, *,
               group_size: int, symmetric: bool, param_dtype: torch.dtype, progress: bool = True,
-              step_callback=None, clip: str = "minmax", importance: dict | None = None) -> QATResult:
+              step_callback=None, clip: str = "minmax", importance: dict | None = None,
+              clip_lambdas: tuple | None = None) -> QATResult:
     """Run (or resume) QAT; returns the final codes and the loss history. See the module docstring."""
     cfg.validate()
     if not torch.is_tensor(calib) or calib.dim() != 2 or calib.shape[1] < 2 or calib.shape[0] < 1 \
@@ -153,7 +154,7 @@ def train_qat(model, targets: list[str], calib: torch.Tensor, objective: Objecti
     for n, m in originals.items():
         w = linear_weight(m)
         gs = resolve_group_size(w.shape[1], group_size)
-        ci = None if clip == "minmax" else dict(slices=objective.bits, lambdas=objective.lambdas,
+        ci = None if clip == "minmax" else dict(slices=objective.bits, lambdas=clip_lambdas or objective.lambdas,
                                                 h=None if importance is None else importance[n].to(w.device))
         layers[n] = FakeQuantLinear(w, getattr(m, "bias", None), gs, objective.master_bits, symmetric,
                                     param_dtype, cfg.qparams, objective.slicing, clip_init=ci)
@@ -161,6 +162,8 @@ def train_qat(model, targets: list[str], calib: torch.Tensor, objective: Objecti
     settings = qat_settings(objective, cfg, targets, calib, layers, d.world)
     if clip != "minmax":  # (absent for MinMax, so work dirs of earlier versions still resume)
         settings["clip"] = clip
+    if clip_lambdas is not None:
+        settings["clip_lambdas"] = list(clip_lambdas)
     wd = None
     if cfg.work_dir:  # rank 0 creates (or checks) the work dir before the other ranks open it: no creation race
         if d.main:
