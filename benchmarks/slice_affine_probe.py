@@ -11,7 +11,8 @@ re-solves only how they are read back, per slice, by least squares on the calibr
   slice at g64, fp16).
 
 Both keep the slice a bit prefix of the int8 codes, and both are still one affine map per block, so an exporter
-could fold them into its block scales (Q4_1 d/m); neither is in the checkpoint format. The evaluation is fake-quant
+could fold them into its block scales (Q4_1 d/m). The `group` variant became a real option after this probe:
+`--slice-params own` (gptq / matgptq; docs/results.md, "Slice-own group parameters"); `row` did not. The evaluation is fake-quant
 (the corrected dense weights in a copy of the fp32 model), same windows as the grids.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/slice_affine_probe.py --out benchmarks/results/slice_affine.json

@@ -272,25 +272,30 @@ def gptq(model, targets: list[str], *, master_bits: int, group_size: int, symmet
 def check_slice_params(slice_params: str) -> str:
     if slice_params not in SLICE_PARAMS:
         raise ValueError(f"unknown slice_params {slice_params!r}; choose one of {', '.join(SLICE_PARAMS)} (shared: "
-                         "every slice reads its codes with the master's α, z; own: each served slice below the "
-                         "master gets its own α, z fitted to its output error, +1 pair per group and slice in the "
-                         "checkpoint).")
+                         "every slice reads its codes with the master's α, z; own: each served precision reads them "
+                         "with α, z fitted to its own output error, +1 pair per group and slice in the checkpoint).")
     return slice_params
 
 
 def with_slice_params(qw: QuantizedWeight, W, H, slice_params: str, slicing: str, symmetric: bool,
                       param_dtype) -> QuantizedWeight:
     """`qw` with slice-own (α_r, z_r) for the served slices below its master (clip_search.DEFAULT_SERVED), fitted by
-    least squares on each slice's output error ‖(W − Ŵ_r)X‖² for the fixed codes (quant/refit.own_slice_params);
-    unchanged for slice_params='shared'."""
-    if slice_params != "own":
+    least squares on each slice's output error ‖(W − Ŵ_r)X‖² for the fixed codes (quant/refit.own_slice_params),
+    and then its shared (α, z), which serve the master alone from here on, refit to the master's error alone
+    (measured: SmolLM2 `quality` int8 1.0104 -> 1.0085x, docs/results.md); unchanged for slice_params='shared'."""
+    if slice_params == "shared":
         return qw
     from matquant.quant.clip_search import DEFAULT_SERVED
-    from matquant.quant.refit import own_slice_params
+    from matquant.quant.refit import own_slice_params, refit_params
 
     slices = [b for b in DEFAULT_SERVED if b < qw.bits]
-    if slices:
-        qw.slice_params = own_slice_params(W, H, qw.codes, qw.scales, qw.zeros, master_bits=qw.bits,
-                                           group_size=qw.group_size, slicing=slicing, slices=slices,
-                                           symmetric=symmetric, param_dtype=param_dtype)
+    if not slices:
+        return qw
+    qw.slice_params = own_slice_params(W, H, qw.codes, qw.scales, qw.zeros, master_bits=qw.bits,
+                                       group_size=qw.group_size, slicing=slicing, slices=slices,
+                                       symmetric=symmetric, param_dtype=param_dtype)
+    # the shared (α, z) now serve the master alone: fitted to its error alone
+    s, z, _ = refit_params(W, H, qw.codes, qw.scales, qw.zeros, master_bits=qw.bits, group_size=qw.group_size,
+                           slicing=slicing, symmetric=symmetric, param_dtype=param_dtype)
+    qw.scales, qw.zeros = s.to(param_dtype), z.to(param_dtype)
     return qw

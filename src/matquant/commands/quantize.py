@@ -98,9 +98,9 @@ def add_quant_args(p, method_default: str = "matgptq", threads_default: int | No
                    help="after the column loop, re-solve every group's scale/zero for its final codes by least squares "
                         "on the calibration output error of every served slice (docs/results.md, 'Refit')")
     g.add_argument("--slice-params", default=None, choices=("shared", "own"),
-                   help="group scale/zero of the slices below the master: the master's, shared by every slice (the "
-                        "paper's; default), or each served slice's own (6,4,3,2 below an int8 master), fitted by least "
-                        "squares to that slice's calibration output error for its unchanged codes. A served slice "
+                   help="group scale/zero of the slices: the master's, shared by every slice (the paper's; default), "
+                        "or each served precision's own (the master and 6,4,3,2 below an int8 master), fitted by "
+                        "least squares to that precision's calibration output error for its unchanged codes. A served slice "
                         "costs the same bits either way; the checkpoint holds one more pair per group and slice "
                         "(docs/results.md, 'Slice-own group parameters'; default: the --recipe's, else shared)")
     g.add_argument("--propagate", default="master", metavar="master|fp|BITS",
