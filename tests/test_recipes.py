@@ -19,8 +19,10 @@ def test_recipes_only_set_known_options_and_methods():
 
 def test_caller_values_win_and_unknown_names_are_errors():
     assert apply_recipe("quality", {"clip": "mse", "method": None, "rotate": "input"}) == {
-        "clip": "mse", "method": "matgptq", "rotate": "input"}
-    assert apply_recipe("quality", {"clip": None, "method": None}) == {"clip": "weighted", "method": "matgptq"}
+        "clip": "mse", "method": "matgptq", "rotate": "input", "slice_params": "own"}
+    assert apply_recipe("quality", {"clip": None, "method": None}) == {"clip": "weighted", "method": "matgptq",
+                                                                        "slice_params": "own"}
+    assert apply_recipe("quality", {"slice_params": "shared"})["slice_params"] == "shared"  # the caller's wins
     assert apply_recipe(None, {"clip": None}) == {"clip": None}
     with pytest.raises(ValueError, match=r"unknown recipe 'qualty' \(did you mean 'quality'\?\).*fast"):
         check_recipe("qualty")
@@ -34,7 +36,8 @@ def test_cli_recipe_fills_defaults_and_explicit_flags_win():
     a = resolve_recipe(_args("--recipe", "quality"))
     assert (a.method, a.clip, a.rotate) == ("matgptq", "weighted", "none")
     kw = quant_kwargs(a)
-    assert kw["rotate"] == "none" and kw["clip"] == "weighted"
+    assert kw["rotate"] == "none" and kw["clip"] == "weighted" and kw["slice_params"] == "own"
+    assert "slice_params" not in quant_kwargs(resolve_recipe(_args("--recipe", "quality", "--slice-params", "shared")))
     a = resolve_recipe(_args("--recipe", "quality", "--clip", "mse", "--rotate", "input", "--method", "gptq"))
     assert (a.method, a.clip, a.rotate) == ("gptq", "mse", "input")
     a = resolve_recipe(_args())  # no recipe: the plain defaults, and --clip stays unrecorded
@@ -63,6 +66,7 @@ def test_api_recipe_end_to_end_records_the_options_used(tmp_path):
     _, _, q = matquant.quantize(src, str(tmp_path / "ck"), recipe="quality", calib_windows=2, group_size=32,
                                 progress=False)
     assert q.method == "matgptq" and q.method_args["clip"] == "weighted" and q.rotation is None
+    assert q.method_args["slice_params"] == "own" and q.slice_params == [2, 3, 4, 6]
     model, _ = matquant.load(str(tmp_path / "ck"), bits=4)
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
     _, _, q = matquant.quantize(src, None, recipe="quality", clip="mse", rotate="input", calib_windows=2,
