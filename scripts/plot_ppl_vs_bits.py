@@ -5,7 +5,8 @@
 Sources (the same raw files the docs/results.md tables come from; nothing is re-measured):
 - SmolLM2-135M, 6 × 2048 `eval` windows: benchmarks/results/gptq_grid_ffn.json, gptq_grid_ffn_attn.json
   (RTN / GPTQ / MatGPTQ) and benchmarks/results/omni/*.json (OmniQuant + MatQuant); QAT from
-  benchmarks/results/qat_smollm2_nested.json ÷ qat_smollm2_fp32.json (8 windows; 2 k training tokens).
+  benchmarks/results/qat_smollm2_nested.json ÷ qat_smollm2_fp32.json (8 windows; 2 k training tokens); the recipe
+  and clipping-search rows from the issue-14 grids' store benchmarks/results/quality_grid/results.jsonl.
 - Qwen2.5-Coder-0.5B: benchmarks/results/qwen_tables.jsonl (benchmarks/qwen_tables.py); each row divided by the
   fp32 perplexity on the same windows; rows on fewer than 6 windows are labelled.
 
@@ -81,12 +82,57 @@ def _qwen_series(path: Path) -> dict:
         q, w = c["quant"], c["eval"]["windows"]
         if q is None or w not in ref:
             continue
-        who = "quality recipe" if q.get("recipe") == "quality" else \
-            ("MatGPTQ (default)" if q["method"] == "matgptq" else q["method"].upper())
-        who += "".join(f" +{o}" for o in re.findall(r"\+([a-z_]+=[^+]*)", c["config"]))  # e.g. clip_lambdas
+        extra = re.findall(r"\+([a-z_]+=[^+]*)", c["config"])  # e.g. clip_lambdas
+        if q.get("recipe") == "quality" and extra == ["clip_lambdas=4096:16:4:1"]:
+            who, extra = "balanced recipe", []  # measured before `balanced` had its name: the same options
+        elif q.get("recipe"):
+            who = f"{q['recipe']} recipe"
+        else:
+            who = "MatGPTQ (default)" if q["method"] == "matgptq" else q["method"].upper()
+        who += "".join(f" +{o}" for o in extra)
         label = f"{who}, " \
                 f"{scope.get(q['scope'], q['scope'])} g{q['group_size']}" + ("" if w >= 6 else f" ({w} eval window{'s' if w > 1 else ''})")
         out[label].append((r["result"]["effective_bits"], r["result"]["ppl"] / ref[w]))
+    return out
+
+
+# the issue-14 grids' store (grids/quality_smollm2*.yaml, clip_*_smollm2.yaml): label in the store -> plot label
+GRID_STORE = RES / "quality_grid" / "results.jsonl"
+GRID_SERIES = {"quality": "quality, shared α, z (the recipe until 2026-12-03), nested",
+               "quality slice-params own-master": "quality recipe (MatGPTQ + clip weighted + slice-own α, z), nested",
+               "quality clip-lambdas 4096,16,4,1": "balanced recipe, nested",
+               "quality clip-lambdas 256,4,2,1": "quality --clip-lambdas 256,4,2,1 (shared α, z), nested",
+               "gptq8 sliced clip weighted": "GPTQ int8 sliced + clip weighted, nested",
+               "gptq8 sliced clip weighted slice-params own": "GPTQ int8 sliced + clip weighted + slice-own α, z "
+                                                               "(first version)",
+               "qat 842 learnable clip weighted": "QAT MatQuant [8,4,2] + clip weighted (8 k tokens)",
+               "qat 842 learnable clip weighted clip-lambdas 16,4,1": "QAT MatQuant [8,4,2] + clip weighted "
+                                                                       "--clip-lambdas 16,4,1 (8 k tokens)",
+               "omniquant 842 bal l001 clip weighted": "OmniQuant MatQuant balanced λ + clip weighted",
+               "omniquant 842 bal l001 clip weighted clip-lambdas 16,4,1": "OmniQuant MatQuant balanced λ + clip "
+                                                                            "weighted --clip-lambdas 16,4,1"}
+DEDICATED_CLIP = re.compile(r"gptq([2-8]) clip weighted")  # one model per bit, the search for its own slice
+
+
+def _grid_series(path: Path, scope: str) -> dict:
+    from matquant.experiments.store import ResultStore
+
+    if not path.exists():
+        return {}
+    recs = [r for r in ResultStore(path).records() if r["config"].get("eval") == "ppl"]
+    ref = next((r["result"]["ppl"] for r in recs if r["config"]["quant"] is None), None)
+    out = defaultdict(list)
+    for r in recs:
+        q = r["config"]["quant"]
+        if q is None or ref is None or q["scope"] != scope:
+            continue
+        label = "balanced recipe, nested" if q["label"] == "balanced" else GRID_SERIES.get(q["label"])
+        if scope == "ffn+attn" and q["label"] == "quality slice-params own":  # measured after own took its meaning
+            label = GRID_SERIES["quality slice-params own-master"]
+        if DEDICATED_CLIP.fullmatch(q["label"]):
+            label = "GPTQ dedicated + clip weighted (one model per bit)"
+        if label:
+            out[label].append((r["result"]["effective_bits"], r["result"]["ppl"] / ref))
     return out
 
 
@@ -130,8 +176,10 @@ def main():
     s_ffn, fp = _gptq_series(RES / "gptq_grid_ffn.json", 64)
     s_ffn.update(_omni_series(fp))
     s_ffn.update(_qat_series())
+    s_ffn.update(_grid_series(GRID_STORE, "ffn"))
     plot(s_ffn, IMG / "ppl_vs_bits_smollm2_ffn.png", "SmolLM2-135M, FFN, g64")
     s_att, _ = _gptq_series(RES / "gptq_grid_ffn_attn.json", 64)
+    s_att.update(_grid_series(GRID_STORE, "ffn+attn"))
     plot(s_att, IMG / "ppl_vs_bits_smollm2_ffn_attn.png", "SmolLM2-135M, FFN+attention, g64")
     q = RES / "qwen_tables.jsonl"
     if q.exists():
