@@ -89,6 +89,11 @@ def tiny_setup(tmp_path_factory, tiny_tokenizer):
         m = tiny_llama(vocab)
         q = quantize_model(m, "rtn", scope="ffn+attn", progress=False, **kw)
         ckpts[name] = save_checkpoint(m, tiny_tokenizer, d / name, q)
+    m = tiny_llama(vocab)  # slice-own (α, z): every exported slice carries its own block scales
+    calib = torch.randint(0, vocab, (4, 32), generator=torch.Generator().manual_seed(3))
+    q = quantize_model(m, "gptq", scope="ffn+attn", progress=False, group_size=64, slicing="nested", calib=calib,
+                       slice_params="own")
+    ckpts["own-g64"] = save_checkpoint(m, tiny_tokenizer, d / "own-g64", q)
     return template, ckpts, d
 
 
@@ -126,7 +131,7 @@ def _compare(model, back, report):
 def _ab(m):
     from matquant.kernels.cpu import slice_params
 
-    return slice_params(m.scales, m.zeros, m.master_bits, m.bits, m.slicing)
+    return slice_params(*m.group_params(), m.master_bits, m.bits, m.slicing)
 
 
 # ---------------------------------------------------------------- encoders vs gguf-py's dequantizers
@@ -186,10 +191,11 @@ def test_int4_is_q4_1_exact_and_transformers_reads_it(tiny_setup, ckpt, tmp_path
     assert rel < 2e-3  # fp16 rounding of m only
 
 
-@pytest.mark.parametrize("bits", [2, 3])
-def test_low_bits_are_exact_in_q4_1(tiny_setup, bits, tmp_path):
+@pytest.mark.parametrize("bits, ckpt", [(2, "nested-g64"), (3, "nested-g64"), (4, "own-g64"), (3, "own-g64"),
+                                        (2, "own-g64")])
+def test_low_bits_are_exact_in_q4_1(tiny_setup, bits, ckpt, tmp_path):
     template, ckpts, _ = tiny_setup
-    model, tok, _ = load_for_export(ckpts["nested-g64"], bits)
+    model, tok, _ = load_for_export(ckpts[ckpt], bits)
     rep = export_gguf(model, tok, tmp_path / "m.gguf", template=template)
     assert all(t.qtype == "Q4_1" and t.exact for t in rep.tensors)
     assert _compare(model, _read_back(tmp_path / "m.gguf"), rep) < 2e-3

@@ -132,6 +132,12 @@ def test_export_slices_read_the_own_params(own_ckpt):
         w = (g * st.a.unsqueeze(-1) + st.b.unsqueeze(-1)).reshape(st.codes.shape)
         assert torch.allclose(w, st.reference, atol=1e-5 * st.reference.abs().max()), name
     assert not any("_int" in k for k in plain_tensors(model))  # no slice-own tensor leaks into an export
+    from matquant.format.export import plain_state_dict
+
+    sd = plain_state_dict(model)
+    assert not any("_int" in k or k.endswith((".qweight", ".scales", ".zeros")) for k in sd)
+    name = qcfg.modules[0]
+    assert torch.equal(sd[f"{name}.weight"], model.get_submodule(name).dense_weight(torch.float32))
 
 
 def test_shared_checkpoints_do_not_write_the_field(tmp_path, tiny_tokenizer):

@@ -13,7 +13,7 @@ def plain_state_dict(model) -> dict[str, torch.Tensor]:
     """State dict of the equivalent unquantized model at the current per-layer bits."""
     sd = {}
     qmods = matquant_modules(model)
-    skip = {f"{n}.{t}" for n in qmods for t in ("qweight", "scales", "zeros")}
+    skip = {f"{n}.{t}" for n, m in qmods.items() for t in m.code_tensor_names()}
     for k, t in model.state_dict().items():
         if k not in skip:
             sd[k] = t

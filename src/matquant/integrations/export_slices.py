@@ -12,7 +12,6 @@ from matquant.kernels.cpu import slice_params
 from matquant.nn.bits import matquant_modules
 from matquant.quant.slicing import slice_codes
 
-CODE_TENSORS = ("qweight", "scales", "zeros")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -54,8 +53,7 @@ def model_slices(model) -> dict[str, SliceTensor]:
 def plain_tensors(model) -> dict[str, torch.Tensor]:
     """Every tensor of the model that is not a quantized module's codes/scales/zeros (norms, embeddings, biases)."""
     qmods = matquant_modules(model)
-    skip = {f"{n}.{t}" for n, m in qmods.items()
-            for t in CODE_TENSORS + tuple(f"{p}_int{r}" for r in m.own_bits for p in ("scales", "zeros"))}
+    skip = {f"{n}.{t}" for n, m in qmods.items() for t in m.code_tensor_names()}
     return {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k not in skip}
 
 

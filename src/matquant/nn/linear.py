@@ -108,6 +108,10 @@ class MatQuantLinear(nn.Module):
         self._cached = None
         self._backend_state = None
 
+    def code_tensor_names(self) -> tuple[str, ...]:
+        """The state-dict leaves of the quantized weight: codes, shared and slice-own group parameters."""
+        return ("qweight", "scales", "zeros", *(f"{p}_int{r}" for r in self.own_bits for p in ("scales", "zeros")))
+
     def group_params(self, bits: int | None = None, mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scales, zeros) the `bits`-bit slice read with `mode` dequantizes with: its own where it has them (for
         the slicing they were fitted for), else the master's shared ones."""
@@ -221,7 +225,7 @@ class MatQuantLinear(nn.Module):
             raise ValueError("drop_master needs the packed backend with at least one precision packed "
                              "(set_backend('packed'), then prepare it: matquant.nn.memory.prepare_packed).")
         freed = 0
-        for name in ("qweight", "scales", "zeros", *(f"{p}_int{r}" for r in self.own_bits for p in ("scales", "zeros"))):
+        for name in self.code_tensor_names():
             t = getattr(self, name)
             freed += t.numel() * t.element_size()
             setattr(self, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
