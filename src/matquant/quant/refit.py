@@ -35,12 +35,15 @@ def _error(K: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def refit_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  *, master_bits: int, group_size: int, slicing: str, bits=None, lambdas=None,
-                 symmetric: bool = False, param_dtype: torch.dtype = torch.float16, chunk: int = 256):
+                 symmetric: bool = False, param_dtype: torch.dtype = torch.float16, chunk: int = 256,
+                 separate: bool = False):
     """(scales, zeros, fraction of rows changed) minimising Σ_r λ_r ‖(W − Ŵ_r)X‖² for the given codes.
 
     W [out, in] float weights the codes stand for (the layer's original weights), H [in, in] (any positive multiple
     of XᵀX), codes uint8 [out, in], scales/zeros [out, G] the stored values the codes were chosen with.
-    `bits`/`lambdas`: the served slices and their weights (default: the master alone).
+    `bits`/`lambdas`: the served slices and their weights (default: the master alone). `separate`: fit every slice
+    of `bits` on its own error instead (λ unused) and return {r: (scales, zeros, fraction)}; the products with H
+    that do not depend on the slice are computed once.
     """
     out_f, in_f = W.shape
     gs = group_size
@@ -51,53 +54,55 @@ def refit_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
     Hb = H.view(G, gs, in_f)
     T = H.view(G, gs, G, gs).sum((1, 3))  # Σ_{i∈g, j∈h} H_ij: the t-t block, the same for every row
     smin, zmax = param_limits(param_dtype)
-    new_s, new_z = scales.clone(), zeros.clone()
-    changed = 0
+    problems = [((r,), (1.0,)) for r in bits] if separate else [(bits, lam)]
+    new = [[scales.clone(), zeros.clone(), 0] for _ in problems]
     for r0 in range(0, out_f, chunk):
         r1 = min(out_f, r0 + chunk)
         n = r1 - r0
         w = W[r0:r1].double()
         Hw = w @ H  # [n, in]
         q = codes[r0:r1]
-        Kaa = torch.zeros(n, G, G, dtype=torch.float64)
-        Kat = torch.zeros(n, G, G, dtype=torch.float64)
-        ba = torch.zeros(n, G, dtype=torch.float64)
-        for r, lr in zip(bits, lam):
-            if lr == 0:
-                continue
-            v = slice_master(q, master_bits, r, slicing).double().view(n, G, gs)  # [n, G, gs]
-            Y = torch.einsum("rgk,gkj->rgj", v, Hb).view(n, G, G, gs)  # Σ_{i∈g} v_i H_ij, columns j by group h
-            Kaa += lr * torch.einsum("rghk,rhk->rgh", Y, v)  # (3x faster than the product-and-sum on CPU)
-            Kat -= lr * Y.sum(-1)
-            ba += lr * (v * Hw.view(n, G, gs)).sum(-1)
-        L = sum(lam)
-        bt = -L * Hw.view(n, G, gs).sum(-1)
-        Ktt = (L * T).expand(n, G, G)
         s0, z0 = scales[r0:r1].double(), zeros[r0:r1].double()
-        if symmetric:
-            # z fixed: ŵ_r = α(S_r − z) = α·S_r − α·z, so with Kat[g, h] = −Σ_{i∈g, j∈h} S_i H_ij the α-α system
-            # is Kaa + Kat·z_h + z_g·Katᵀ + z_g z_h Ktt, and its right-hand side ba + z·bt
-            K = Kaa + Kat * z0.unsqueeze(1) + z0.unsqueeze(2) * Kat.transpose(1, 2) + \
-                z0.unsqueeze(2) * z0.unsqueeze(1) * Ktt
-            b = ba + z0 * bt
-            p0 = s0
-        else:
-            K = torch.cat([torch.cat([Kaa, Kat], 2), torch.cat([Kat.transpose(1, 2), Ktt], 2)], 1)
-            b = torch.cat([ba, bt], 1)
-            p0 = torch.cat([s0, s0 * z0], 1)
-        diag = torch.diagonal(K, dim1=1, dim2=2)
-        A = K + torch.diag_embed(DAMP * diag.clamp_min(0) + 1e-30)
-        step = torch.linalg.solve_ex(A, (b - (K @ p0.unsqueeze(2))[:, :, 0]).unsqueeze(2))[0][:, :, 0]
-        p = p0 + step
-        s1 = p[:, :G].clamp_min(smin).to(param_dtype).double()
-        z1 = z0 if symmetric else (p[:, G:] / s1).clamp(-zmax, zmax).to(param_dtype).double()
-        p1 = s1 if symmetric else torch.cat([s1, s1 * z1], 1)
-        e0 = _error(K, b, p0)
-        better = (_error(K, b, p1) < e0 - 1e-12 * e0.abs()) & torch.isfinite(p1).all(1)
-        new_s[r0:r1][better] = s1[better].to(scales.dtype)
-        new_z[r0:r1][better] = z1[better].to(zeros.dtype)
-        changed += int(better.sum())
-    return new_s, new_z, changed / max(1, out_f)
+        for (pbits, plam), acc in zip(problems, new):
+            Kaa = torch.zeros(n, G, G, dtype=torch.float64)
+            Kat = torch.zeros(n, G, G, dtype=torch.float64)
+            ba = torch.zeros(n, G, dtype=torch.float64)
+            for r, lr in zip(pbits, plam):
+                if lr == 0:
+                    continue
+                v = slice_master(q, master_bits, r, slicing).double().view(n, G, gs)  # [n, G, gs]
+                Y = torch.einsum("rgk,gkj->rgj", v, Hb).view(n, G, G, gs)  # Σ_{i∈g} v_i H_ij, columns j by group h
+                Kaa += lr * torch.einsum("rghk,rhk->rgh", Y, v)  # (3x faster than the product-and-sum on CPU)
+                Kat -= lr * Y.sum(-1)
+                ba += lr * (v * Hw.view(n, G, gs)).sum(-1)
+            L = sum(plam)
+            bt = -L * Hw.view(n, G, gs).sum(-1)
+            Ktt = (L * T).expand(n, G, G)
+            if symmetric:
+                # z fixed: ŵ_r = α(S_r − z) = α·S_r − α·z, so with Kat[g, h] = −Σ_{i∈g, j∈h} S_i H_ij the α-α system
+                # is Kaa + Kat·z_h + z_g·Katᵀ + z_g z_h Ktt, and its right-hand side ba + z·bt
+                K = Kaa + Kat * z0.unsqueeze(1) + z0.unsqueeze(2) * Kat.transpose(1, 2) + \
+                    z0.unsqueeze(2) * z0.unsqueeze(1) * Ktt
+                b = ba + z0 * bt
+                p0 = s0
+            else:
+                K = torch.cat([torch.cat([Kaa, Kat], 2), torch.cat([Kat.transpose(1, 2), Ktt], 2)], 1)
+                b = torch.cat([ba, bt], 1)
+                p0 = torch.cat([s0, s0 * z0], 1)
+            diag = torch.diagonal(K, dim1=1, dim2=2)
+            A = K + torch.diag_embed(DAMP * diag.clamp_min(0) + 1e-30)
+            step = torch.linalg.solve_ex(A, (b - (K @ p0.unsqueeze(2))[:, :, 0]).unsqueeze(2))[0][:, :, 0]
+            p = p0 + step
+            s1 = p[:, :G].clamp_min(smin).to(param_dtype).double()
+            z1 = z0 if symmetric else (p[:, G:] / s1).clamp(-zmax, zmax).to(param_dtype).double()
+            p1 = s1 if symmetric else torch.cat([s1, s1 * z1], 1)
+            e0 = _error(K, b, p0)
+            better = (_error(K, b, p1) < e0 - 1e-12 * e0.abs()) & torch.isfinite(p1).all(1)
+            acc[0][r0:r1][better] = s1[better].to(scales.dtype)
+            acc[1][r0:r1][better] = z1[better].to(zeros.dtype)
+            acc[2] += int(better.sum())
+    out = [(s_, z_, c / max(1, out_f)) for s_, z_, c in new]
+    return {r: o for (pb, _), o in zip(problems, out) for r in pb} if separate else out[0]
 
 
 @torch.no_grad()
@@ -111,11 +116,10 @@ def own_slice_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scal
     affine map per group, in master code units like the shared (α, z): ŵ_r = α_r·(S_r(q) − z_r). Serving slice r
     costs the same bits as before (one α and z per group); the checkpoint stores one more pair per group and slice.
     A row keeps the shared values where the fit does not lower its error (the refit's guarantee)."""
-    out = {}
-    for r in sorted({int(b) for b in slices}, reverse=True):
+    rs = sorted({int(b) for b in slices}, reverse=True)
+    for r in rs:
         if not 1 <= r < master_bits:
             raise ValueError(f"slice-own parameters are for slices below the int{master_bits} master, got int{r}.")
-        s, z, _ = refit_params(W, H, codes, scales, zeros, master_bits=master_bits, group_size=group_size,
-                               slicing=slicing, bits=(r,), symmetric=symmetric, param_dtype=param_dtype)
-        out[r] = (s.to(param_dtype), z.to(param_dtype))
-    return out
+    fits = refit_params(W, H, codes, scales, zeros, master_bits=master_bits, group_size=group_size, slicing=slicing,
+                        bits=rs, symmetric=symmetric, param_dtype=param_dtype, separate=True)
+    return {r: (s.to(param_dtype), z.to(param_dtype)) for r, (s, z, _) in fits.items()}
