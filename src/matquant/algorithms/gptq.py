@@ -282,7 +282,7 @@ def with_slice_params(qw: QuantizedWeight, W, H, slice_params: str, slicing: str
     """`qw` with slice-own (α_r, z_r) for the served slices below its master (clip_search.DEFAULT_SERVED), fitted by
     least squares on each slice's output error ‖(W − Ŵ_r)X‖² for the fixed codes (quant/refit.own_slice_params),
     and then its shared (α, z), which serve the master alone from here on, refit to the master's error alone
-    (measured: SmolLM2 `quality` int8 1.0104 -> 1.0085x, docs/results.md); unchanged for slice_params='shared'."""
+    (docs/results.md, "Slice-own group parameters"); unchanged for slice_params='shared'."""
     if slice_params == "shared":
         return qw
     from matquant.quant.clip_search import DEFAULT_SERVED

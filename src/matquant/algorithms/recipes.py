@@ -15,9 +15,9 @@ RECIPES: dict[str, dict] = {
     "fast": {"method": "matgptq"},
     # the best one-checkpoint slices measured within 30 minutes of a 2-core machine (docs/results.md, "Recipes");
     # adding --rotate input to it was measured worse at every precision (the rotation flattens the importance the
-    # weighted search relies on), so the recipe leaves rotation off. Since 2026-12-03 every precision reads the
-    # codes with its own (α, z) (slice_params='own': SmolLM2 FFN int4 1.083 -> 1.057x, int3 1.54 -> 1.35x,
-    # int2 9.4 -> 6.6x, int8 1.010 -> 1.009x; the checkpoint holds 2 more bits per weight, a served slice none)
+    # weighted search relies on), so the recipe leaves rotation off. Every precision reads the codes with its own
+    # (α, z) (slice_params='own'; better at every slice, measured in docs/results.md "Slice-own group parameters";
+    # the checkpoint holds 2 more bits per weight, a served slice none)
     "quality": {"method": "matgptq", "clip": "weighted", "slice_params": "own"},
     # the clipping search with each slice's relative error weighted alike (λ ∝ 4^r for R = 8,4,3,2): it keeps the
     # outlier weights the int8 master needs, which `quality` clips on Qwen2.5 (int8 6 % worse there); it gives up
