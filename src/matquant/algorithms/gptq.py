@@ -286,16 +286,14 @@ def with_slice_params(qw: QuantizedWeight, W, H, slice_params: str, slicing: str
     if slice_params == "shared":
         return qw
     from matquant.quant.clip_search import DEFAULT_SERVED
-    from matquant.quant.refit import own_slice_params, refit_params
+    from matquant.quant.refit import own_slice_params
 
     slices = [b for b in DEFAULT_SERVED if b < qw.bits]
     if not slices:
         return qw
-    qw.slice_params = own_slice_params(W, H, qw.codes, qw.scales, qw.zeros, master_bits=qw.bits,
-                                       group_size=qw.group_size, slicing=slicing, slices=slices,
-                                       symmetric=symmetric, param_dtype=param_dtype)
-    # the shared (α, z) now serve the master alone: fitted to its error alone
-    s, z, _ = refit_params(W, H, qw.codes, qw.scales, qw.zeros, master_bits=qw.bits, group_size=qw.group_size,
-                           slicing=slicing, symmetric=symmetric, param_dtype=param_dtype)
-    qw.scales, qw.zeros = s.to(param_dtype), z.to(param_dtype)
+    # master=True: the shared (α, z), which serve the master alone from now on, fitted to its error alone
+    own = own_slice_params(W, H, qw.codes, qw.scales, qw.zeros, master_bits=qw.bits, group_size=qw.group_size,
+                           slicing=slicing, slices=slices, symmetric=symmetric, param_dtype=param_dtype, master=True)
+    qw.scales, qw.zeros = own.pop(qw.bits)
+    qw.slice_params = own
     return qw

@@ -29,7 +29,8 @@ from functools import lru_cache
 
 import torch
 
-from matquant.algorithms.gptq import DEFAULT_BLOCKSIZE, blockwise_hessian_method, gptq_columns
+from matquant.algorithms.gptq import (DEFAULT_BLOCKSIZE, DEFAULT_SLICE_PARAMS, blockwise_hessian_method,
+                                     check_slice_params, gptq_columns, with_slice_params)
 from matquant.quant.clip_search import DEFAULT_CLIP, check_clip, check_clip_lambdas
 from matquant.quant.minmax import QuantizedWeight, affine_params, check_bits, resolve_group_size, symmetric_scale
 from matquant.quant.refit import refit_params
@@ -263,7 +264,8 @@ def matgptq(model, targets: list[str], *, master_bits: int, group_size: int, sym
             error_feedback: str = DEFAULT_ERROR_FEEDBACK, group_params: str = DEFAULT_GROUP_PARAMS, damp: float = 0.01,
             act_order: bool = False, blocksize: int = DEFAULT_BLOCKSIZE, true_sequential: bool = True, device=None,
             batch_size: int = 1, propagate="master", clip: str = DEFAULT_CLIP,
-            refit: bool = False, clip_lambdas=None, slice_params: str = "shared") -> dict[str, QuantizedWeight]:
+            refit: bool = False, clip_lambdas=None,
+            slice_params: str = DEFAULT_SLICE_PARAMS) -> dict[str, QuantizedWeight]:
     """Multi-precision GPTQ: int-`master_bits` codes good for every precision in `bits_list` under `slicing`.
 
     `clip`: group (α, z) by MinMax ('minmax', default), or by the clipping search of quant/clip_search.py for the
@@ -280,8 +282,6 @@ def matgptq(model, targets: list[str], *, master_bits: int, group_size: int, sym
     check_group_params(group_params, clip)
     check_clip_lambdas(clip_lambdas, clip, master_bits, rounder.bits)
     prop = propagate_fn(propagate, master_bits, slicing)
-    from matquant.algorithms.gptq import check_slice_params, with_slice_params
-
     check_slice_params(slice_params)
 
     def q(name, W, H):

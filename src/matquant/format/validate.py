@@ -28,12 +28,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_CONFIG_BYTES = 16 * 2**20  # a config.json is a few KB; anything this large is not one
 CODE_LEAVES = ("qweight", "scales", "zeros")
 _PARAM_LEAF = re.compile(r"(scales|zeros)(_int[1-8])?")  # shared group parameters, or a slice's own (int{r})
-
-
-def param_leaf(leaf: str) -> str | None:
-    """'scales' / 'zeros' for a quantized layer's group-parameter tensor (shared or slice-own), else None."""
-    m = _PARAM_LEAF.fullmatch(leaf)
-    return m.group(1) if m else None
 MAX_ABS = 1e6  # largest |value| accepted in a weight or scale (trained weights are O(1); fp16 cannot exceed 65504)
 MAX_ABS_ZERO = 2.0**25  # zero-points: twice float32's 2/eps bound of quant/minmax.py
 # config keys that give a number of layers / a tensor dimension (the families in models/targets.py, and HF's aliases)
@@ -44,6 +38,12 @@ DIM_KEYS = ("hidden_size", "intermediate_size", "vocab_size", "n_embd", "n_inner
 _DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
            "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
            "F64": torch.float64}
+
+
+def param_leaf(leaf: str) -> str | None:
+    """'scales' / 'zeros' for a quantized layer's group-parameter tensor (shared or slice-own), else None."""
+    m = _PARAM_LEAF.fullmatch(leaf)
+    return m.group(1) if m else None
 
 
 def _regular_file(p: Path, what: str, max_bytes: int | None = None) -> Path:

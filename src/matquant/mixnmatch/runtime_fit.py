@@ -36,7 +36,7 @@ def packed_layer_bytes(m, bits: int, high_format: str = "int4x2", keep_master: b
     # and plane, and a slice at r = 4 or r = master bits is those planes (no copy of codes; only its tables)
     held = keep_master and dispatch.planes_eligible(m)
     codes = n * k * (2 if m.master_bits > 4 else 1) // 2 if held else n * k * m.master_bits // 8
-    params = [m.scales, m.zeros, *(t for r in m.own_bits for t in m.group_params(r, m.own_slicing))]  # + slice-own
+    params = [getattr(m, t) for t in m.code_tensor_names() if t != "qweight"]  # shared + slice-own (α, z)
     master = codes + sum(t.numel() * t.element_size() for t in params)
     if dispatch.packed_reason(m, bits) is not None:  # declined: master + a dense fp32 weight on the cpu path
         return master + n * k * 4 + bias

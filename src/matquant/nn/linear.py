@@ -98,11 +98,8 @@ class MatQuantLinear(nn.Module):
             if r >= self.master_bits:
                 raise ValueError(f"slice-own parameters are for slices below the int{self.master_bits} master, "
                                  f"got int{r}.")
-            dev = self.scales.device
-            self.register_buffer(f"scales_int{r}", torch.empty_like(self.scales, device=dev).copy_(self.scales)
-                                 if dev.type != "meta" else torch.empty_like(self.scales))
-            self.register_buffer(f"zeros_int{r}", torch.empty_like(self.zeros, device=dev).copy_(self.zeros)
-                                 if dev.type != "meta" else torch.empty_like(self.zeros))
+            self.register_buffer(f"scales_int{r}", self.scales.clone())  # (a meta skeleton's stay meta)
+            self.register_buffer(f"zeros_int{r}", self.zeros.clone())
         self.own_bits = tuple(sorted(set(self.own_bits) | {int(b) for b in bits_list}))
         self.own_slicing = self.slicing
         self._cached = None

@@ -108,9 +108,11 @@ def refit_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
 @torch.no_grad()
 def own_slice_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                      zeros: torch.Tensor, *, master_bits: int, group_size: int, slicing: str, slices,
-                     symmetric: bool = False, param_dtype: torch.dtype = torch.float16) -> dict:
+                     symmetric: bool = False, param_dtype: torch.dtype = torch.float16,
+                     master: bool = False) -> dict:
     """{r: (scales_r, zeros_r)}: for every slice r in `slices` (below the master), the group parameters that
-    minimise that slice's own output error ‖(W − Ŵ_r)X‖² for its fixed codes (`refit_params` with R = {r}).
+    minimise that slice's own output error ‖(W − Ŵ_r)X‖² for its fixed codes (`refit_params` with R = {r});
+    `master`: the master's own fit too, under key `master_bits` (in the same pass over H).
 
     The codes stay the master's bit prefixes; only how the r-bit slice reads them back changes, and it stays one
     affine map per group, in master code units like the shared (α, z): ŵ_r = α_r·(S_r(q) − z_r). Serving slice r
@@ -121,5 +123,6 @@ def own_slice_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scal
         if not 1 <= r < master_bits:
             raise ValueError(f"slice-own parameters are for slices below the int{master_bits} master, got int{r}.")
     fits = refit_params(W, H, codes, scales, zeros, master_bits=master_bits, group_size=group_size, slicing=slicing,
-                        bits=rs, symmetric=symmetric, param_dtype=param_dtype, separate=True)
+                        bits=([master_bits] if master else []) + rs, symmetric=symmetric, param_dtype=param_dtype,
+                        separate=True)
     return {r: (s.to(param_dtype), z.to(param_dtype)) for r, (s, z, _) in fits.items()}
