@@ -81,24 +81,31 @@ def measurement(name: str, bits, windows: int, seqlen: int) -> dict:
             "bits": bits, "eval": {"text": "eval", "windows": windows, "seqlen": seqlen}}
 
 
+def saved_dir(ckpt_dir: Path, name: str) -> Path:
+    """Where the calibrated quantization of configuration `name` is kept: its name plus the hash of its resolved
+    options, so a recipe whose options changed since (e.g. `quality` gaining slice_params) is quantized anew."""
+    return Path(ckpt_dir) / f"{name}.{config_key(parse_config(name))[:8]}"
+
+
 def quantize(src, tok, name: str, ckpt_dir: Path, log, in_place: bool = False):
-    """(model, quant info): loaded from ckpt_dir/name if an earlier run saved it, else quantized now (a copy of
-    `src`, or `src` itself with in_place, which saves one fp32 model of memory)."""
+    """(model, quant info): loaded from saved_dir(ckpt_dir, name) if an earlier run saved it, else quantized now (a
+    copy of `src`, or `src` itself with in_place, which saves one fp32 model of memory)."""
     import torch
 
-    from matquant.algorithms import CALIBRATED, quantize_model
+    from matquant.algorithms import needs_calibration, quantize_model
     from matquant.commands.quantize import calibration
     from matquant.format.checkpoint import load_checkpoint, save_checkpoint
 
     q = parse_config(name)
-    ck = ckpt_dir / name
+    ck = saved_dir(ckpt_dir, name)
     if (ck / "config.json").exists() and (ck / "quant_info.json").exists():
         log(f"{name}: loading the saved quantization {ck}")
         model, _, _ = load_checkpoint(ck)
         return model, json.loads((ck / "quant_info.json").read_text())
     extra = {k: v for k, v in q.items() if k not in ("method", "scope", "group_size", "recipe", "calib_windows")}
     args = argparse.Namespace(method=q["method"], calib_text="calib", calib_seqlen=None,
-                              calib_windows=q.get("calib_windows"), clip=q.get("clip"))
+                              calib_windows=q.get("calib_windows"), clip=q.get("clip"),
+                              slice_params=q.get("slice_params"))
     calib = calibration(args, tok)
     rss0 = _status_gib("VmRSS")
     reset_peak_rss()
@@ -113,7 +120,7 @@ def quantize(src, tok, name: str, ckpt_dir: Path, log, in_place: bool = False):
             "layers": len(qcfg.modules), "quantized_at": utc_now()}
     log(f"{name}: quantized {len(qcfg.modules)} layers in {info['quantize_seconds']:.0f}s "
         f"(peak RSS {info['peak_rss_gib']:.2f} GiB, {info['rss_before_gib']:.2f} before)")
-    if q["method"] in CALIBRATED:
+    if needs_calibration(q["method"], q):
         save_checkpoint(model, tok, ck, qcfg, overwrite=True)
         (ck / "quant_info.json").write_text(json.dumps(info))
     return model, info
@@ -150,7 +157,7 @@ def run(a) -> None:
     log(f"loaded {s.describe()} in {time.time() - t0:.0f}s, RSS {_status_gib('VmRSS'):.2f} GiB")
     ev = token_windows(tok, "eval", a.seqlen, a.eval_windows)
     if a.quantize_only:
-        todo = {c: bs for c, bs in todo.items() if c != "fp32" and not (Path(a.ckpt_dir) / c / "quant_info.json").exists()}
+        todo = {c: bs for c, bs in todo.items() if c != "fp32" and not (saved_dir(a.ckpt_dir, c) / "quant_info.json").exists()}
     for c, bs in todo.items():
         if a.quantize_only:  # one config per process: the source model is quantized in place
             quantize(src, tok, c, Path(a.ckpt_dir), log, in_place=True)
@@ -182,14 +189,21 @@ def table(a) -> None:
         c = r["config"]
         if c["quant"] is None:
             continue
-        rows.setdefault((c["quant"]["scope"], c["quant"]["group_size"], c["config"], c["eval"]["windows"]),
+        label = c["config"]
+        now = json.loads(json.dumps(parse_config(c["config"])))  # tuples as the store holds them: lists
+        if c["quant"] != now:  # a recipe whose options changed after this row was measured
+            then = {k: v for k, v in c["quant"].items() if k not in ("scope", "group_size", "recipe")}
+            label += " [then: " + ", ".join(f"{k}={v}" for k, v in then.items()) + "]"
+        rows.setdefault((c["quant"]["scope"], c["quant"]["group_size"], label, c["eval"]["windows"]),
                         {})[c["bits"]] = r["result"]
     bits = [8, 6, 4, 3, 2]
     print("| method | scope | group | eval windows | " + " | ".join(f"int{b}" for b in bits)
           + " | quantize s | peak RSS GiB (before) |")
     print("|---|---|---|---|" + "---|" * len(bits) + "---|---|")
     for (scope, g, name, w), res in sorted(rows.items(), key=lambda kv: (kv[0][0] != "ffn", -kv[0][1], kv[0][2])):
-        method = name.split("-")[0] + "".join(f" +{o}" for o in re.findall(r"\+([a-z_]+=[^+]*)", name))
+        head, _, then = name.partition(" [then: ")
+        method = head.split("-")[0] + "".join(f" +{o}" for o in re.findall(r"\+([a-z_]+=[^+]*)", head)) \
+            + (f" [then: {then}" if then else "")
         fp = ref.get(w)
         cells = []
         for b in bits:

@@ -80,8 +80,20 @@ def test_method_entry_may_be_a_dedicated_model():
     assert got == {"rtn": (8, [8, 4, 3]), "rtn4": (4, [4]), "rtn3": (3, [3])}  # default bits: the grid's <= master
 
 
+def test_method_entry_calibration_overrides_the_grid_and_rtn_gets_it_when_it_reads_it():
+    g = parse_grid({"methods": [{"name": "gptq", "calib": {"windows": 8, "seqlen": 256, "offset": 32}}, "gptq", "rtn",
+                                {"name": "rtn", "label": "rtn own", "args": {"slice_params": "own"}}],
+                    "slicing": ["nested"], "calib": {"windows": 4}})
+    got = {j.quant["label"] + str(i): j.quant.get("calib") for i, j in enumerate(g.jobs[1:])}
+    assert got == {"gptq0": {"text": "calib", "windows": 8, "seqlen": 256, "offset": 32},
+                   "gptq1": {"text": "calib", "windows": 4, "seqlen": 2048},
+                   "rtn2": None, "rtn own3": {"text": "calib", "windows": 4, "seqlen": 2048}}
+
+
 @pytest.mark.parametrize("bad, msg", [
     ({"colour": 1}, "unknown grid key"),
+    ({"methods": [{"name": "gptq", "calib": {"window": 8}}]}, "calib must map some of"),
+    ({"calib": {"offsets": 8}}, r"calib has unknown key\(s\) \['offsets'\]"),
     ({"methods": ["nosuch"]}, "unknown method 'nosuch'; registered: "),
     ({"slicing": ["weird"]}, "unknown slicing 'weird'"),
     ({"bits": [9]}, "outside 1..master_bits"),

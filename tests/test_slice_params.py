@@ -181,13 +181,65 @@ def test_a_matquant_without_the_field_refuses_the_checkpoint(own_ckpt, monkeypat
         QuantConfig.from_dict(q)
 
 
-def test_cli_flag_is_for_gptq_methods_only(tmp_path, tiny_model_dir, capsys):
+def test_cli_slice_params_for_every_method_rtn_loads_calibration(tmp_path, tiny_model_dir):
     from matquant.cli import main
 
-    assert main(["quantize", "--method", "rtn", "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"),
-                 "--group-size", "32", "--slice-params", "own"]) == 1
-    assert "--slice-params applies to --method gptq or matgptq" in capsys.readouterr().err
-    assert main(["quantize", "--method", "gptq", "--model", str(tiny_model_dir), "--out", str(tmp_path / "g"),
-                 "--group-size", "32", "--calib-windows", "2", "--calib-seqlen", "32", "--slice-params", "own"]) == 0
-    q = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
-    assert q["slice_params"] == [2, 3, 4, 6] and q["method_args"]["slice_params"] == "own"
+    for method, extra in (("rtn", []), ("gptq", [])):
+        out = tmp_path / method
+        assert main(["quantize", "--method", method, "--model", str(tiny_model_dir), "--out", str(out),
+                     "--group-size", "32", "--calib-windows", "2", "--calib-seqlen", "32", "--slice-params", "own",
+                     *extra]) == 0
+        q = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert q["slice_params"] == [2, 3, 4, 6] and q["method_args"]["slice_params"] == "own"
+
+
+def _block0_gate_hessian(model):
+    """XᵀX of block 0's gate_proj inputs over CALIB in the unquantized model: what the post-pass sees there (no
+    earlier target changes block 0's input)."""
+    acc = []
+    mod = model.model.layers[0].mlp.gate_proj
+    h = mod.register_forward_pre_hook(lambda _m, inp: acc.append(inp[0].reshape(-1, inp[0].shape[-1]).double()))
+    with torch.no_grad():
+        for i in range(CALIB.shape[0]):
+            model(CALIB[i:i + 1], use_cache=False)
+    h.remove()
+    x = torch.cat(acc)
+    return x.T @ x
+
+
+@pytest.mark.parametrize("method,kw", [("rtn", {}), ("rtn", {"clip": "mse"}),
+                                       ("omniquant", {"epochs": 1}),
+                                       ("qat", {"steps": 2, "batch_size_train": 1})])
+def test_post_pass_keeps_the_codes_and_fits_each_slice(method, kw):
+    """rtn / omniquant / qat: slice_params='own' is a pass after the method: the codes and everything the method
+    chose stay as without it; every slice below the master gets (α_r, z_r) no worse per row on its calibration
+    error (checked on block 0's gate_proj, whose inputs the pass sees unchanged)."""
+    base = _tiny()
+    H = _block0_gate_hessian(base)
+    W = base.model.layers[0].mlp.gate_proj.weight.detach().clone()
+    models = {}
+    for sp in ("shared", "own"):
+        m = _tiny()
+        qcfg = quantize_model(m, method, group_size=32, scope="ffn", calib=CALIB, progress=False, slice_params=sp,
+                              **kw)
+        models[sp] = (m, qcfg)
+    (ms, cs), (mo, co) = models["shared"], models["own"]
+    assert cs.slice_params is None and co.slice_params == [2, 3, 4, 6]
+    for n in cs.modules:
+        a, b = ms.get_submodule(n), mo.get_submodule(n)
+        assert torch.equal(a.qweight, b.qweight), n
+    gs, go = ms.model.layers[0].mlp.gate_proj, mo.model.layers[0].mlp.gate_proj
+    qs = QuantizedWeight(gs.qweight, gs.scales, gs.zeros, 8, 32)
+    for r in (6, 4, 3, 2):
+        so, zo = go.group_params(r, "nested")
+        qo = QuantizedWeight(go.qweight, so, zo, 8, 32)
+        e0, e1 = _slice_error(W, H, qs, r), _slice_error(W, H, qo, r)
+        assert (e1 <= e0 * (1 + 1e-6) + 1e-12).all(), r
+        assert e1.sum() < e0.sum(), r
+
+
+def test_post_pass_needs_calibration_and_a_known_value():
+    with pytest.raises(ValueError, match="needs calibration windows"):
+        quantize_model(_tiny(), "rtn", group_size=32, scope="ffn", progress=False, slice_params="own")
+    with pytest.raises(ValueError, match="unknown slice_params"):
+        quantize_model(_tiny(), "rtn", group_size=32, scope="ffn", calib=CALIB, progress=False, slice_params="mine")

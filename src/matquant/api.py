@@ -78,7 +78,7 @@ def quantize(model: str = DEFAULT_MODEL, out: str | None = None, method: str | N
     embedded 'calib' text with the method's default number of windows (or `calib_windows`) unless `calib` (token
     windows [n, seqlen]) is given.
     """
-    from matquant.algorithms import CALIBRATED, METHODS, check_method_options
+    from matquant.algorithms import METHODS, check_method_options, needs_calibration
     from matquant.algorithms.recipes import apply_recipe
     from matquant.data import token_windows
 
@@ -89,7 +89,7 @@ def quantize(model: str = DEFAULT_MODEL, out: str | None = None, method: str | N
     kw.update({k: v for k, v in opts.items() if v is not None})
     check_method_options(method, {k: v for k, v in kw.items() if k not in QUANTIZE_MODEL_ARGS})  # before loading
     m, tok, _ = load_model(model)
-    if calib is None and (method in CALIBRATED or kw.get("clip") == "weighted"):
+    if calib is None and needs_calibration(method, kw):
         n, seqlen = getattr(METHODS[method], "calib_defaults", (32, 512))
         calib = token_windows(tok, "calib", seqlen, calib_windows or n)
     qcfg = quantize_model(m, method, calib=calib, **kw)

@@ -34,6 +34,12 @@ def register_method(name: str, fn: Callable, needs_calibration: bool = False) ->
         CALIBRATED.add(name)
 
 
+def needs_calibration(method: str, options: dict) -> bool:
+    """Whether `method` with these options reads calibration windows: the data-driven methods always; RTN with
+    the weighted clipping search (clip='weighted') or slice-own parameters (slice_params='own')."""
+    return method in CALIBRATED or options.get("clip") == "weighted" or options.get("slice_params") == "own"
+
+
 from matquant.algorithms.gptq import gptq  # noqa: E402
 from matquant.algorithms.matgptq import matgptq  # noqa: E402
 

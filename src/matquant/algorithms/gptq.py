@@ -26,15 +26,13 @@ from collections.abc import Callable
 import torch
 
 from matquant.algorithms.blocks import BlockContext, run_blockwise
+from matquant.algorithms.slice_params import DEFAULT_SLICE_PARAMS, check_slice_params, with_slice_params
 from matquant.models.targets import linear_weight
 from matquant.quant.clip_search import DEFAULT_CLIP, check_clip, check_clip_lambdas, clip_search, served_slices
 from matquant.quant.minmax import QuantizedWeight, check_bits, dequantize_codes, minmax_params, resolve_group_size
 from matquant.quant.refit import refit_params
 from matquant.quant.rounding import round_half_up
 from matquant.quant.slicing import DEFAULT_SLICING
-
-SLICE_PARAMS = ("shared", "own")
-DEFAULT_SLICE_PARAMS = "shared"  # the paper's: every slice reads its codes with the master's (α, z)
 
 DEFAULT_BLOCKSIZE = 128
 
@@ -267,33 +265,3 @@ def gptq(model, targets: list[str], *, master_bits: int, group_size: int, symmet
 
     return blockwise_hessian_method(model, targets, calib, q, true_sequential=true_sequential, device=device,
                                     batch_size=batch_size, progress=progress, desc=f"GPTQ int{master_bits}")
-
-
-def check_slice_params(slice_params: str) -> str:
-    if slice_params not in SLICE_PARAMS:
-        raise ValueError(f"unknown slice_params {slice_params!r}; choose one of {', '.join(SLICE_PARAMS)} (shared: "
-                         "every slice reads its codes with the master's α, z; own: each served precision reads them "
-                         "with α, z fitted to its own output error, +1 pair per group and slice in the checkpoint).")
-    return slice_params
-
-
-def with_slice_params(qw: QuantizedWeight, W, H, slice_params: str, slicing: str, symmetric: bool,
-                      param_dtype) -> QuantizedWeight:
-    """`qw` with slice-own (α_r, z_r) for the served slices below its master (clip_search.DEFAULT_SERVED), fitted by
-    least squares on each slice's output error ‖(W − Ŵ_r)X‖² for the fixed codes (quant/refit.own_slice_params),
-    and then its shared (α, z), which serve the master alone from here on, refit to the master's error alone
-    (docs/results.md, "Slice-own group parameters"); unchanged for slice_params='shared'."""
-    if slice_params == "shared":
-        return qw
-    from matquant.quant.clip_search import DEFAULT_SERVED
-    from matquant.quant.refit import own_slice_params
-
-    slices = [b for b in DEFAULT_SERVED if b < qw.bits]
-    if not slices:
-        return qw
-    # master=True: the shared (α, z), which serve the master alone from now on, fitted to its error alone
-    own = own_slice_params(W, H, qw.codes, qw.scales, qw.zeros, master_bits=qw.bits, group_size=qw.group_size,
-                           slicing=slicing, slices=slices, symmetric=symmetric, param_dtype=param_dtype, master=True)
-    qw.scales, qw.zeros = own.pop(qw.bits)
-    qw.slice_params = own
-    return qw

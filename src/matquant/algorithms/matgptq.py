@@ -29,8 +29,8 @@ from functools import lru_cache
 
 import torch
 
-from matquant.algorithms.gptq import (DEFAULT_BLOCKSIZE, DEFAULT_SLICE_PARAMS, blockwise_hessian_method,
-                                     check_slice_params, gptq_columns, with_slice_params)
+from matquant.algorithms.gptq import DEFAULT_BLOCKSIZE, blockwise_hessian_method, gptq_columns
+from matquant.algorithms.slice_params import DEFAULT_SLICE_PARAMS, check_slice_params, with_slice_params
 from matquant.quant.clip_search import DEFAULT_CLIP, check_clip, check_clip_lambdas
 from matquant.quant.minmax import QuantizedWeight, affine_params, check_bits, resolve_group_size, symmetric_scale
 from matquant.quant.refit import refit_params
@@ -273,7 +273,7 @@ def matgptq(model, targets: list[str], *, master_bits: int, group_size: int, sym
     λ in that search only (one weight per slice of R; the code choice keeps `lambdas`). `refit`: after the column
     loop, re-solve each row's (α, z) for its codes by least squares on Σ_r λ_r ‖(W − Ŵ_r)X‖² (quant/refit.py).
     `slice_params`: 'own' also fits every served slice below the master its own (α_r, z_r) for the same codes, on
-    that slice's output error alone (gptq.with_slice_params).
+    that slice's output error alone (algorithms/slice_params.py).
 
     `propagate` is what the next layers and blocks see while the pass runs: "master" (the int-c weights, default),
     an int r (the r-bit slice, e.g. 4), or "fp" (the full-precision weights: every layer is calibrated on fp inputs).

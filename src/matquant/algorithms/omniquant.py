@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from matquant.algorithms.slice_params import DEFAULT_SLICE_PARAMS, check_post_pass, fit_slice_params
 from matquant.algorithms.training.block_loop import BlockTraining, calibrate_blocks
 from matquant.algorithms.training.objective import build_objective
 from matquant.algorithms.training.workdir import WorkDir, tensor_sha256
@@ -37,15 +38,18 @@ def omniquant(
     distill: str | None = None, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
     lr_lwc: float | None = DEFAULT_LR_LWC, lr_let: float | None = None, weight_decay: float = 0.0, let: bool = False,
     block_inputs: str = "quant", loss_balance: str = "none", work_dir=None, seed: int = 0, device: str = "cpu",
-    clip: str = DEFAULT_CLIP, clip_lambdas=None, _crash_after_block: int | None = None,
+    clip: str = DEFAULT_CLIP, clip_lambdas=None, slice_params: str = DEFAULT_SLICE_PARAMS,
+    _crash_after_block: int | None = None,
 ) -> dict[str, QuantizedWeight]:
     """`clip`: where the learnable clipping starts: MinMax ('minmax', default, OmniQuant's), or the clipping search
     of quant/clip_search.py for the objective's R and λ, data-free ('mse') or weighted by the calibration inputs'
-    mean x² ('weighted'); `clip_lambdas` (one per slice of R) replaces λ in that search only."""
+    mean x² ('weighted'); `clip_lambdas` (one per slice of R) replaces λ in that search only. slice_params='own':
+    the served slices' own (α_r, z_r), fitted after the training on `calib` (algorithms/slice_params.py)."""
     objective = build_objective(bits_list, lambdas, distill, master_bits=master_bits, slicing=slicing)
     check_slicing(slicing)
     check_clip(clip)
     check_clip_lambdas(clip_lambdas, clip, master_bits, objective.bits)
+    check_post_pass(slice_params, calib, "omniquant")
     lr_lwc = DEFAULT_LR_LWC if lr_lwc is None else lr_lwc
     if block_inputs not in BLOCK_INPUTS:
         raise ValueError(f"block_inputs must be one of {BLOCK_INPUTS}, got {block_inputs!r}.")
@@ -84,8 +88,12 @@ def omniquant(
         from matquant.algorithms.importance import input_importance
 
         importance = input_importance(model, targets, calib, progress)
-    return calibrate_blocks(model, targets, calib, objective, hp, wd, device, progress, _crash_after_block,
-                            importance=importance)
+    out = calibrate_blocks(model, targets, calib, objective, hp, wd, device, progress, _crash_after_block,
+                           importance=importance)
+    if slice_params == "own":
+        return fit_slice_params(model, targets, out, calib, slicing=slicing, symmetric=symmetric,
+                                param_dtype=param_dtype, progress=progress, device=device)
+    return out
 
 
 # CPU-friendly calibration defaults used by the CLI when --calib-windows / --calib-seqlen are not given

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from matquant.algorithms.training.distributed import is_main_process
+from matquant.algorithms.slice_params import DEFAULT_SLICE_PARAMS, check_post_pass, fit_slice_params
+from matquant.algorithms.training.distributed import init_distributed, is_main_process, pick_device
 from matquant.algorithms.training.objective import build_objective
 from matquant.algorithms.training.qat_config import make_config
 from matquant.algorithms.training.qat_loop import train_qat
@@ -27,14 +28,18 @@ def qat(model, targets: list[str], *, master_bits: int, group_size: int, symmetr
         batch_size_train: int | None = None, grad_accum: int | None = None, max_grad_norm: float | None = None,
         qparams: str | None = None, seed: int | None = None, save_every: int | None = None, work_dir=None,
         device: str | None = None, amp: bool | None = None, step_callback=None,
-        clip: str = DEFAULT_CLIP, clip_lambdas=None) -> dict[str, QuantizedWeight]:
+        clip: str = DEFAULT_CLIP, clip_lambdas=None,
+        slice_params: str = DEFAULT_SLICE_PARAMS) -> dict[str, QuantizedWeight]:
     """`quantize_model(model, "qat", calib=windows, bits_list=..., lambdas=..., distill=..., steps=..., ...)`;
     None means the QATConfig default. `clip` ('mse' / 'weighted', needs qparams='learnable'): the learnable α, z
     start at the clipping search of quant/clip_search.py for the objective's R and λ instead of MinMax;
-    `clip_lambdas` (one per slice of R) replaces λ in that search only (the training keeps `lambdas`)."""
+    `clip_lambdas` (one per slice of R) replaces λ in that search only (the training keeps `lambdas`).
+    slice_params='own': the served slices' own (α_r, z_r), fitted after the training on `calib` to the original
+    weights (algorithms/slice_params.py)."""
     objective = build_objective(bits_list, lambdas, distill, master_bits=master_bits, slicing=slicing)
     check_clip(clip)
     check_clip_lambdas(clip_lambdas, clip, master_bits, objective.bits)
+    check_post_pass(slice_params, calib, "qat")
     cfg = make_config(steps=steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                       min_lr_ratio=min_lr_ratio, batch_size_train=batch_size_train, grad_accum=grad_accum,
                       max_grad_norm=max_grad_norm, qparams=qparams, seed=seed, save_every=save_every,
@@ -56,4 +61,8 @@ def qat(model, targets: list[str], *, master_bits: int, group_size: int, symmetr
         tps = run_tokens / max(res.seconds, 1e-9)
         print(f"QAT {objective.describe()}: {res.steps} steps, {res.tokens} tokens, "
               f"final loss {res.history[-1]['loss']:.4f}, {tps:.1f} tokens/s this run")
+    if slice_params == "own":
+        return fit_slice_params(model, targets, res.qweights, calib, slicing=slicing, symmetric=symmetric,
+                                param_dtype=param_dtype, progress=progress and is_main_process(),
+                                device=pick_device(cfg.device, init_distributed(cfg.device)))
     return res.qweights

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
+from matquant.algorithms.slice_params import DEFAULT_SLICE_PARAMS, check_post_pass, fit_slice_params
 from matquant.models.targets import linear_weight
 from matquant.quant.clip_search import DEFAULT_CLIP, check_clip, quantize_clipped
 from matquant.quant.minmax import QuantizedWeight, quantize_minmax
@@ -11,11 +12,13 @@ from matquant.quant.slicing import DEFAULT_SLICING
 
 def rtn(model, targets: list[str], *, master_bits: int, group_size: int, symmetric: bool, param_dtype,
         slicing: str = DEFAULT_SLICING, calib=None, progress: bool = True,
-        clip: str = DEFAULT_CLIP) -> dict[str, QuantizedWeight]:
+        clip: str = DEFAULT_CLIP, slice_params: str = DEFAULT_SLICE_PARAMS) -> dict[str, QuantizedWeight]:
     """Round-half-up at `master_bits`. clip='minmax' (default): MinMax, data-free, `calib` ignored, codes independent
     of `slicing`. clip='mse': the (α, z) of each group searched for the served slices (quant/clip_search.py) under
-    `slicing`, data-free; clip='weighted': the same weighted by the calibration inputs' mean x² (needs `calib`)."""
+    `slicing`, data-free; clip='weighted': the same weighted by the calibration inputs' mean x² (needs `calib`).
+    slice_params='own': the served slices' own (α_r, z_r), fitted afterwards on `calib` (algorithms/slice_params.py)."""
     check_clip(clip)
+    check_post_pass(slice_params, calib, "rtn")
     importance = None
     if clip == "weighted":
         if calib is None:
@@ -34,4 +37,7 @@ def rtn(model, targets: list[str], *, master_bits: int, group_size: int, symmetr
             h = None if importance is None else importance[name].to(w.device)
             out[name] = quantize_clipped(w, h, bits=master_bits, group_size=group_size, symmetric=symmetric,
                                          slicing=slicing, param_dtype=param_dtype)
+    if slice_params == "own":
+        return fit_slice_params(model, targets, out, calib, slicing=slicing, symmetric=symmetric,
+                                param_dtype=param_dtype, progress=progress)
     return out

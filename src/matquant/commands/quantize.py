@@ -56,6 +56,14 @@ def add_quant_args(p, method_default: str = "matgptq", threads_default: int | No
                         "slices, data-free), weighted (the same weighted by the calibration inputs' mean x^2 / the "
                         "GPTQ Hessian diagonal; rtn then loads --calib-text). omniquant/qat: the learnable clipping's "
                         "start (qat needs --qparams learnable). See docs/results.md 'Clipping search'")
+    g.add_argument("--slice-params", default=None, choices=("shared", "own"),
+                   help="group scale/zero of the slices, every method: the master's, shared by every slice (the "
+                        "paper's; default), or each served precision's own (the master and 6,4,3,2 below an int8 "
+                        "master), fitted by least squares to that precision's calibration output error for its "
+                        "unchanged codes (gptq/matgptq: inside their pass; rtn/omniquant/qat: one more block-wise "
+                        "pass after the method; rtn then loads --calib-text). A served slice costs the same bits "
+                        "either way; the checkpoint holds one more pair per group and slice (docs/results.md, "
+                        "'Slice-own group parameters'; default: the --recipe's, else shared)")
     g.add_argument("--calib-text", default="calib", metavar="SRC",
                    help="calibration text for data-driven methods: 'calib' (embedded, disjoint from eval) or a file")
     g.add_argument("--calib-windows", type=int, default=None,
@@ -97,12 +105,6 @@ def add_quant_args(p, method_default: str = "matgptq", threads_default: int | No
     g.add_argument("--refit", action="store_true", default=None,
                    help="after the column loop, re-solve every group's scale/zero for its final codes by least squares "
                         "on the calibration output error of every served slice (docs/results.md, 'Refit')")
-    g.add_argument("--slice-params", default=None, choices=("shared", "own"),
-                   help="group scale/zero of the slices: the master's, shared by every slice (the paper's; default), "
-                        "or each served precision's own (the master and 6,4,3,2 below an int8 master), fitted by "
-                        "least squares to that precision's calibration output error for its unchanged codes. A served slice "
-                        "costs the same bits either way; the checkpoint holds one more pair per group and slice "
-                        "(docs/results.md, 'Slice-own group parameters'; default: the --recipe's, else shared)")
     g.add_argument("--propagate", default="master", metavar="master|fp|BITS",
                    help="matgptq: what later layers see during the pass: the int-C master weights (default), the "
                         "full-precision weights (fp), or one slice (e.g. 4)")
@@ -145,8 +147,7 @@ def resolve_recipe(args):
 # The methods that read each method-specific flag (argparse dest -> methods). Given with any other method, the
 # flag would be silently ignored, so it is an error instead (a value equal to the flag's default counts as not given).
 FLAG_METHODS: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(("damp", "act_order", "calib_batch_size", "quant_device", "refit", "slice_params"),
-                    ("gptq", "matgptq")),
+    **dict.fromkeys(("damp", "act_order", "calib_batch_size", "quant_device", "refit"), ("gptq", "matgptq")),
     **dict.fromkeys(("error_feedback", "group_params", "propagate"), ("matgptq",)),
     "clip_lambdas": ("gptq", "matgptq", "omniquant", "qat"),
     **dict.fromkeys(("bits_list", "lambdas"), ("matgptq", "qat", "omniquant")),
@@ -187,19 +188,18 @@ def method_kwargs(args) -> dict:
     """The options of the chosen method (recorded in the checkpoint's quantization_config.method_args),
     validated before any work starts."""
     check_method_flags(args)
+    own = {} if getattr(args, "slice_params", None) in (None, "shared") else {"slice_params": args.slice_params}
     if args.method == "qat":
-        return qat_kwargs(args)
+        return {**qat_kwargs(args), **own}
     if args.method == "omniquant":
-        return omniquant_kwargs(args)
+        return {**omniquant_kwargs(args), **own}
     if args.method not in ("gptq", "matgptq"):
-        return {}
-    kw = dict(damp=args.damp, act_order=args.act_order, batch_size=args.calib_batch_size)
+        return own  # rtn
+    kw = dict(damp=args.damp, act_order=args.act_order, batch_size=args.calib_batch_size, **own)  # own: recorded only when used
     if args.quant_device:
         kw["device"] = args.quant_device
     if getattr(args, "refit", None):
         kw["refit"] = True  # recorded only when used
-    if getattr(args, "slice_params", None) not in (None, "shared"):
-        kw["slice_params"] = args.slice_params  # recorded only when used
     if args.method == "gptq" and getattr(args, "clip_lambdas", None) is not None:
         from matquant.algorithms.gptq import check_gptq_clip_lambdas
 
@@ -262,7 +262,8 @@ def qat_kwargs(args) -> dict:
     from matquant.algorithms.training.objective import build_objective
     from matquant.algorithms.training.qat_config import make_config
 
-    kw = {k: getattr(args, k, None) for k in method_options("qat") if k not in ("device", "step_callback", "clip")}
+    kw = {k: getattr(args, k, None) for k in method_options("qat")
+          if k not in ("device", "step_callback", "clip", "slice_params")}
     kw["device"] = getattr(args, "train_device", None)
     obj = build_objective(kw["bits_list"], kw["lambdas"], kw["distill"], master_bits=args.bits_master,
                           slicing=args.slicing)
@@ -335,10 +336,10 @@ def clip_kwargs(args) -> dict:
 
 
 def calibration(args, tokenizer):
-    from matquant.algorithms import CALIBRATED, METHODS
+    from matquant.algorithms import METHODS, needs_calibration
     from matquant.data import token_windows
 
-    if args.method not in CALIBRATED and getattr(args, "clip", None) != "weighted":
+    if not needs_calibration(args.method, vars(args)):
         return None
     n, seqlen = getattr(METHODS[args.method], "calib_defaults", (32, 512))
     try:

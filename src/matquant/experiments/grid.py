@@ -20,6 +20,8 @@ KNOWN_KEYS = {"name", "out", "store", "docs", "models", "model", "methods", "sco
 PPL_DEFAULTS = {"text": "eval", "windows": 16, "seqlen": 2048, "batch_size": 1}
 ZS_DEFAULTS = {"tasks": None, "limit": "default", "batch_size": 8}
 CALIB_DEFAULTS = {"text": "calib", "windows": 128, "seqlen": 2048}
+CALIB_OPTIONAL = ("offset",)  # windows of the text skipped before the calibration windows (default 0, not recorded)
+CALIB_KEYS = set(CALIB_DEFAULTS) | set(CALIB_OPTIONAL)
 RUN_ONLY_KEYS = ("batch_size",)  # settings that do not change a result: kept out of the config key
 
 
@@ -72,7 +74,7 @@ def load_grid(path) -> Grid:
 
 
 def parse_grid(raw: dict, default_name: str = "grid") -> Grid:
-    from matquant.algorithms import CALIBRATED, METHODS
+    from matquant.algorithms import METHODS, needs_calibration
     from matquant.eval.zeroshot import DEFAULT_TASKS, check_tasks
     from matquant.models.targets import SCOPES
 
@@ -104,10 +106,13 @@ def parse_grid(raw: dict, default_name: str = "grid") -> Grid:
             raise GridError(f"method entry {m} has no name.")
         if m["name"] not in METHODS:
             raise GridError(f"unknown method {m['name']!r}; registered: {', '.join(sorted(METHODS))}.")
-        extra = sorted(set(m) - {"name", "args", "label", "master_bits", "bits"})
+        extra = sorted(set(m) - {"name", "args", "label", "master_bits", "bits", "calib"})
         if extra:
             raise GridError(f"method entry {m['name']!r} has unknown key(s) {extra}; use name, label, args, "
-                            "master_bits, bits.")
+                            "master_bits, bits, calib.")
+        if "calib" in m and (not isinstance(m["calib"], dict) or set(m["calib"]) - CALIB_KEYS):
+            raise GridError(f"method entry {m['name']!r}: calib must map some of {sorted(CALIB_KEYS)} to values "
+                            f"(this method's calibration, over the grid's), got {m['calib']!r}.")
         m.setdefault("args", {})
         m.setdefault("label", m["name"])
         # a dedicated model per bit-width in the same grid: {name: gptq, master_bits: 4, bits: [4]}
@@ -132,6 +137,8 @@ def parse_grid(raw: dict, default_name: str = "grid") -> Grid:
 
         zs["limit"] = default_limit(device)
     calib = {**CALIB_DEFAULTS, **(raw.get("calib") or {})}
+    if set(calib) - CALIB_KEYS:
+        raise GridError(f"calib has unknown key(s) {sorted(set(calib) - CALIB_KEYS)}; use {', '.join(sorted(CALIB_KEYS))}.")
     common = {"master_bits": master, "group_size": int(raw.get("group_size", 64)),
               "symmetric": bool(raw.get("symmetric", False)), "param_dtype": str(raw.get("param_dtype", "float16"))}
     evals = [(k, s) for k, s in (("ppl", ppl), ("zeroshot", zs)) if s is not None]
@@ -150,8 +157,8 @@ def parse_grid(raw: dict, default_name: str = "grid") -> Grid:
                 for sl in slicings:
                     quant = {"method": m["name"], "label": m["label"], "args": m["args"], "scope": scope,
                              "slicing": sl, **common, "master_bits": m["master_bits"]}
-                    if m["name"] in CALIBRATED:
-                        quant["calib"] = calib
+                    if needs_calibration(m["name"], m["args"]):
+                        quant["calib"] = {**calib, **m.get("calib", {})}
                     ms = [measurement(model, k, s, quant, b) for b in m["bits"] for k, s in evals]
                     for mm in _as_list(raw.get("mixnmatch"), "mixnmatch"):
                         ms += [measurement(model, k, s, quant, _mixnmatch_spec(mm)) for k, s in evals]

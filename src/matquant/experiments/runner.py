@@ -106,17 +106,17 @@ def _prepare(job: QuantJob, src, src_tok, src_fp, grid: Grid, log, check_tokeniz
         check_tokenizer(model, tok, expected_fingerprint=src_fp,
                         where=f"checkpoint {job.quant['checkpoint']} (grid model {job.model})")
         return model, tok, {"checkpoint_method": qcfg.method}
-    from matquant.algorithms import CALIBRATED, quantize_model
+    from matquant.algorithms import needs_calibration, quantize_model
 
     q = job.quant
     log(f"quantizing {job.model}: {q['label']} ({q['method']}, {q['scope']}, {q['slicing']} slicing) ...")
     model = copy.deepcopy(src)
     calib = None
-    if q["method"] in CALIBRATED:
+    if needs_calibration(q["method"], q["args"]):
         from matquant.data import token_windows
 
         c = q["calib"]
-        calib = token_windows(src_tok, c["text"], c["seqlen"], c["windows"])
+        calib = token_windows(src_tok, c["text"], c["seqlen"], c["windows"], offset_windows=c.get("offset", 0))
     t0 = time.time()
     quantize_model(model, q["method"], master_bits=q["master_bits"], group_size=q["group_size"], scope=q["scope"],
                    symmetric=q["symmetric"], slicing=q["slicing"], param_dtype=q["param_dtype"], calib=calib,

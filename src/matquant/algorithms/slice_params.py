@@ -1,0 +1,76 @@
+"""Slice-own group parameters (`slice_params='own'`): every served slice below the master reads the master's codes
+with its own (α_r, z_r), fitted by least squares on that slice's calibration output error ‖(W − Ŵ_r)X‖² for the
+unchanged codes (quant/refit.own_slice_params); the shared (α, z) then serve the master alone and are refit to its
+own error. A served slice costs the same bits and runs through the same kernels either way; the checkpoint holds
+one more (α, z) pair per group and slice (docs/results.md, "Slice-own group parameters").
+
+GPTQ and MatGPTQ fit them inside their own block-wise pass, with the Hessian H = XᵀX they build anyway
+(`with_slice_params`). RTN, OmniQuant and QAT build none, so for them `fit_slice_params` runs one more block-wise
+pass over the calibration windows after the method: each target's H from its inputs in the model whose earlier
+targets already hold their dequantized master (as GPTQ sees them), and W = the target's full-precision weight as
+the method leaves it in the model (the original weight; the LET-folded one for omniquant --let).
+"""
+from __future__ import annotations
+
+import torch
+
+from matquant.quant.minmax import QuantizedWeight
+
+SLICE_PARAMS = ("shared", "own")
+DEFAULT_SLICE_PARAMS = "shared"  # the paper's: every slice reads its codes with the master's (α, z)
+
+
+def check_slice_params(slice_params: str) -> str:
+    if slice_params not in SLICE_PARAMS:
+        raise ValueError(f"unknown slice_params {slice_params!r}; choose one of {', '.join(SLICE_PARAMS)} (shared: "
+                         "every slice reads its codes with the master's α, z; own: each served precision reads them "
+                         "with α, z fitted to its own output error, +1 pair per group and slice in the checkpoint).")
+    return slice_params
+
+
+def with_slice_params(qw: QuantizedWeight, W, H, slice_params: str, slicing: str, symmetric: bool,
+                      param_dtype) -> QuantizedWeight:
+    """`qw` with slice-own (α_r, z_r) for the served slices below its master (clip_search.DEFAULT_SERVED), fitted by
+    least squares on each slice's output error ‖(W − Ŵ_r)X‖² for the fixed codes (quant/refit.own_slice_params),
+    and then its shared (α, z), which serve the master alone from here on, refit to the master's error alone;
+    unchanged for slice_params='shared'."""
+    if slice_params == "shared":
+        return qw
+    from matquant.quant.clip_search import DEFAULT_SERVED
+    from matquant.quant.refit import own_slice_params
+
+    slices = [b for b in DEFAULT_SERVED if b < qw.bits]
+    if not slices:
+        return qw
+    # master=True: the shared (α, z), which serve the master alone from now on, fitted to its error alone
+    own = own_slice_params(W, H, qw.codes, qw.scales, qw.zeros, master_bits=qw.bits, group_size=qw.group_size,
+                           slicing=slicing, slices=slices, symmetric=symmetric, param_dtype=param_dtype, master=True)
+    qw.scales, qw.zeros = own.pop(qw.bits)
+    qw.slice_params = own
+    return qw
+
+
+def check_post_pass(slice_params: str, calib, method: str) -> None:
+    """For the methods that fit slice-own parameters after the fact (rtn, omniquant, qat): a bad value or missing
+    calibration windows, before any work."""
+    check_slice_params(slice_params)
+    if slice_params == "own" and not (torch.is_tensor(calib) and calib.dim() == 2 and calib.shape[0] >= 1):
+        raise ValueError(f"{method} with slice_params='own' needs calibration windows (calib=token windows; the CLI "
+                         "loads them from --calib-text): the slices' own (α, z) are fitted to their output error on "
+                         "them.")
+
+
+def fit_slice_params(model, targets: list[str], qweights: dict[str, QuantizedWeight], calib, *, slicing: str,
+                     symmetric: bool, param_dtype, progress: bool = True, device=None,
+                     desc: str = "slice-own (α, z)") -> dict[str, QuantizedWeight]:
+    """`qweights` (codes unchanged) with slice-own (α_r, z_r) fitted in one block-wise pass over `calib`; every
+    target's weight in `model` is left as its dequantized master, which the caller replaces by MatQuantLinear."""
+    from matquant.algorithms.gptq import blockwise_hessian_method
+
+    def fit(name, W, H):
+        q = qweights[name]
+        qw = QuantizedWeight(q.codes.to(W.device), q.scales.to(W.device), q.zeros.to(W.device), q.bits,
+                             q.group_size)
+        return with_slice_params(qw, W, H, "own", slicing, symmetric, param_dtype)
+
+    return blockwise_hessian_method(model, targets, calib, fit, device=device, progress=progress, desc=desc)
