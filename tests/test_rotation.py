@@ -157,7 +157,8 @@ def test_bad_rotate_argument_is_a_clear_error_before_any_work(kw, match):
 
 @pytest.mark.parametrize("spec, match", [
     ("input", "must be null or a JSON object"),
-    ({"mode": "residual", "kind": "hadamard", "seed": 0}, "mode 'residual' is not known.*newer matquant"),
+    ({"mode": "spinquant", "kind": "hadamard", "seed": 0}, "mode 'spinquant' is not known.*newer matquant"),
+    ({"mode": "residual", "kind": "hadamard", "seed": 0, "block_size": 64}, r"unknown key\(s\) \['block_size'\]"),
     ({"mode": "input", "kind": "spinquant", "seed": 0}, "kind 'spinquant' is not known.*newer matquant"),
     ({"mode": "input", "kind": "hadamard", "seed": 0, "matrix": [1]}, r"unknown key\(s\) \['matrix'\]"),
     ({"mode": "input", "kind": "hadamard"}, r"missing key\(s\) \['seed'\]"),

@@ -88,13 +88,16 @@ def quantize_model(
     """Quantize `model` in place (targets become MatQuantLinear) and return its QuantConfig.
 
     `rotate`: 'none', 'input' (randomized Hadamard over each target's input dimension) or 'block' (one per group),
-    applied before the method runs and online at inference (algorithms/rotate.py, quant/rotation.py); the spec is
+    applied before the method runs and online at inference (algorithms/rotate.py, quant/rotation.py); or
+    'residual' (one over the residual stream, folded into the whole model's weights before the method runs, nothing
+    online: algorithms/residual_rotation.py; the float model changes its weights, not its outputs). The spec is
     stored in the QuantConfig. `rotate_seed` seeds its random signs."""
     check_method_options(method, method_args)
-    from matquant.quant.rotation import make_spec
+    from matquant.quant.rotation import make_spec, online_spec
 
     rotation = make_spec(rotate, group_size, rotate_seed)
-    if rotation is not None and method_args.get("let"):
+    online = online_spec(rotation)
+    if online is not None and method_args.get("let"):
         raise ValueError("LET (--let) folds per-channel scales into the RMSNorm/up_proj that feed the rotated layers, "
                          "which an input rotation does not commute with; use --rotate none with --let, or drop --let.")
     check_bits(master_bits, "master bits")
@@ -108,7 +111,11 @@ def quantize_model(
     for n in targets:  # validate the group size before any work
         resolve_group_size(linear_weight(mods[n]).shape[1], group_size)
     pdtype = getattr(torch, param_dtype)
-    with rotated_targets(model, targets, rotation):
+    if rotation is not None and rotation["mode"] == "residual":
+        from matquant.algorithms.residual_rotation import fold_residual_rotation
+
+        fold_residual_rotation(model, rotation["seed"])
+    with rotated_targets(model, targets, online):
         qweights = METHODS[method](model, targets, master_bits=master_bits, group_size=group_size,
                                    symmetric=symmetric, param_dtype=pdtype, slicing=slicing, calib=calib,
                                    progress=progress, **method_args)
@@ -117,9 +124,9 @@ def quantize_model(
         raise RuntimeError(f"the layers got different slice-own parameter sets {sorted(own)}; a bug, please report it.")
     slice_params = list(own.pop()) or None
     replace_with_matquant(model, qweights, slicing=slicing)
-    if rotation is not None:
+    if online is not None:
         for n in targets:
-            model.get_submodule(n).set_rotation(rotation)
+            model.get_submodule(n).set_rotation(online)
     return QuantConfig(master_bits=master_bits, group_size=group_size, symmetric=symmetric, slicing=slicing,
                        scope=scope if modules is None else "custom", modules=list(targets),
                        default_bits=master_bits, method=method, method_args=_jsonable(method_args),

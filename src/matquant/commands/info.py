@@ -22,7 +22,9 @@ def run(args) -> int:
     if opts:  # the options the method ran with (what a recipe filled in is recorded here, not the recipe's name)
         print("  method options: " + ", ".join(f"{k}={v}" if v is not True else k for k, v in sorted(opts.items())))
     if q.rotation:
-        print("  rotation: " + ", ".join(f"{k} {v}" for k, v in q.rotation.items()) + " (applied online at inference)")
+        how = ("folded into the weights: nothing runs online" if q.rotation["mode"] == "residual"
+               else "applied online at inference")
+        print("  rotation: " + ", ".join(f"{k} {v}" for k, v in q.rotation.items()) + f" ({how})")
     print(f"  weights file {checkpoint_size_bytes(args.checkpoint) / 2**20:.1f} MiB")
     if args.modules:
         for m in q.modules:

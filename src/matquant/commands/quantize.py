@@ -47,8 +47,9 @@ def add_quant_args(p, method_default: str = "matgptq", threads_default: int | No
     g.add_argument("--rotate", default=None, choices=ROTATE_MODES,
                    help="incoherence processing for every method: input = randomized Hadamard over each layer's "
                         "input dimension, block = one per group; W·V is quantized and each layer rotates its input "
-                        "online (stored in the checkpoint; GGUF/compressed-tensors export refuse it). See "
-                        "docs/results.md 'Rotations' (default none)")
+                        "online (stored in the checkpoint; GGUF/compressed-tensors export refuse it); residual = one "
+                        "over the residual stream, folded into the weights (Llama/Mistral/Qwen2/3: nothing online, "
+                        "exportable). See docs/rotation.md (default none)")
     g.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's random signs (default 0)")
     g.add_argument("--clip", default=None, choices=CLIP_MODES,
                    help="group scale/zero of the master, every method: minmax (the MinMax range; the default), mse "

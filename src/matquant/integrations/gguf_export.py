@@ -258,11 +258,15 @@ def export_gguf(model, tokenizer, out, template=None, k_quants: bool = False, ov
     plain = plain_tensors(model)
     tpl_names = {t.name for t in reader.tensors}
     hf_of: dict[str, str] = {}
+    extra: dict[str, str] = {}  # GGUF name -> plain tensor the template lacks: an untied output head
     for hf in list(slices) + list(plain):
         key = hf if hf in plain else f"{hf}.weight"
         g = to_gguf(key)
         if g is None or g not in tpl_names:
             if hf in plain and _is_tied_output(model, hf, tpl_names, to_gguf):
+                continue
+            if g is not None and hf in plain and _is_untied_output(model, hf):
+                extra[g] = hf  # e.g. rotate='residual' unties lm_head; llama.cpp reads output.weight when present
                 continue
             raise ExportError(f"template {template} has no tensor for the checkpoint's {key} (GGUF name {g}); "
                               "the template is of another model. Pass --template made from the checkpoint's source.")
@@ -332,6 +336,9 @@ def export_gguf(model, tokenizer, out, template=None, k_quants: bool = False, ov
             else:
                 writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)  # e.g. rope tables: not in the model
                 report.copied += 1
+        for g, hf in extra.items():
+            writer.add_tensor(g, np.ascontiguousarray(plain[hf].numpy(), dtype=np.float32))
+            report.rewritten.append(g)
         main = max(types_used, key=types_used.get)
         writer.add_file_type(int(gguf.LlamaFileType[FILE_TYPE.get(main, "ALL_F32" if main == "F32" else "MOSTLY_F16")]))
         writer.add_string("matquant.export", json.dumps(metadata or {}, sort_keys=True))
@@ -350,6 +357,14 @@ def _is_tied_output(model, hf: str, tpl_names: set[str], to_gguf) -> bool:
     out = model.get_output_embeddings()
     names = {f"{n}.weight" for n, m in model.named_modules() if m is out}
     return hf in names
+
+
+def _is_untied_output(model, hf: str) -> bool:
+    """lm_head.weight of a model whose output head is not tied to its embeddings."""
+    if getattr(model.config, "tie_word_embeddings", False):
+        return False
+    out = model.get_output_embeddings()
+    return hf in {f"{n}.weight" for n, m in model.named_modules() if m is out}
 
 
 def read_tensor_types(path) -> dict[str, str]:

@@ -193,9 +193,11 @@ class MatQuantLinear(nn.Module):
         return w
 
     def set_rotation(self, spec: dict | None) -> None:
-        """Run with an online input rotation x -> x·V (its codes were quantized from W·V); None removes it."""
-        from matquant.quant.rotation import input_rotation
+        """Run with an online input rotation x -> x·V (its codes were quantized from W·V); None removes it. A
+        'residual' spec has no online part (it is folded into the model's weights): the layer runs unrotated."""
+        from matquant.quant.rotation import input_rotation, online_spec
 
+        spec = online_spec(spec)
         self._input_rotation = input_rotation(spec, self.in_features)
         self.rotation = spec
 

@@ -30,10 +30,12 @@ import torch
 
 from matquant.quant.hadamard import _dense_factor, _is_pow2, hadamard_factors, random_signs
 
-ROTATE_MODES = ("none", "input", "block")  # what quantize_model(rotate=...) and --rotate accept
-STORED_MODES = ("input", "block")
+ROTATE_MODES = ("none", "input", "block", "residual")  # what quantize_model(rotate=...) and --rotate accept
+STORED_MODES = ("input", "block", "residual")
+ONLINE_MODES = ("input", "block")  # the modes each quantized layer applies to its input at inference
 KINDS = ("hadamard",)
-SPEC_KEYS = {"input": ("mode", "kind", "seed"), "block": ("mode", "kind", "seed", "block_size")}
+SPEC_KEYS = {"input": ("mode", "kind", "seed"), "block": ("mode", "kind", "seed", "block_size"),
+             "residual": ("mode", "kind", "seed")}
 
 
 class RotationSpecError(ValueError):
@@ -45,7 +47,8 @@ def make_spec(mode: str, group_size: int, seed: int = 0) -> dict | None:
     size the block mode uses (-1 / per-channel: the block is the whole row, i.e. mode 'input')."""
     if mode not in ROTATE_MODES:
         raise RotationSpecError(f"unknown rotation {mode!r}; choose one of {', '.join(ROTATE_MODES)} "
-                                "(input: randomized Hadamard over the whole input dimension; block: one per group).")
+                                "(input: randomized Hadamard over the whole input dimension; block: one per group; "
+                                "residual: one over the residual stream, folded into the weights).")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise RotationSpecError(f"rotation seed must be a non-negative integer, got {seed!r}.")
     if mode == "none":
@@ -55,14 +58,21 @@ def make_spec(mode: str, group_size: int, seed: int = 0) -> dict | None:
             raise RotationSpecError(f"rotate='block' needs a positive group size (one Hadamard block per group), got "
                                     f"{group_size!r}; use rotate='input' for per-channel groups.")
         return check_spec({"mode": "block", "kind": "hadamard", "seed": seed, "block_size": group_size})
-    return check_spec({"mode": "input", "kind": "hadamard", "seed": seed})
+    return check_spec({"mode": mode, "kind": "hadamard", "seed": seed})
+
+
+def online_spec(spec: dict | None) -> dict | None:
+    """The part of a (checked) spec that quantized layers apply to their input at inference: the spec itself for
+    'input' / 'block', None for 'residual' (folded into the model's weights before quantization, nothing online)."""
+    spec = check_spec(spec)
+    return spec if spec is not None and spec["mode"] in ONLINE_MODES else None
 
 
 def check_spec(spec) -> dict | None:
     """Validate a stored spec strictly (None = no rotation); returns it. Unknown modes/kinds/keys name the fix."""
     if spec is None:
         return None
-    newer = "written by a newer matquant? Upgrade matquant, or re-quantize with --rotate none|input|block."
+    newer = "written by a newer matquant? Upgrade matquant, or re-quantize with --rotate none|input|block|residual."
     if not isinstance(spec, dict):
         raise RotationSpecError(f"rotation must be null or a JSON object, got {type(spec).__name__} {spec!r:.80}.")
     mode = spec.get("mode")
