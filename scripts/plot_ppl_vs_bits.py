@@ -110,7 +110,13 @@ GRID_SERIES = {"quality": "quality, shared α, z (the recipe until 2026-12-03), 
                                                                        "--clip-lambdas 16,4,1 (8 k tokens)",
                "omniquant 842 bal l001 clip weighted": "OmniQuant MatQuant balanced λ + clip weighted",
                "omniquant 842 bal l001 clip weighted clip-lambdas 16,4,1": "OmniQuant MatQuant balanced λ + clip "
-                                                                            "weighted --clip-lambdas 16,4,1"}
+                                                                            "weighted --clip-lambdas 16,4,1",
+               "rtn clip mse + own": "RTN --clip mse + slice-own α, z, nested",
+               "qat 842 learnable clip weighted clip-lambdas 16,4,1 + own": "QAT MatQuant [8,4,2] + clip weighted "
+                                                                            "--clip-lambdas 16,4,1 + slice-own α, z",
+               "omniquant 842 bal l001 clip weighted clip-lambdas 16,4,1 + own": "OmniQuant MatQuant balanced λ + "
+                                                                                 "clip weighted 16,4,1 + slice-own α, z",
+               "quality rotate residual": "quality recipe --rotate residual, nested"}
 DEDICATED_CLIP = re.compile(r"gptq([2-8]) clip weighted")  # one model per bit, the search for its own slice
 
 
