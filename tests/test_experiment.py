@@ -94,6 +94,7 @@ def test_method_entry_calibration_overrides_the_grid_and_rtn_gets_it_when_it_rea
     ({"colour": 1}, "unknown grid key"),
     ({"methods": [{"name": "gptq", "calib": {"window": 8}}]}, "calib must map some of"),
     ({"calib": {"offsets": 8}}, r"calib has unknown key\(s\) \['offsets'\]"),
+    ({"methods": [{"name": "gptq", "calib": {"offset": -1}}]}, "calib offset must be a non-negative integer"),
     ({"methods": ["nosuch"]}, "unknown method 'nosuch'; registered: "),
     ({"slicing": ["weird"]}, "unknown slicing 'weird'"),
     ({"bits": [9]}, "outside 1..master_bits"),

@@ -68,8 +68,6 @@ def fold_residual_rotation(model, seed: int = 0) -> None:
     if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():  # tied: untie first
         head.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
     model.config.tie_word_embeddings = False
-    if hasattr(model, "_tied_weights_keys"):
-        model._tied_weights_keys = []
     emb.weight.copy_(q.rotate_weight(emb.weight.double()).to(emb.weight.dtype))
     for layer in inner.layers:
         for norm, names in ((layer.input_layernorm, READS), (layer.post_attention_layernorm, READS_MLP)):

@@ -8,6 +8,7 @@ from matquant.commands.common import float_list, int_list
 from matquant.models.loading import DEFAULT_MODEL
 from matquant.models.targets import SCOPES
 from matquant.algorithms.recipes import RECIPE_OPTIONS, RECIPES, apply_recipe
+from matquant.algorithms.slice_params import SLICE_PARAMS
 from matquant.quant.clip_search import CLIP_MODES, check_clip_lambdas
 from matquant.quant.rotation import ROTATE_MODES
 from matquant.quant.slicing import DEFAULT_SLICING, SLICING_MODES
@@ -57,7 +58,7 @@ def add_quant_args(p, method_default: str = "matgptq", threads_default: int | No
                         "slices, data-free), weighted (the same weighted by the calibration inputs' mean x^2 / the "
                         "GPTQ Hessian diagonal; rtn then loads --calib-text). omniquant/qat: the learnable clipping's "
                         "start (qat needs --qparams learnable). See docs/results.md 'Clipping search'")
-    g.add_argument("--slice-params", default=None, choices=("shared", "own"),
+    g.add_argument("--slice-params", default=None, choices=SLICE_PARAMS,
                    help="group scale/zero of the slices, every method: the master's, shared by every slice (the "
                         "paper's; default), or each served precision's own (the master and 6,4,3,2 below an int8 "
                         "master), fitted by least squares to that precision's calibration output error for its "

@@ -139,6 +139,10 @@ def parse_grid(raw: dict, default_name: str = "grid") -> Grid:
     calib = {**CALIB_DEFAULTS, **(raw.get("calib") or {})}
     if set(calib) - CALIB_KEYS:
         raise GridError(f"calib has unknown key(s) {sorted(set(calib) - CALIB_KEYS)}; use {', '.join(sorted(CALIB_KEYS))}.")
+    for c in [calib] + [m["calib"] for m in methods if "calib" in m]:
+        off = c.get("offset", 0)
+        if not isinstance(off, int) or isinstance(off, bool) or off < 0:
+            raise GridError(f"calib offset must be a non-negative integer (windows of the text to skip), got {off!r}.")
     common = {"master_bits": master, "group_size": int(raw.get("group_size", 64)),
               "symmetric": bool(raw.get("symmetric", False)), "param_dtype": str(raw.get("param_dtype", "float16"))}
     evals = [(k, s) for k, s in (("ppl", ppl), ("zeroshot", zs)) if s is not None]

@@ -263,11 +263,12 @@ def export_gguf(model, tokenizer, out, template=None, k_quants: bool = False, ov
         key = hf if hf in plain else f"{hf}.weight"
         g = to_gguf(key)
         if g is None or g not in tpl_names:
-            if hf in plain and _is_tied_output(model, hf, tpl_names, to_gguf):
-                continue
-            if g is not None and hf in plain and _is_untied_output(model, hf):
-                extra[g] = hf  # e.g. rotate='residual' unties lm_head; llama.cpp reads output.weight when present
-                continue
+            if hf in plain and _is_output_head(model, hf):
+                if getattr(model.config, "tie_word_embeddings", False):
+                    continue  # tied: the template (like llama.cpp's output) stores no separate output tensor
+                if g is not None:
+                    extra[g] = hf  # e.g. rotate='residual' unties lm_head; llama.cpp reads output.weight when present
+                    continue
             raise ExportError(f"template {template} has no tensor for the checkpoint's {key} (GGUF name {g}); "
                               "the template is of another model. Pass --template made from the checkpoint's source.")
         hf_of[g] = hf
@@ -350,19 +351,8 @@ def export_gguf(model, tokenizer, out, template=None, k_quants: bool = False, ov
     return report
 
 
-def _is_tied_output(model, hf: str, tpl_names: set[str], to_gguf) -> bool:
-    """lm_head.weight of a tied model whose template (like llama.cpp's output) stores no separate output tensor."""
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return False
-    out = model.get_output_embeddings()
-    names = {f"{n}.weight" for n, m in model.named_modules() if m is out}
-    return hf in names
-
-
-def _is_untied_output(model, hf: str) -> bool:
-    """lm_head.weight of a model whose output head is not tied to its embeddings."""
-    if getattr(model.config, "tie_word_embeddings", False):
-        return False
+def _is_output_head(model, hf: str) -> bool:
+    """Whether plain tensor `hf` is the model's output head (lm_head.weight)."""
     out = model.get_output_embeddings()
     return hf in {f"{n}.weight" for n, m in model.named_modules() if m is out}
 
