@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from matquant.quant.clip_search import clip_search, multislice_error, served_slices, _tables
-from matquant.quant.minmax import grouped, minmax_params, param_limits
+from matquant.quant.clip_search import MIDPOINT_GRID, clip_search, multislice_error, served_slices, _tables
+from matquant.quant.minmax import affine_params, grouped, minmax_params, param_limits, symmetric_scale
 from matquant.quant.slicing import slice_master
 
 
@@ -100,6 +100,34 @@ def test_table_form_matches_explicit_slices_for_every_code():
         q = torch.floor(u + 0.5).clamp(0, 255).long()
         ref = sum(lr * (u - slice_master(q, 8, r, mode)) ** 2 for r, lr in zip(R, lam)).sum(-1)
         torch.testing.assert_close(err, ref, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["nested", "paper"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_midpoint_grid_is_the_argmin_over_its_candidates(mode, symmetric):
+    """strategy='midpoint_grid' (MatGPTQ's group_params='search'): ranges [m − a·ρ, m + b·ρ] about the MinMax
+    range's mid-point (symmetric: b·absmax) for every (a, b) of MIDPOINT_GRID; the chosen one has the smallest error."""
+    w = _weights("outliers")
+    R, lam = served_slices(8)
+    res = clip_search(w, None, bits=8, group_size=64, symmetric=symmetric, slicing=mode, strategy="midpoint_grid")
+    assert res.minmax_error is None
+    g = grouped(w, 64)
+    errors = []
+    for a in ((1.0,) if symmetric else MIDPOINT_GRID):
+        for b in MIDPOINT_GRID:
+            if symmetric:
+                sc = symmetric_scale(g.abs().amax(-1) * b, 8)
+                ze = torch.full_like(sc, 128.0)
+            else:
+                lo, hi = g.amin(-1), g.amax(-1)
+                mid, rad = (lo + hi) / 2, (hi - lo) / 2
+                sc, ze = affine_params(mid - rad * a, mid + rad * b, 8)
+            errors.append(_reference_error(w, None, sc.half().float(), ze.half().float(), 8, R, lam, mode, 64))
+    best = torch.stack(errors).min(0).values
+    got = _reference_error(w, None, res.scale, res.zero, 8, R, lam, mode, 64)
+    torch.testing.assert_close(got, best, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="unknown range search strategy 'best'"):
+        clip_search(w, None, bits=8, group_size=64, strategy="best")
 
 
 def test_bad_inputs_are_clear_errors():
@@ -205,17 +233,15 @@ def test_weighted_without_calibration_is_a_clear_error():
 
 
 def test_cli_clip_flag_reaches_the_method():
-    import argparse
+    from matquant.cli import build_parser
+    from matquant.commands.quantize import config_from_args
 
-    from matquant.commands.quantize import add_quant_args, clip_kwargs, quant_kwargs
+    def config(*argv):
+        return config_from_args(build_parser().parse_args(["quantize", "--out", "x", *argv]))[0]
 
-    p = argparse.ArgumentParser()
-    add_quant_args(p)
     with pytest.raises(SystemExit):
-        p.parse_args(["--clip", "nope"])
+        config("--clip", "nope")
     for method in ("rtn", "gptq", "matgptq", "omniquant", "qat"):
-        args = p.parse_args(["--method", method, "--clip", "mse"] + (["--qparams", "learnable"] if method == "qat"
-                                                                      else []))
-        assert quant_kwargs(args)["clip"] == "mse"
-    assert "clip" not in quant_kwargs(p.parse_args(["--method", "rtn"]))  # default: not recorded
-    assert clip_kwargs(p.parse_args([])) == {}
+        c = config("--method", method, "--clip", "mse", *(["--qparams", "learnable"] if method == "qat" else []))
+        assert c.clip == "mse" and c.method_args()["clip"] == "mse"
+    assert "clip" not in config("--method", "rtn").method_args()  # the default: not recorded

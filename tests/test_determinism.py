@@ -33,7 +33,8 @@ def test_threads_option_is_applied_and_validated():
 
     import pytest
 
-    from matquant.commands.quantize import add_quant_args, set_threads
+    from matquant.algorithms.pipeline import set_threads
+    from matquant.commands.quantize import add_quant_args
 
     p = argparse.ArgumentParser()
     add_quant_args(p, threads_default=2)

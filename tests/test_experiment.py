@@ -8,7 +8,8 @@ import pytest
 from _evaltiny import save_tiny_source
 
 from matquant.experiments.grid import GridError, load_grid, parse_grid
-from matquant.experiments.report import build_tables, pareto, update_marked_section, write_report
+from matquant.eval.plot import pareto
+from matquant.experiments.report import build_tables, update_marked_section, write_report
 from matquant.experiments.runner import Evaluators, run_grid
 from matquant.experiments.store import ResultStore, config_key
 
@@ -86,8 +87,8 @@ def test_method_entry_calibration_overrides_the_grid_and_rtn_gets_it_when_it_rea
                     "slicing": ["nested"], "calib": {"windows": 4}})
     got = {j.quant["label"] + str(i): j.quant.get("calib") for i, j in enumerate(g.jobs[1:])}
     assert got == {"gptq0": {"text": "calib", "windows": 8, "seqlen": 256, "offset": 32},
-                   "gptq1": {"text": "calib", "windows": 4, "seqlen": 2048},
-                   "rtn2": None, "rtn own3": {"text": "calib", "windows": 4, "seqlen": 2048}}
+                   "gptq1": {"text": "calib", "windows": 4, "seqlen": 512},  # the method's default seqlen
+                   "rtn2": None, "rtn own3": {"text": "calib", "windows": 4, "seqlen": 512}}
 
 
 @pytest.mark.parametrize("bad, msg", [

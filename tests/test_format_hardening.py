@@ -214,7 +214,7 @@ def test_non_regular_weights_file_is_refused(ckpt, tmp_path):
         matquant.load(d)
 
 
-# ---- regressions from benchmarks/fuzz_loader.py (each crash class it found; seeds in docs/benchmarks.md) ----
+# ---- regressions from lab/benchmarks/fuzz_loader.py (each crash class it found; seeds in docs/benchmarks.md) ----
 
 @pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("edit,match", [

@@ -1,4 +1,4 @@
-"""The CI slice of benchmarks/fuzz_loader.py: two thousand mutants of a real tiny checkpoint, every outcome success
+"""The CI slice of lab/benchmarks/fuzz_loader.py: two thousand mutants of a real tiny checkpoint, every outcome success
 or a one-line CheckpointError (the long run's figures are in docs/benchmarks.md)."""
 import importlib.util
 import json
@@ -12,7 +12,7 @@ ALLOWED = {"ok", "ok-plain-model", "checkpoint-error", "transformers-config", "c
 
 
 def _fuzz():
-    spec = importlib.util.spec_from_file_location("fuzz_loader", ROOT / "benchmarks" / "fuzz_loader.py")
+    spec = importlib.util.spec_from_file_location("fuzz_loader", ROOT / "lab" / "benchmarks" / "fuzz_loader.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -8,8 +8,10 @@ import torch
 
 from matquant.algorithms import quantize_model
 from matquant.algorithms.blocks import capture_block_inputs, decoder_blocks, run_blockwise
-from matquant.algorithms.gptq import HessianAccumulator, gptq_quantize_weight, inverse_cholesky
-from matquant.algorithms.matgptq import MultiSliceRounder, matgptq_quantize_weight, resolve_bits_lambdas
+from matquant.algorithms.gptq import gptq_quantize_weight, inverse_cholesky
+from matquant.algorithms.hessian_pass import HessianAccumulator
+from matquant.algorithms.matgptq import matgptq_quantize_weight
+from matquant.algorithms.multislice_codes import BucketIndex, MultiSliceRounder, _tables, resolve_bits_lambdas
 from matquant.format.checkpoint import load_checkpoint, save_checkpoint
 from matquant.nn.bits import set_bits
 from matquant.quant import dequantize, quantize_minmax
@@ -127,16 +129,16 @@ def test_matgptq_code_search_is_the_exact_argmin(mode, c, bits, lam):
     u = (w.reshape(6, 2, 16) / scale[..., None] + zero[..., None]).reshape(6, 32)
     got = rounder.codes(u)
     # ties (equal error for two codes) are measure-zero for random data; compare the errors to be safe
-    obj = lambda q: rounder.objective(u.float(), q)  # noqa: E731
+    obj = lambda q: sum(lr * (u - slice_master(q, c, r, mode)) ** 2 for r, lr in zip(bits, lam))  # noqa: E731
     assert torch.allclose(obj(got), obj(ref.long()), atol=1e-3)
     assert (got == ref).float().mean() > 0.99
-    assert torch.equal(got, rounder.codes_bruteforce(u))
+    _, A, B = _tables(c, rounder.bits, rounder.lam, mode)  # the exhaustive argmin over all 2^c codes
+    assert torch.equal(got, (B - 2 * u.unsqueeze(-1).double() * A).argmin(-1))
 
 
 @pytest.mark.parametrize("mode", ["paper", "nested", "extra"])
 @pytest.mark.parametrize("c,bits,lam", [(8, None, None), (8, (8, 4, 2), (16.0, 4.0, 1.0)), (3, (3, 2), (0.0, 1.0))])
 def test_bucket_index_equals_searchsorted_at_and_around_every_breakpoint(mode, c, bits, lam):
-    from matquant.algorithms.matgptq import BucketIndex
     r = MultiSliceRounder(c, bits, lam, mode)
     brk = r._brk
     g = torch.Generator().manual_seed(c)
@@ -359,7 +361,7 @@ def test_dead_input_channel_end_to_end():
 
 
 def test_calibration_text_shorter_than_one_window(tmp_path):
-    from matquant.commands.quantize import calibration
+    from matquant.algorithms import Calibration, make_config
 
     class Tok:
         name_or_path = "toy"
@@ -374,24 +376,25 @@ def test_calibration_text_shorter_than_one_window(tmp_path):
 
     f = tmp_path / "short.txt"
     f.write_text("only a few words here")
-    args = argparse.Namespace(method="gptq", calib_text=str(f), calib_seqlen=512, calib_windows=4)
     with pytest.raises(ValueError, match="calibration text too short.*--calib-seqlen"):
-        calibration(args, Tok())
+        Calibration(text=str(f), windows=4, seqlen=512).token_windows(Tok(), make_config("gptq"))
 
 
 def test_cli_method_flags_flow_into_the_method():
-    from matquant.commands.quantize import add_quant_args, quant_kwargs
+    from matquant.cli import build_parser
+    from matquant.commands.quantize import config_from_args
 
-    p = argparse.ArgumentParser()
-    add_quant_args(p)
-    a = p.parse_args(["--method", "matgptq", "--bits-list", "8,4,3,2", "--lambdas", "0.1,0.1,0.5,1",
-                      "--damp", "0.05", "--act-order", "--error-feedback", "mean", "--group-params", "search"])
-    kw = quant_kwargs(a)
+    def config(*argv):
+        return config_from_args(build_parser().parse_args(["quantize", "--out", "x", *argv]))[0]
+
+    c = config("--method", "matgptq", "--bits-list", "8,4,3,2", "--lambdas", "0.1,0.1,0.5,1", "--damp", "0.05",
+               "--act-order", "--error-feedback", "mean", "--group-params", "search")
+    kw = c.method_kwargs()
     assert kw["bits_list"] == [8, 4, 3, 2] and kw["lambdas"] == [0.1, 0.1, 0.5, 1.0]
     assert kw["damp"] == 0.05 and kw["act_order"] and kw["error_feedback"] == "mean"
     assert kw["group_params"] == "search"
-    assert "bits_list" not in quant_kwargs(p.parse_args(["--method", "gptq"]))
-    assert "damp" not in quant_kwargs(p.parse_args(["--method", "rtn"]))
+    assert "bits_list" not in config("--method", "gptq").method_kwargs()
+    assert "damp" not in config("--method", "rtn").method_kwargs()
 
 
 def test_quantized_weight_type():
@@ -434,7 +437,7 @@ def test_matgptq_propagate_options():
         model = tiny_llama(layers=2)
         qc = quantize_model(model, "matgptq", calib=calib, scope="ffn", group_size=32, progress=False,
                             propagate=propagate)
-        assert qc.method_args["propagate"] == propagate
+        assert qc.method_args.get("propagate", "master") == propagate  # recorded where it is not the default
         set_bits(model, 4)
         with torch.no_grad():
             assert torch.isfinite(model(input_ids=calib).logits).all()

@@ -51,7 +51,7 @@ def test_packed_layer_equals_reference_slice(out_f, in_f, group, bias, high_form
                     ref = x.bfloat16().float() @ w.t() + (lin.bias if bias else 0)
                     # two 4-bit planes are each dequantized in bf16 inside the kernel: up to ~1.4 % at r = 5
                     _close(lin(x), ref, tol=1.2e-2 if bits <= 4 or high_format == "bf16" else 2e-2)
-                ps = dispatch.packed_slice(lin)
+                ps = lin.compute_backend.packed_slice(lin)
                 assert ps.kind == ("int4" if bits <= 4 else high_format)
 
 
@@ -104,8 +104,8 @@ def test_no_dense_weight_of_a_quantized_layer_is_alive_after_forward():
             dense = [(n, tuple(t.shape), t.dtype) for n, t in resident_tensors(m)
                      if t.is_floating_point() and t.numel() >= m.out_features * m.in_features // 4]
             assert not dense, f"{name} at int{bits} holds {dense}"
-            assert m._backend_state.slices, name  # and it did run packed
-        assert m._cached is None
+            assert m.compute_backend.resident_precisions(), name  # and it did run packed
+        assert "_cached" not in dict(m.derived_tensors())
 
 
 def test_keep_precisions_and_lazy_repack():
@@ -122,4 +122,4 @@ def test_keep_precisions_and_lazy_repack():
         matquant.set_bits(model, b)
         with torch.no_grad():
             _close(model(ids).logits, refs[b], tol=3e-2)
-    assert sorted(lay._backend_state.slices) == [(4, "nested"), (8, "paper")]  # int2 was re-packed, then dropped
+    assert lay.compute_backend.resident_precisions() == [(4, "nested"), (8, "paper")]  # int2 was re-packed, then dropped

@@ -11,7 +11,6 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 
 from matquant.kernels import cpu, torch_ref  # noqa: E402
 from matquant.kernels import triton_gemv as tg  # noqa: E402
-from matquant.kernels.packing import BITPLANES, CHUNKS_EXACT, pack_codes  # noqa: E402
 from matquant.quant import quantize_minmax  # noqa: E402
 
 if not (tg.INTERPRET or torch.cuda.is_available()):
@@ -50,10 +49,9 @@ def test_kernel_matches_reference(weights, bits, mode, dtype):
         qw = weights[shape]
         a, b = cpu.slice_params(qw.scales, qw.zeros, 8, bits, mode)
         codes, a, b = qw.codes.to(DEV), a.to(DEV), b.to(DEV)
-        layouts = [codes, pack_codes(qw.codes).to(DEV)]
-        for m, layout in [(1, 0), (16, 1), (1, 1), (16, 0)]:
+        for m in (1, 16):
             x = torch.randn(m, shape[1], generator=torch.Generator().manual_seed(m)).to(dtype).to(DEV)
-            y = tg.matmul(x, layouts[layout], a, b, 8, bits, mode, shape[2])
+            y = tg.matmul(x, codes, a, b, 8, bits, mode, shape[2])
             check(y.cpu(), reference(x.cpu(), qw, bits, mode), dtype)
 
 
@@ -62,14 +60,12 @@ def test_kernel_matches_reference(weights, bits, mode, dtype):
     tg.KernelConfig(block_m=16, block_n=64, block_k=32, use_dot=True, split_k=2),  # split-K with atomics
     tg.KernelConfig(block_m=2, block_n=32, block_k=64, use_dot=False, split_k=3),  # uneven split
 ], ids=["gather-groups", "splitk2-dot", "splitk3-gemv"])
-def test_kernel_configs_and_layouts(weights, cfg):
+def test_kernel_configs(weights, cfg):
     qw = weights[SHAPES[0]]
-    for bits, mode, chunks in [(3, "paper", CHUNKS_EXACT), (6, "nested", CHUNKS_EXACT), (2, "nested", (2, 2, 4)),
-                               (4, "extra", None), (6, "paper", BITPLANES)]:
+    for bits, mode in [(3, "paper"), (6, "nested"), (2, "nested"), (4, "extra"), (6, "paper")]:
         a, b = cpu.slice_params(qw.scales, qw.zeros, 8, bits, mode)
-        codes = qw.codes if chunks is None else pack_codes(qw.codes, chunks)
         x = torch.randn(5, qw.codes.shape[1]).to(torch.float16)  # odd batch
-        y = tg.matmul(x.to(DEV), codes.to(DEV), a.to(DEV), b.to(DEV), 8, bits, mode, SHAPES[0][2], config=cfg)
+        y = tg.matmul(x.to(DEV), qw.codes.to(DEV), a.to(DEV), b.to(DEV), 8, bits, mode, SHAPES[0][2], config=cfg)
         check(y.cpu(), reference(x, qw, bits, mode), torch.float16)
 
 
@@ -94,12 +90,11 @@ def test_supported_checks():
 COMPILE_SCRIPT = r"""
 import torch
 from matquant.kernels import triton_gemv as tg
-from matquant.kernels.packing import CHUNKS_EXACT
-for dtype, bits, mode, chunks, cfg in [
-    (torch.float16, 4, "paper", None, tg.KernelConfig(1, 32, 64, False)),
-    (torch.bfloat16, 6, "nested", CHUNKS_EXACT, tg.KernelConfig(16, 64, 128, True, split_k=4)),
+for dtype, bits, mode, cfg in [
+    (torch.float16, 4, "paper", tg.KernelConfig(1, 32, 64, False)),
+    (torch.bfloat16, 6, "nested", tg.KernelConfig(16, 64, 128, True, split_k=4)),
 ]:
-    c = tg.compile_for_gpu(dtype, bits, mode, 64, cfg, chunks=chunks)
+    c = tg.compile_for_gpu(dtype, bits, mode, 64, cfg)
     assert len(c.asm["cubin"]) > 0
 print("compiled OK")
 """

@@ -1,4 +1,4 @@
-"""Kill-anywhere, short: each command of benchmarks/kill_anywhere.py is SIGKILLed at 2 random moments on a tiny
+"""Kill-anywhere, short: each command of lab/benchmarks/kill_anywhere.py is SIGKILLed at 2 random moments on a tiny
 model, rerun, and compared with an uninterrupted run (the benchmark does 20 per command; docs/benchmarks.md)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lab" / "benchmarks"))
 import kill_anywhere as ka  # noqa: E402
 
 

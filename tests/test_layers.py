@@ -77,3 +77,32 @@ def test_no_dated_measurements_in_code():
     dated = [f"{p.relative_to(SRC)}:{i}" for p in SRC.rglob("*.py")
              for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\b20\d\d-[01]\d-[0-3]\d\b", line)]
     assert not dated, dated
+
+
+# measured numbers as they were written into comments and help texts: a ratio to fp32 ("1.057x", "5.36×"), a
+# throughput ("12.3 tok/s"), a timing in ms/µs ("41 µs") or seconds ("309 s"), a speed claim ("3x faster")
+MEASURED = re.compile(r"\d\.\d+\s?[×x](?![A-Za-z0-9_(])"  # 1.057x, 5.36×
+                      r"|\d\s?tok/s\b|\d\s?(?:µs|ms)\b"  # 12.3 tok/s, 41 µs
+                      r"|\b\d+(?:\.\d+)?\s(?:s|min|seconds|minutes)\b"  # 309 s
+                      r"|\b\d+(?:\.\d+)?\s?[×x]\s(?:faster|slower)\b")  # 3x faster
+
+
+def _comments_and_strings(path: Path):
+    """(line, text) of every comment and string literal (docstrings and help texts included) of one source file."""
+    import io
+    import tokenize
+
+    kinds = {tokenize.COMMENT, tokenize.STRING} | ({tokenize.FSTRING_MIDDLE} if hasattr(tokenize, "FSTRING_MIDDLE")
+                                                   else set())
+    for tok in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+        if tok.type in kinds:
+            for i, text in enumerate(tok.string.splitlines()):
+                yield tok.start[0] + i, text
+
+
+def test_no_measured_numbers_in_code():
+    """Measurements live in docs/ (docs/results.md, docs/benchmarks.md): a comment or help text may point there, but
+    carries no measured ratio, throughput or timing of its own."""
+    found = [f"{p.relative_to(SRC)}:{line}: {text.strip()[:100]}" for p in sorted(SRC.rglob("*.py"))
+             for line, text in _comments_and_strings(p) if MEASURED.search(text)]
+    assert not found, "\n".join(found)

@@ -45,22 +45,29 @@ def test_method_args_are_exactly_the_options_used():
     assert qcfg.method_args == {"damp": 0.02}
 
 
-def _cli_kwargs(*argv):
+def _cli_config(*argv):
     from matquant.cli import build_parser
-    from matquant.commands.quantize import quant_kwargs, resolve_recipe
+    from matquant.commands.quantize import config_from_args
 
-    return quant_kwargs(resolve_recipe(build_parser().parse_args(["quantize", "--out", "x", *argv])))
+    return config_from_args(build_parser().parse_args(["quantize", "--out", "x", *argv]))[0]
+
+
+def _cli_kwargs(*argv):
+    """The method options the flags set that differ from the method's defaults."""
+    c = _cli_config(*argv)
+    plain = type(c)()
+    return {k: v for k, v in c.method_kwargs().items() if getattr(plain, k) != v}
 
 
 @pytest.mark.parametrize("argv, flag, methods", [
     (["--method", "rtn", "--damp", "0.1"], "--damp", "gptq or matgptq"),
     (["--method", "omniquant", "--act-order"], "--act-order", "gptq or matgptq"),
     (["--method", "gptq", "--propagate", "4"], "--propagate", "matgptq"),
-    (["--method", "gptq", "--lambdas", "1"], "--lambdas", "matgptq or qat or omniquant"),
+    (["--method", "gptq", "--lambdas", "1"], "--lambdas", "matgptq or omniquant or qat"),
     (["--method", "matgptq", "--steps", "5"], "--steps", "qat"),
     (["--method", "omniquant", "--no-amp"], "--no-amp", "qat"),
     (["--method", "qat", "--epochs", "3"], "--epochs", "omniquant"),
-    (["--method", "rtn", "--seed", "1"], "--seed", "qat or omniquant"),
+    (["--method", "rtn", "--seed", "1"], "--seed", "omniquant or qat"),
 ])
 def test_cli_flag_of_another_method_is_an_error(argv, flag, methods):
     with pytest.raises(ValueError, match=rf"^{flag} applies to --method {methods}, not {argv[1]}; drop {flag}"):
@@ -71,14 +78,15 @@ def test_cli_flags_of_the_chosen_method_pass_and_defaults_are_not_given():
     assert _cli_kwargs("--method", "matgptq", "--damp", "0.02", "--propagate", "fp")["propagate"] == "fp"
     assert _cli_kwargs("--method", "omniquant", "--weight-decay", "0.1")["weight_decay"] == 0.1  # was dropped
     assert _cli_kwargs("--method", "qat", "--no-amp")["amp"] is False
-    assert _cli_kwargs("--method", "rtn", "--damp", "0.01") == _cli_kwargs("--method", "rtn")  # the default value
+    with pytest.raises(ValueError, match="--damp applies to --method gptq or matgptq, not rtn"):
+        _cli_kwargs("--method", "rtn", "--damp", "0.01")  # even at its default value: a flag rtn never reads
 
 
 def test_clip_lambdas_weights_only_the_search_and_is_checked_up_front():
     assert _cli_kwargs("--clip", "weighted", "--clip-lambdas", "256,4,2,1")["clip_lambdas"] == [256, 4, 2, 1]
-    assert "clip_lambdas" not in _cli_kwargs("--clip", "weighted")  # recorded only when given
+    assert "clip_lambdas" not in _cli_config("--clip", "weighted").method_args()  # recorded only when given
     with pytest.raises(ValueError, match="needs --clip weighted or mse"):
-        _cli_kwargs("--clip-lambdas", "256,4,2,1")
+        _cli_kwargs("--method", "matgptq", "--clip-lambdas", "256,4,2,1")
     with pytest.raises(ValueError, match="one weight per slice of R = 8,4,3,2"):
         _cli_kwargs("--clip", "weighted", "--clip-lambdas", "1,1")
     with pytest.raises(ValueError, match="--clip-lambdas applies to --method gptq or matgptq or omniquant or qat, not rtn"):

@@ -9,7 +9,7 @@ import pytest
 
 from _mixnmatch_tiny import make_dirs, quantized_tiny
 from matquant.mixnmatch import SCHEDULES, CostModel, group_units, parse_budget, schedule_map, validate_bits_map
-from matquant.mixnmatch.search import knapsack, mutate
+from matquant.mixnmatch.levels import knapsack, mutate
 from matquant.nn import effective_bits, set_bits
 
 

@@ -7,7 +7,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 def _mod():
     spec = importlib.util.spec_from_file_location("mixnmatch_pareto",
-                                                  os.path.join(ROOT, "benchmarks", "mixnmatch_pareto.py"))
+                                                  os.path.join(ROOT, "lab", "benchmarks", "mixnmatch_pareto.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -1,11 +1,11 @@
-"""Fast precision switching of the packed CPU runtime: the master held as two packed planes (cpu_packed.MasterPlanes),
+"""Fast precision switching of the packed CPU runtime: the master held as two packed planes (master_planes.MasterPlanes),
 every nested slice cut from them by at most one AND, byte-identical to packing the slice from scratch; the layer
 stays a normal MatQuantLinear (state_dict, .to, other backends, load_state_dict) and holds 8 bits/weight of master."""
 import pytest
 import torch
 
 import matquant
-from matquant.kernels import cpu_packed, torch_ref
+from matquant.kernels import cpu_packed, master_planes, torch_ref
 from matquant.nn.linear import MatQuantLinear
 from matquant.nn.memory import prepare_packed, quantized_resident_bytes, resident_bytes, resident_tensors
 from matquant.quant import quantize_minmax
@@ -31,32 +31,32 @@ def _same_slice(a: cpu_packed.PackedSlice, b: cpu_packed.PackedSlice):
 
 
 def test_packing_permutes_raw_nibbles_on_this_build():
-    assert cpu_packed.planes_supported()
+    assert master_planes.planes_supported()
     q = torch.randint(0, 16, (112, 160), dtype=torch.int32, generator=torch.Generator().manual_seed(1))
-    p = cpu_packed._pack4(q)
+    p = cpu_packed.pack4(q)
     for m in range(16):  # every nibble mask, not only the top-bit ones the switch uses
-        assert torch.equal(p & (m << 4 | m), cpu_packed._pack4(q & m))
-    assert torch.equal(cpu_packed._unpack4(p, 112, 160), q.to(torch.uint8))
+        assert torch.equal(p & (m << 4 | m), cpu_packed.pack4(q & m))
+    assert torch.equal(master_planes.unpack4(p, 112, 160), q.to(torch.uint8))
 
 
 @pytest.mark.parametrize("master_bits", [8, 6, 4])
 @pytest.mark.parametrize("out_f,in_f,group,bias", SHAPES)
 def test_switch_from_planes_equals_packing_from_scratch(out_f, in_f, group, bias, master_bits):
     qw, _ = _layer(out_f, in_f, group, bias, master_bits)
-    planes = cpu_packed.pack_master(qw.codes, master_bits)
+    planes = master_planes.pack_master(qw.codes, master_bits)
     assert planes.nbytes == out_f * in_f * (2 if master_bits > 4 else 1) // 2
-    assert torch.equal(cpu_packed.unpack_master(planes), qw.codes)
+    assert torch.equal(master_planes.unpack_master(planes), qw.codes)
     for bits in range(2, master_bits + 1):
-        fast = cpu_packed.nested_slice(planes, qw.scales, qw.zeros, bits, group)
+        fast = master_planes.nested_slice(planes, qw.scales, qw.zeros, bits, group)
         mode = "nested" if bits < master_bits else "paper"
         scratch = cpu_packed.pack_slice(qw.codes, qw.scales, qw.zeros, master_bits, bits, mode, group)
         _same_slice(fast, scratch)
         for like in (4, master_bits, 2):  # reusing another slice's r-independent scale columns changes nothing
-            other = cpu_packed.nested_slice(planes, qw.scales, qw.zeros, min(like, master_bits), group)
-            _same_slice(cpu_packed.nested_slice(planes, qw.scales, qw.zeros, bits, group, like=other), scratch)
+            other = master_planes.nested_slice(planes, qw.scales, qw.zeros, min(like, master_bits), group)
+            _same_slice(master_planes.nested_slice(planes, qw.scales, qw.zeros, bits, group, like=other), scratch)
         shared = {t.untyped_storage().data_ptr() for t in planes.tensors()}
         copies = [t for t, _ in fast.parts if t.untyped_storage().data_ptr() not in shared]
-        assert len(copies) == (0 if cpu_packed.shares_planes(bits, master_bits) else 1)  # at most one AND
+        assert len(copies) == (0 if master_planes.shares_planes(bits, master_bits) else 1)  # at most one AND
 
 
 @pytest.mark.parametrize("out_f,in_f,group,bias", SHAPES)
@@ -78,11 +78,11 @@ def test_layer_switches_back_and_forth_from_its_planes(out_f, in_f, group, bias)
             ref = x.bfloat16().float() @ w.t() + (lin.bias if bias else 0)
             err = (y - ref).abs().max().item()
             assert err <= (1.2e-2 if bits <= 4 else 2e-2) * ref.abs().max().item()
-        assert list(lin._backend_state.slices) == [(bits, "nested" if bits < 8 else "paper")]
+        assert lin.compute_backend.resident_precisions() == [(bits, "nested" if bits < 8 else "paper")]
         # memory: planes (8 bits) + at most one masked plane + tables + fp16 scales/zeros + bias; no dense weight
         n, k = out_f, in_f
-        tables = sum(t.numel() * 2 for _, t in lin._backend_state.slices[next(iter(lin._backend_state.slices))].parts)
-        expect = n * k + (0 if cpu_packed.shares_planes(bits, 8) else n * k // 2) + tables
+        tables = sum(t.numel() * 2 for _, t in lin.compute_backend.packed_slice(lin).parts)
+        expect = n * k + (0 if master_planes.shares_planes(bits, 8) else n * k // 2) + tables
         expect += 2 * qw.scales.numel() * 2 + (n * 4 if bias else 0)
         assert quantized_resident_bytes(lin) == expect
         assert not [t for _, t in resident_tensors(lin) if t.is_floating_point() and t.numel() >= n * k // 4]

@@ -5,16 +5,19 @@ import torch
 import matquant
 from matquant.algorithms.recipes import RECIPE_OPTIONS, RECIPES, apply_recipe, check_recipe
 from matquant.cli import build_parser
-from matquant.commands.quantize import quant_kwargs, resolve_recipe
+from matquant.commands.quantize import config_from_args
 
 
 def test_recipes_only_set_known_options_and_methods():
-    from matquant.algorithms import METHODS
+    from matquant.algorithms import METHOD_CONFIGS, recipe_config
 
     assert "fast" in RECIPES and "quality" in RECIPES
     for name, opts in RECIPES.items():
         assert set(opts) <= set(RECIPE_OPTIONS), name
-        assert opts["method"] in METHODS
+        assert opts["method"] in METHOD_CONFIGS
+        config = recipe_config(name)  # a preset config: the recipe's options, the method's defaults elsewhere
+        assert config.name == opts["method"]
+        assert all(getattr(config, k) == v for k, v in opts.items() if k != "method"), name
 
 
 def test_caller_values_win_and_unknown_names_are_errors():
@@ -32,18 +35,28 @@ def _args(*argv):
     return build_parser().parse_args(["quantize", "--out", "x", *argv])
 
 
+def _config(*argv):
+    return config_from_args(_args(*argv))[0]
+
+
 def test_cli_recipe_fills_defaults_and_explicit_flags_win():
-    a = resolve_recipe(_args("--recipe", "quality"))
-    assert (a.method, a.clip, a.rotate) == ("matgptq", "weighted", "none")
-    kw = quant_kwargs(a)
-    assert kw["rotate"] == "none" and kw["clip"] == "weighted" and kw["slice_params"] == "own"
-    assert "slice_params" not in quant_kwargs(resolve_recipe(_args("--recipe", "quality", "--slice-params", "shared")))
-    a = resolve_recipe(_args("--recipe", "quality", "--clip", "mse", "--rotate", "input", "--method", "gptq"))
-    assert (a.method, a.clip, a.rotate) == ("gptq", "mse", "input")
-    a = resolve_recipe(_args())  # no recipe: the plain defaults, and --clip stays unrecorded
-    assert (a.method, a.clip, a.rotate) == ("matgptq", None, "none") and "clip" not in quant_kwargs(a)
+    c = _config("--recipe", "quality")
+    assert (c.name, c.clip, c.rotate, c.slice_params) == ("matgptq", "weighted", "none", "own")
+    assert "slice_params" not in _config("--recipe", "quality", "--slice-params", "shared").method_args()
+    c = _config("--recipe", "quality", "--clip", "mse", "--rotate", "input", "--method", "gptq")
+    assert (c.name, c.clip, c.rotate) == ("gptq", "mse", "input")
     with pytest.raises(SystemExit):
         _args("--recipe", "best-ever")
+
+
+def test_the_default_is_the_quality_recipe_and_a_method_alone_is_plain():
+    from matquant.algorithms import recipe_config
+
+    assert _config() == recipe_config("quality")  # neither --method nor --recipe
+    c = _config("--method", "matgptq")  # the plain method, one option away
+    assert (c.clip, c.slice_params) == ("minmax", "shared") and c.method_args() == {}
+    assert _config("--recipe", "fast") == c
+    assert _config("--method", "rtn").method_args() == {}
 
 
 def _tiny_folder(tmp_path):
@@ -75,10 +88,9 @@ def test_api_recipe_end_to_end_records_the_options_used(tmp_path):
 
 
 def test_balanced_recipe_sets_the_search_weights_and_checks_them():
-    a = resolve_recipe(_args("--recipe", "balanced"))
-    kw = quant_kwargs(a)
+    kw = _config("--recipe", "balanced").method_args()
     assert kw["clip"] == "weighted" and kw["clip_lambdas"] == [4096.0, 16.0, 4.0, 1.0]
-    assert quant_kwargs(resolve_recipe(_args("--recipe", "balanced", "--clip-lambdas", "64,4,2,1")))[
+    assert _config("--recipe", "balanced", "--clip-lambdas", "64,4,2,1").method_args()[
         "clip_lambdas"] == [64.0, 4.0, 2.0, 1.0]  # the caller's value wins
     with pytest.raises(ValueError, match=r"one weight per slice of R = 8,4,2.*--recipe balanced sets --clip-lambdas"):
-        quant_kwargs(resolve_recipe(_args("--recipe", "balanced", "--bits-list", "8,4,2")))
+        _config("--recipe", "balanced", "--bits-list", "8,4,2")

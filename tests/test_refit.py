@@ -38,7 +38,7 @@ def test_refit_never_worse_and_optimal(symmetric, param_dtype):
     q = quantize_codes(W, s, z, 8)
     before = QuantizedWeight(q, s.to(param_dtype), z.to(param_dtype), 8, 16)
     s2, z2, frac = refit_params(W, H, q, before.scales.float(), before.zeros.float(), master_bits=8, group_size=16,
-                                slicing="nested", bits=BITS, lambdas=LAM, symmetric=symmetric,
+                                slicing="nested", slices=BITS, lambdas=LAM, symmetric=symmetric,
                                 param_dtype=param_dtype)
     after = QuantizedWeight(q, s2.to(param_dtype), z2.to(param_dtype), 8, 16)
     e0, e1 = _error(W, H, before), _error(W, H, after)
@@ -75,7 +75,7 @@ def test_refit_degenerate_groups_and_dead_columns():
     H[20:24, :] = 0  # columns never seen in calibration
     s, z = minmax_params(W, 8, 16, False, torch.float16)
     q = quantize_codes(W, s, z, 8)
-    s2, z2, _ = refit_params(W, H, q, s, z, master_bits=8, group_size=16, slicing="nested", bits=BITS, lambdas=LAM,
+    s2, z2, _ = refit_params(W, H, q, s, z, master_bits=8, group_size=16, slicing="nested", slices=BITS, lambdas=LAM,
                              param_dtype=torch.float16)
     assert torch.isfinite(s2).all() and torch.isfinite(z2).all() and (s2 > 0).all()
     assert torch.isfinite(dequantize(QuantizedWeight(q, s2.half(), z2.half(), 8, 16), 2)).all()
@@ -105,10 +105,10 @@ def test_refit_recorded_in_method_args():
 
 def test_cli_refit_flag_is_recorded_only_when_given():
     from matquant.cli import build_parser
-    from matquant.commands.quantize import quant_kwargs, resolve_recipe
+    from matquant.commands.quantize import config_from_args
 
     def kw(*argv):
-        return quant_kwargs(resolve_recipe(build_parser().parse_args(["quantize", "--out", "x", *argv])))
+        return config_from_args(build_parser().parse_args(["quantize", "--out", "x", *argv]))[0].method_args()
 
     assert kw("--refit")["refit"] is True and kw("--method", "gptq", "--refit")["refit"] is True
     assert "refit" not in kw()  # the checkpoints made without it keep their method_args
@@ -116,8 +116,8 @@ def test_cli_refit_flag_is_recorded_only_when_given():
 
 def test_cli_refit_with_another_method_is_an_error():
     from matquant.cli import build_parser
-    from matquant.commands.quantize import quant_kwargs, resolve_recipe
+    from matquant.commands.quantize import config_from_args
 
-    args = resolve_recipe(build_parser().parse_args(["quantize", "--out", "x", "--method", "rtn", "--refit"]))
-    with pytest.raises(ValueError, match="--refit .* applies to --method gptq or matgptq, not rtn"):
-        quant_kwargs(args)
+    args = build_parser().parse_args(["quantize", "--out", "x", "--method", "rtn", "--refit"])
+    with pytest.raises(ValueError, match="--refit applies to --method gptq or matgptq, not rtn"):
+        config_from_args(args)

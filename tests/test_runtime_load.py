@@ -44,7 +44,7 @@ def test_load_packs_at_load_time_and_matches_reference(ckpt):
     ref, _ = matquant.load(ckpt, bits=4, backend="torch")
     m, _ = matquant.load(ckpt, bits=4)
     layers = matquant.nn.matquant_modules(m).values()
-    assert all(lay.backend == "auto" and list(lay._backend_state.slices) == [(4, "nested")] for lay in layers)
+    assert all(lay.backend == "auto" and lay.compute_backend.resident_precisions() == [(4, "nested")] for lay in layers)
     _close(logits(m), logits(ref))
 
 

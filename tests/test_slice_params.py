@@ -1,5 +1,5 @@
 """Slice-own group parameters (`slice_params='own'`, gptq / matgptq): each served slice below the master reads its
-unchanged codes with its own (α_r, z_r), fitted to its output error (quant/refit.own_slice_params)."""
+unchanged codes with its own (α_r, z_r), fitted to its output error (quant/refit.refit_params, one fit per slice)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from matquant.algorithms import quantize_model
 from matquant.format import CheckpointError, save_checkpoint
 from matquant.quant import dequantize
 from matquant.quant.minmax import QuantizedWeight, minmax_params, quantize_codes
-from matquant.quant.refit import own_slice_params
+from matquant.quant.refit import refit_params
 
 X = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))
 CALIB = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(2))
@@ -47,9 +47,11 @@ def test_own_params_are_never_worse_per_row_and_keep_the_codes(symmetric):
     s, z = minmax_params(W, 8, 16, symmetric, torch.float16)
     q = quantize_codes(W, s, z, 8)
     shared = QuantizedWeight(q, s.half(), z.half(), 8, 16)
-    own = own_slice_params(W, H, q, shared.scales.float(), shared.zeros.float(), master_bits=8, group_size=16,
-                           slicing="nested", slices=(6, 4, 3, 2), symmetric=symmetric, param_dtype=torch.float16)
-    assert sorted(own) == [2, 3, 4, 6]
+    fits = refit_params(W, H, q, shared.scales.float(), shared.zeros.float(), master_bits=8, group_size=16,
+                        slicing="nested", slices=(6, 4, 3, 2), symmetric=symmetric, param_dtype=torch.float16,
+                        separate=True)
+    assert sorted(fits) == [2, 3, 4, 6]
+    own = {r: (s_.half(), z_.half()) for r, (s_, z_, _) in fits.items()}
     withown = QuantizedWeight(q, shared.scales, shared.zeros, 8, 16, own)
     for r in (6, 4, 3, 2):
         assert own[r][0].dtype == torch.float16 and own[r][0].shape == s.shape
@@ -57,8 +59,8 @@ def test_own_params_are_never_worse_per_row_and_keep_the_codes(symmetric):
         assert (e1 <= e0 * (1 + 1e-9)).all()
         assert e1.sum() < 0.99 * e0.sum()  # the shared (α, z) are not the r-bit slice's least-squares optimum
     assert torch.equal(dequantize(withown, 8, "nested"), dequantize(shared, 8, "nested"))  # the master: shared
-    with pytest.raises(ValueError, match="below the int8 master"):
-        own_slice_params(W, H, q, s, z, master_bits=8, group_size=16, slicing="nested", slices=(8,))
+    with pytest.raises(ValueError, match="int9 is not a slice of the int8 master"):
+        refit_params(W, H, q, s, z, master_bits=8, group_size=16, slicing="nested", slices=(9,), separate=True)
 
 
 @pytest.fixture(scope="module")

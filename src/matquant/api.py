@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from matquant.algorithms import quantize_model
-from matquant.format.checkpoint import load_checkpoint, save_checkpoint
-from matquant.models.loading import DEFAULT_MODEL, load_model
+from matquant.format.checkpoint import load_checkpoint
+from matquant.models.loading import DEFAULT_MODEL
 
 
 def load(ckpt_dir, bits=None, slicing: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -64,35 +63,35 @@ def load(ckpt_dir, bits=None, slicing: str | None = None, device: str = "cpu", d
     return model, tok
 
 
-# quantize_model's own keyword arguments (everything else is an option of the method)
-QUANTIZE_MODEL_ARGS = ("master_bits", "group_size", "scope", "modules", "symmetric", "slicing", "param_dtype", "progress",
-                       "rotate", "rotate_seed")
+def quantize(model=DEFAULT_MODEL, config=None, out=None, method: str | None = None, overwrite: bool = False,
+             calib=None, recipe: str | None = None, calib_windows: int | None = None, tokenizer=None,
+             threads: int | None = None, progress: bool = True, **options):
+    """Quantize a model with one method config; returns (model, tokenizer, QuantConfig). The one pipeline
+    (algorithms/pipeline.py) behind `matquant quantize`, `matquant demo` and experiment grids.
 
+        matquant.quantize("smollm2-135m", matquant.MatGPTQConfig(clip="weighted"), out="ckpt")
+        matquant.quantize(hf_model, matquant.recipe_config("quality"), tokenizer=tok)   # in memory, in place
+        matquant.quantize("smollm2-135m", out="ckpt", method="rtn", group_size=64)    # keyword form
 
-def quantize(model: str = DEFAULT_MODEL, out: str | None = None, method: str | None = None, overwrite: bool = False,
-             calib=None, recipe: str | None = None, calib_windows: int | None = None, **kw):
-    """Load a full-precision model, quantize it, optionally save the checkpoint. Returns (model, tok, qconfig).
+    `model`: the embedded 'smollm2-135m' (default), 'qwen2.5-coder-0.5b', an HF folder, a .gguf file, a hub id, or
+    a model in memory (quantized in place; pass its `tokenizer` when the method reads calibration text).
+    `config`: a MethodConfig; or build one from `method` / `recipe` and keyword `options` (neither method nor
+    recipe: the 'quality' recipe; a recipe fills in only the options not given). `calib`: token windows
+    [n, seqlen] or a Calibration; `calib_windows`: how many windows of the embedded calibration text (default:
+    the method's). `out`: write the checkpoint folder there (atomically)."""
+    from matquant.algorithms import Calibration, MethodConfig, resolve_config
+    from matquant.algorithms.pipeline import quantize as run_pipeline
 
-    `method` defaults to 'matgptq'. `recipe` (algorithms/recipes.py: 'fast', 'quality', 'balanced') fills in the options it
-    sets that are not given here, e.g. `quantize(out="ck", recipe="quality")` = MatGPTQ + clip='weighted'. Data-driven methods (matgptq, gptq, omniquant, qat; and clip='weighted') calibrate on the
-    embedded 'calib' text with the method's default number of windows (or `calib_windows`) unless `calib` (token
-    windows [n, seqlen]) is given.
-    """
-    from matquant.algorithms import METHODS, check_method_options, needs_calibration
-    from matquant.algorithms.recipes import apply_recipe
-    from matquant.data import token_windows
-
-    opts = apply_recipe(recipe, {"method": method, "clip": kw.pop("clip", None), "rotate": kw.pop("rotate", None),
-                                 "clip_lambdas": kw.pop("clip_lambdas", None), "calib_windows": calib_windows,
-                                 "slice_params": kw.pop("slice_params", None)})
-    method, calib_windows = opts.pop("method") or "matgptq", opts.pop("calib_windows")
-    kw.update({k: v for k, v in opts.items() if v is not None})
-    check_method_options(method, {k: v for k, v in kw.items() if k not in QUANTIZE_MODEL_ARGS})  # before loading
-    m, tok, _ = load_model(model)
-    if calib is None and needs_calibration(method, kw):
-        n, seqlen = getattr(METHODS[method], "calib_defaults", (32, 512))
-        calib = token_windows(tok, "calib", seqlen, calib_windows or n)
-    qcfg = quantize_model(m, method, calib=calib, **kw)
-    if out is not None:
-        save_checkpoint(m, tok, out, qcfg, overwrite=overwrite)
-    return m, tok, qcfg
+    if isinstance(config, (str, bytes)) or (config is not None and not isinstance(config, MethodConfig)):
+        if out is not None or not isinstance(config, str):
+            raise TypeError(f"config must be a MethodConfig (e.g. matquant.MatGPTQConfig()), got {config!r}.")
+        config, out = None, config  # the old positional form quantize(model, out)
+    if config is None:
+        config = resolve_config(method, recipe, **options)
+    elif method or recipe or options:
+        raise ValueError("pass either a config or method/recipe/options, not both (config.replace(**options) "
+                         "changes a config).")
+    if calib is None and calib_windows is not None:
+        calib = Calibration(windows=calib_windows)
+    return run_pipeline(model, config, out=out, overwrite=overwrite, calib=calib, tokenizer=tokenizer,
+                        threads=threads, progress=progress, log=print if progress else (lambda *_: None))

@@ -22,7 +22,7 @@ masks, e.g. Gemma-2/3 sliding-window layers, are handled). Tested: Llama (SmolLM
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -88,14 +88,6 @@ class _Recorder(nn.Module):
         return hidden
 
 
-@dataclass
-class BlockInputs:
-    """Calibration inputs of one block: hidden-state batches and, per batch, the block's other arguments."""
-
-    hidden: list[torch.Tensor]  # [batch, seqlen, hidden] each, on the cache device
-    args: list[tuple]  # per batch: (positional args after hidden_states, keyword args)
-
-
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, calib: torch.Tensor, device, batch_size: int = 1,
                          cache_device=None) -> tuple[torch.Tensor | list, list[list[tuple]]]:
@@ -151,7 +143,6 @@ class BlockContext:
     hidden: list[torch.Tensor]
     args: list[tuple]
     device: torch.device
-    state: dict = field(default_factory=dict)  # free space for the callback
 
     @torch.no_grad()
     def run(self, hooks: dict[str, Callable[[str, torch.Tensor], None]] | None = None,

@@ -2,7 +2,8 @@
 
 For each linear layer, with calibration inputs X (rows = tokens):
 
-- H = 2 XᵀX / N (running mean over the calibration tokens, float32);
+- H = 2 XᵀX / N (running mean over the calibration tokens, float32; the block-wise pass of
+  algorithms/hessian_pass.py);
 - dead inputs (H_ii = 0: the input is always zero) get H_ii = 1 and their weight column is set to 0, exactly
   as in the reference implementation; the column then quantizes to the code closest to 0;
 - damping: H += percdamp · mean(diag H) · I (default percdamp 0.01). If the Cholesky factorisation still fails
@@ -25,34 +26,16 @@ from collections.abc import Callable
 
 import torch
 
-from matquant.algorithms.blocks import BlockContext, run_blockwise
+# HessianAccumulator is imported from here by the layer benchmarks in lab/
+from matquant.algorithms.hessian_pass import HessianAccumulator, hessian_pass  # noqa: F401
 from matquant.algorithms.slice_params import DEFAULT_SLICE_PARAMS, check_slice_params, with_slice_params
-from matquant.models.targets import linear_weight
 from matquant.quant.clip_search import DEFAULT_CLIP, check_clip, check_clip_lambdas, clip_search, served_slices
-from matquant.quant.minmax import QuantizedWeight, check_bits, dequantize_codes, minmax_params, resolve_group_size
+from matquant.quant.minmax import QuantizedWeight, check_bits, minmax_params, resolve_group_size
 from matquant.quant.refit import refit_params
 from matquant.quant.rounding import round_half_up
 from matquant.quant.slicing import DEFAULT_SLICING
 
 DEFAULT_BLOCKSIZE = 128
-
-
-class HessianAccumulator:
-    """Running H = 2 XᵀX / N over every token seen (float32, on the inputs' device)."""
-
-    def __init__(self):
-        self.H: torch.Tensor | None = None
-        self.n = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        m = x.shape[0]
-        if self.H is None:
-            self.H = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-        self.H.mul_(self.n / (self.n + m))
-        self.n += m
-        x = x * (2.0 / self.n) ** 0.5
-        self.H.addmm_(x.t(), x)
 
 
 def inverse_cholesky(H: torch.Tensor, percdamp: float, name: str = "layer") -> torch.Tensor:
@@ -138,34 +121,26 @@ def gptq_columns(W: torch.Tensor, H: torch.Tensor, *, group_size: int, params_fn
     return codes, scales, zeros, loss / 2
 
 
-def minmax_params_fn(bits: int, symmetric: bool, param_dtype: torch.dtype) -> ParamsFn:
-    def fn(wg: torch.Tensor, g: int = 0):
-        s, z = minmax_params(wg, bits, wg.shape[1], symmetric, param_dtype)
-        return s[:, 0].to(param_dtype).float(), z[:, 0].to(param_dtype).float()
-    return fn
-
-
-def clip_params_fn(bits: int, symmetric: bool, param_dtype: torch.dtype, slicing: str, h: torch.Tensor | None,
-                   slices=None, lambdas=None, codes_fn=None) -> ParamsFn:
-    """Group parameters from the clipping search (quant/clip_search.py) of the group's current weights; `h` is the
-    per-column importance over the whole row (diag(H) for clip='weighted', None for 'mse')."""
-    def fn(wg: torch.Tensor, g: int = 0):
-        gs = wg.shape[1]
-        hg = None if h is None else h[g * gs:(g + 1) * gs]
-        r = clip_search(wg, hg, bits=bits, group_size=gs, symmetric=symmetric, slicing=slicing, slices=slices,
-                        lambdas=lambdas, param_dtype=param_dtype, codes_fn=codes_fn)
-        return r.scale[:, 0], r.zero[:, 0]
-    return fn
-
-
 def group_params_fn(clip: str, H: torch.Tensor, bits: int, symmetric: bool, param_dtype: torch.dtype, slicing: str,
-                    slices=None, lambdas=None, codes_fn=None) -> ParamsFn:
-    """MinMax (clip='minmax') or the clipping search with h = 1 ('mse') or h = diag(H) ('weighted')."""
+                    slices=None, lambdas=None, codes_fn=None, strategy: str = "coordinate") -> ParamsFn:
+    """The column loop's group parameters: MinMax (clip='minmax') or the range search of quant/clip_search.py on
+    the group's current weights (its `strategy`, served `slices`, `lambdas` and code choice `codes_fn`), with h = 1
+    ('mse') or h = diag(H) ('weighted')."""
     check_clip(clip)
     if clip == "minmax":
-        return minmax_params_fn(bits, symmetric, param_dtype)
+        def minmax(wg: torch.Tensor, g: int = 0):
+            s, z = minmax_params(wg, bits, wg.shape[1], symmetric, param_dtype)
+            return s[:, 0].to(param_dtype).float(), z[:, 0].to(param_dtype).float()
+        return minmax
     h = torch.diag(H).float().clamp_min(0) if clip == "weighted" else None
-    return clip_params_fn(bits, symmetric, param_dtype, slicing, h, slices, lambdas, codes_fn)
+
+    def searched(wg: torch.Tensor, g: int = 0):
+        gs = wg.shape[1]
+        r = clip_search(wg, None if h is None else h[g * gs:(g + 1) * gs], bits=bits, group_size=gs,
+                        symmetric=symmetric, slicing=slicing, slices=slices, lambdas=lambdas, param_dtype=param_dtype,
+                        codes_fn=codes_fn, strategy=strategy)
+        return r.scale[:, 0], r.zero[:, 0]
+    return searched
 
 
 def check_gptq_clip_lambdas(clip_lambdas, clip: str, master_bits: int) -> None:
@@ -203,45 +178,6 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size
                            group_size=gs), loss
 
 
-def blockwise_hessian_method(model, targets, calib, quantize_layer, *, true_sequential: bool = True,
-                             device=None, batch_size: int = 1, progress: bool = True, desc: str = "GPTQ",
-                             propagate=None):
-    """Run `quantize_layer(name, W [out,in] on device, H) -> QuantizedWeight` block by block.
-
-    The layer's weight is replaced in place by `propagate(qw, W)` (default: the dequantized master weight), so later
-    layers and blocks see the quantized model's activations; returns {name: QuantizedWeight} on the model's
-    original device.
-    """
-    out: dict[str, QuantizedWeight] = {}
-
-    def per_block(ctx: BlockContext):
-        groups = ctx.input_groups() if true_sequential else [list(ctx.targets)]
-        for names in groups:
-            acc = {n: HessianAccumulator() for n in names}
-            ctx.run({n: (lambda n, x: acc[n].add(x)) for n in names})
-            for n in names:
-                mod = ctx.targets[n]
-                wref = linear_weight(mod)
-                W = wref.detach().to(ctx.device, torch.float32)
-                H = acc[n].H  # None if the forward never reached this layer: plain rounding (H = I)
-                qw = quantize_layer(n, W, torch.eye(W.shape[1], device=ctx.device) if H is None else H)
-                del acc[n]
-                wq = dequantize_codes(qw.codes, qw.scales, qw.zeros) if propagate is None else propagate(qw, W)
-                wref.data.copy_(wq.to(wref.dtype))
-                home = wref.device
-                own = None if not qw.slice_params else \
-                    {r: (a.to(home), b.to(home)) for r, (a, b) in qw.slice_params.items()}
-                out[n] = QuantizedWeight(qw.codes.to(home), qw.scales.to(home), qw.zeros.to(home), qw.bits,
-                                         qw.group_size, own)
-
-    run_blockwise(model, calib, targets, per_block, device=device, batch_size=batch_size, progress=progress,
-                  desc=desc)
-    missing = [t for t in targets if t not in out]
-    if missing:
-        raise RuntimeError(f"block-wise pass did not reach {missing[:3]}")
-    return out
-
-
 def gptq(model, targets: list[str], *, master_bits: int, group_size: int, symmetric: bool, param_dtype,
          slicing: str = DEFAULT_SLICING, calib=None, progress: bool = True, damp: float = 0.01,
          act_order: bool = False, blocksize: int = DEFAULT_BLOCKSIZE, true_sequential: bool = True, device=None,
@@ -263,5 +199,5 @@ def gptq(model, targets: list[str], *, master_bits: int, group_size: int, symmet
                                      blocksize, name, clip, slicing, refit, clip_lambdas)
         return with_slice_params(qw, W, H, slice_params, slicing, symmetric, param_dtype)
 
-    return blockwise_hessian_method(model, targets, calib, q, true_sequential=true_sequential, device=device,
-                                    batch_size=batch_size, progress=progress, desc=f"GPTQ int{master_bits}")
+    return hessian_pass(model, targets, calib, q, true_sequential=true_sequential, device=device,
+                        batch_size=batch_size, progress=progress, desc=f"GPTQ int{master_bits}")

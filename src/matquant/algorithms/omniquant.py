@@ -97,4 +97,3 @@ def omniquant(
 
 
 # CPU-friendly calibration defaults used by the CLI when --calib-windows / --calib-seqlen are not given
-omniquant.calib_defaults = (8, 256)  # the configuration measured in docs/results.md

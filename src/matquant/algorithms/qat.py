@@ -31,7 +31,7 @@ def qat(model, targets: list[str], *, master_bits: int, group_size: int, symmetr
         clip: str = DEFAULT_CLIP, clip_lambdas=None,
         slice_params: str = DEFAULT_SLICE_PARAMS) -> dict[str, QuantizedWeight]:
     """`quantize_model(model, "qat", calib=windows, bits_list=..., lambdas=..., distill=..., steps=..., ...)`;
-    None means the QATConfig default. `clip` ('mse' / 'weighted', needs qparams='learnable'): the learnable α, z
+    None means the TrainingConfig default. `clip` ('mse' / 'weighted', needs qparams='learnable'): the learnable α, z
     start at the clipping search of quant/clip_search.py for the objective's R and λ instead of MinMax;
     `clip_lambdas` (one per slice of R) replaces λ in that search only (the training keeps `lambdas`).
     slice_params='own': the served slices' own (α_r, z_r), fitted after the training on `calib` to the original

@@ -1,30 +1,29 @@
-"""Named recipes: measured combinations of method options, callable as `--recipe NAME` / `recipe="NAME"`.
+"""Named recipes: measured presets of a method config, `--recipe NAME` / `recipe_config(NAME)`.
 
 A recipe only fills in options the caller did not give (an explicit `--clip mse` beside `--recipe quality` wins),
-and the checkpoint records the options that were used (its `method_args`, `rotation`), not the recipe's name, so
-a recipe is a shorthand and never a hidden state. What each recipe costs and gives is measured in
-docs/results.md, "Recipes"; the numbers live there, not here.
+and the checkpoint records the options that were used (its `method_args`, `rotation`), not the recipe's name, so a
+recipe is a shorthand and never a hidden state. What each recipe costs and gives is measured in docs/results.md,
+"Recipes".
 """
 from __future__ import annotations
 
 import difflib
 
-# Option names are the Python API's (`matquant.quantize` keyword arguments); the CLI's flags map onto them.
+from matquant.algorithms.configs.base import MethodConfig, config_class
+
+# Option names are the configs' field names (the Python API's keywords); the CLI's flags map onto them.
 RECIPES: dict[str, dict] = {
-    # the fast default: MatGPTQ, MinMax group parameters, no rotation
+    # plain MatGPTQ: MinMax group parameters, no rotation
     "fast": {"method": "matgptq"},
-    # the best one-checkpoint slices measured within 30 minutes of a 2-core machine (docs/results.md, "Recipes");
-    # adding --rotate input to it was measured worse at every precision (the rotation flattens the importance the
-    # weighted search relies on), so the recipe leaves rotation off. Every precision reads the codes with its own
-    # (α, z) (slice_params='own'; better at every slice, measured in docs/results.md "Slice-own group parameters";
-    # the checkpoint holds 2 more bits per weight, a served slice none)
+    # the best one-checkpoint slices measured (docs/results.md, "Recipes"): the importance-weighted clipping search,
+    # and every precision reads the shared codes with its own (α, z)
     "quality": {"method": "matgptq", "clip": "weighted", "slice_params": "own"},
-    # the clipping search with each slice's relative error weighted alike (λ ∝ 4^r for R = 8,4,3,2): it keeps the
-    # outlier weights the int8 master needs, which `quality` clips on Qwen2.5 (int8 6 % worse there); it gives up
-    # most of `quality`'s int3/int2 gain on SmolLM2 (docs/results.md, "Recipes")
+    # the clipping search with each slice's relative error weighted alike: it keeps the outlier weights the int8
+    # master needs on models such as Qwen2.5 (docs/results.md, "Recipes")
     "balanced": {"method": "matgptq", "clip": "weighted", "clip_lambdas": (4096, 16, 4, 1)},
 }
-RECIPE_OPTIONS = ("method", "clip", "clip_lambdas", "rotate", "calib_windows", "slice_params")  # the options a recipe may set
+DEFAULT_RECIPE = "quality"  # what `matquant quantize`, `matquant demo` and `matquant.quantize` run when no method is named
+RECIPE_OPTIONS = ("method", "clip", "clip_lambdas", "rotate", "slice_params")  # the options a recipe may set
 
 
 def check_recipe(name: str) -> dict:
@@ -48,4 +47,40 @@ def apply_recipe(name: str | None, given: dict) -> dict:
     return out
 
 
-__all__ = ["RECIPES", "RECIPE_OPTIONS", "apply_recipe", "check_recipe"]
+def resolve_config(method: str | None = None, recipe: str | None = None, **options) -> MethodConfig:
+    """The validated config for `method` and/or `recipe` and explicit `options` (None = not given).
+
+    Neither method nor recipe: the DEFAULT_RECIPE. A method alone: that method with its own defaults. A recipe
+    fills in the options it sets that are not given, for its method or the one named."""
+    if method is None and recipe is None:
+        recipe = DEFAULT_RECIPE
+    preset = check_recipe(recipe) if recipe is not None else {}
+    method = method or preset.pop("method", None) or "matgptq"
+    preset.pop("method", None)
+    cls = config_class(method)
+    fields = {f.name for f in cls.option_fields()}
+    missing = sorted(k for k, v in preset.items() if options.get(k) is None and k not in fields)
+    if missing:
+        raise ValueError(f"--recipe {recipe} sets {', '.join(missing)}, which method {method!r} does not take; "
+                         "choose another method or recipe.")
+    filled = {k: v for k, v in options.items() if v is not None}
+    from_recipe = {k: v for k, v in preset.items() if k not in filled}
+    config = cls.from_options(**{**from_recipe, **filled})
+    try:
+        return config.validate()
+    except ValueError as e:
+        if "clip_lambdas" not in from_recipe:
+            raise
+        raise ValueError(f"{e} (--recipe {recipe} sets --clip-lambdas "
+                         f"{','.join(map(str, from_recipe['clip_lambdas']))} for its method's default precisions: "
+                         "pass --clip-lambdas with one weight per slice of your --bits-list)") from None
+
+
+def recipe_config(name: str, **overrides) -> MethodConfig:
+    """The config of recipe `name`, e.g. recipe_config("quality") = MatGPTQConfig(clip="weighted",
+    slice_params="own"); `overrides` win."""
+    return resolve_config(recipe=name, **overrides)
+
+
+__all__ = ["RECIPES", "RECIPE_OPTIONS", "DEFAULT_RECIPE", "apply_recipe", "check_recipe", "recipe_config",
+           "resolve_config"]

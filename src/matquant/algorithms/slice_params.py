@@ -1,20 +1,24 @@
 """Slice-own group parameters (`slice_params='own'`): every served slice below the master reads the master's codes
 with its own (α_r, z_r), fitted by least squares on that slice's calibration output error ‖(W − Ŵ_r)X‖² for the
-unchanged codes (quant/refit.own_slice_params); the shared (α, z) then serve the master alone and are refit to its
-own error. A served slice costs the same bits and runs through the same kernels either way; the checkpoint holds
-one more (α, z) pair per group and slice (docs/results.md, "Slice-own group parameters").
+unchanged codes (quant/refit.refit_params, one fit per slice); the shared (α, z) then serve the master alone and
+are refit to its own error. A served slice costs the same bits and runs through the same kernels either way; the
+checkpoint holds one more (α, z) pair per group and slice (docs/results.md, "Slice-own group parameters").
 
 GPTQ and MatGPTQ fit them inside their own block-wise pass, with the Hessian H = XᵀX they build anyway
 (`with_slice_params`). RTN, OmniQuant and QAT build none, so for them `fit_slice_params` runs one more block-wise
-pass over the calibration windows after the method: each target's H from its inputs in the model whose earlier
-targets already hold their dequantized master (as GPTQ sees them), and W = the target's full-precision weight as
-the method leaves it in the model (the original weight; the LET-folded one for omniquant --let).
+pass over the calibration windows after the method (algorithms/hessian_pass.py): each target's H from its inputs
+in the model whose earlier targets already hold their dequantized master (as GPTQ sees them), and W = the target's
+full-precision weight as the method leaves it in the model (the original weight; the LET-folded one for
+omniquant --let).
 """
 from __future__ import annotations
 
 import torch
 
+from matquant.algorithms.hessian_pass import hessian_pass
+from matquant.quant.clip_search import DEFAULT_SERVED
 from matquant.quant.minmax import QuantizedWeight
+from matquant.quant.refit import refit_params
 
 SLICE_PARAMS = ("shared", "own")
 DEFAULT_SLICE_PARAMS = "shared"  # the paper's: every slice reads its codes with the master's (α, z)
@@ -31,20 +35,21 @@ def check_slice_params(slice_params: str) -> str:
 def with_slice_params(qw: QuantizedWeight, W, H, slice_params: str, slicing: str, symmetric: bool,
                       param_dtype) -> QuantizedWeight:
     """`qw` with slice-own (α_r, z_r) for the served slices below its master (clip_search.DEFAULT_SERVED), fitted by
-    least squares on each slice's output error ‖(W − Ŵ_r)X‖² for the fixed codes (quant/refit.own_slice_params),
-    and then its shared (α, z), which serve the master alone from here on, refit to the master's error alone;
-    unchanged for slice_params='shared'."""
+    least squares on each slice's output error ‖(W − Ŵ_r)X‖² for the fixed codes, and its shared (α, z), which
+    serve the master alone from here on, refit to the master's error alone (one `refit_params` pass, one fit per
+    slice; a row keeps its values where the fit does not lower its error); unchanged for slice_params='shared'.
+
+    The codes stay the master's bit prefixes; only how slice r reads them back changes, still one affine map per
+    group in master code units: ŵ_r = α_r·(S_r(q) − z_r)."""
     if slice_params == "shared":
         return qw
-    from matquant.quant.clip_search import DEFAULT_SERVED
-    from matquant.quant.refit import own_slice_params
-
     slices = [b for b in DEFAULT_SERVED if b < qw.bits]
     if not slices:
         return qw
-    # master=True: the shared (α, z), which serve the master alone from now on, fitted to its error alone
-    own = own_slice_params(W, H, qw.codes, qw.scales, qw.zeros, master_bits=qw.bits, group_size=qw.group_size,
-                           slicing=slicing, slices=slices, symmetric=symmetric, param_dtype=param_dtype, master=True)
+    fits = refit_params(W, H, qw.codes, qw.scales, qw.zeros, master_bits=qw.bits, group_size=qw.group_size,
+                        slicing=slicing, slices=[qw.bits] + slices, symmetric=symmetric, param_dtype=param_dtype,
+                        separate=True)
+    own = {r: (s.to(param_dtype), z.to(param_dtype)) for r, (s, z, _) in fits.items()}
     qw.scales, qw.zeros = own.pop(qw.bits)
     qw.slice_params = own
     return qw
@@ -65,12 +70,10 @@ def fit_slice_params(model, targets: list[str], qweights: dict[str, QuantizedWei
                      desc: str = "slice-own (α, z)") -> dict[str, QuantizedWeight]:
     """`qweights` (codes unchanged) with slice-own (α_r, z_r) fitted in one block-wise pass over `calib`; every
     target's weight in `model` is left as its dequantized master, which the caller replaces by MatQuantLinear."""
-    from matquant.algorithms.gptq import blockwise_hessian_method
-
     def fit(name, W, H):
         q = qweights[name]
         qw = QuantizedWeight(q.codes.to(W.device), q.scales.to(W.device), q.zeros.to(W.device), q.bits,
                              q.group_size)
         return with_slice_params(qw, W, H, "own", slicing, symmetric, param_dtype)
 
-    return blockwise_hessian_method(model, targets, calib, fit, device=device, progress=progress, desc=desc)
+    return hessian_pass(model, targets, calib, fit, device=device, progress=progress, desc=desc)

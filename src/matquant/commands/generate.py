@@ -38,8 +38,8 @@ def register(sub) -> None:
                    help="dtype of the unquantized parts (embeddings, norms) and activations (default float32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the forward with a static KV cache: ~2x faster decode on CPU after a first "
-                        "call of a few minutes (compiling; the generation that compiles is run once as a warm-up "
+                   help="torch.compile the forward with a static KV cache: faster decode on CPU after a first "
+                        "call that compiles ( the generation that compiles is run once as a warm-up "
                         "and not timed). docs/runtime.md")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=run)

@@ -19,9 +19,10 @@ KNOWN_KEYS = {"name", "out", "store", "docs", "models", "model", "methods", "sco
               "calib", "eval", "device", "threads"}
 PPL_DEFAULTS = {"text": "eval", "windows": 16, "seqlen": 2048, "batch_size": 1}
 ZS_DEFAULTS = {"tasks": None, "limit": "default", "batch_size": 8}
-CALIB_DEFAULTS = {"text": "calib", "windows": 128, "seqlen": 2048}
-CALIB_OPTIONAL = ("offset",)  # windows of the text skipped before the calibration windows (default 0, not recorded)
-CALIB_KEYS = set(CALIB_DEFAULTS) | set(CALIB_OPTIONAL)
+# calibration: text (default the embedded 'calib'), windows and seqlen (default: the method's, from its config),
+# offset (windows of the text skipped before the calibration windows; default 0, not recorded)
+CALIB_KEYS = {"text", "windows", "seqlen", "offset"}
+LAYOUT_KEYS = ("master_bits", "group_size", "symmetric", "param_dtype", "scope", "slicing")
 RUN_ONLY_KEYS = ("batch_size",)  # settings that do not change a result: kept out of the config key
 
 
@@ -74,8 +75,8 @@ def load_grid(path) -> Grid:
 
 
 def parse_grid(raw: dict, default_name: str = "grid") -> Grid:
-    from matquant.algorithms import METHODS, needs_calibration
-    from matquant.eval.zeroshot import DEFAULT_TASKS, check_tasks
+    from matquant.algorithms import METHOD_CONFIGS, make_config
+    from matquant.eval.zeroshot_tasks import DEFAULT_TASKS, check_tasks
     from matquant.models.targets import SCOPES
 
     unknown = sorted(set(raw) - KNOWN_KEYS)
@@ -104,8 +105,8 @@ def parse_grid(raw: dict, default_name: str = "grid") -> Grid:
         m = {"name": m} if isinstance(m, str) else dict(m)
         if "name" not in m:
             raise GridError(f"method entry {m} has no name.")
-        if m["name"] not in METHODS:
-            raise GridError(f"unknown method {m['name']!r}; registered: {', '.join(sorted(METHODS))}.")
+        if m["name"] not in METHOD_CONFIGS:
+            raise GridError(f"unknown method {m['name']!r}; registered: {', '.join(sorted(METHOD_CONFIGS))}.")
         extra = sorted(set(m) - {"name", "args", "label", "master_bits", "bits", "calib"})
         if extra:
             raise GridError(f"method entry {m['name']!r} has unknown key(s) {extra}; use name, label, args, "
@@ -136,7 +137,7 @@ def parse_grid(raw: dict, default_name: str = "grid") -> Grid:
         from matquant.eval.zeroshot import default_limit
 
         zs["limit"] = default_limit(device)
-    calib = {**CALIB_DEFAULTS, **(raw.get("calib") or {})}
+    calib = {"text": "calib", **(raw.get("calib") or {})}
     if set(calib) - CALIB_KEYS:
         raise GridError(f"calib has unknown key(s) {sorted(set(calib) - CALIB_KEYS)}; use {', '.join(sorted(CALIB_KEYS))}.")
     for c in [calib] + [m["calib"] for m in methods if "calib" in m]:
@@ -161,8 +162,14 @@ def parse_grid(raw: dict, default_name: str = "grid") -> Grid:
                 for sl in slicings:
                     quant = {"method": m["name"], "label": m["label"], "args": m["args"], "scope": scope,
                              "slicing": sl, **common, "master_bits": m["master_bits"]}
-                    if needs_calibration(m["name"], m["args"]):
-                        quant["calib"] = {**calib, **m.get("calib", {})}
+                    try:
+                        config = make_config(m["name"], **{k: v for k, v in quant.items() if k in LAYOUT_KEYS},
+                                             **m["args"])
+                    except (ValueError, TypeError) as e:
+                        raise GridError(f"method entry {m['label']!r}: {e}") from None
+                    if config.needs_calibration():
+                        n, seqlen = config.calib_defaults
+                        quant["calib"] = {"windows": n, "seqlen": seqlen, **calib, **m.get("calib", {})}
                     ms = [measurement(model, k, s, quant, b) for b in m["bits"] for k, s in evals]
                     for mm in _as_list(raw.get("mixnmatch"), "mixnmatch"):
                         ms += [measurement(model, k, s, quant, _mixnmatch_spec(mm)) for k, s in evals]

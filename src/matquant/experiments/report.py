@@ -1,4 +1,4 @@
-"""Tables and plots from a results store.
+"""Tables and plots from a results store (the plots drawn by `matquant.eval.plot`, the one plotting path).
 
 Tables (markdown, also printed by `matquant report`), per model and eval setting:
 - perplexity: one row per (method, scope, slicing), one column per precision (fp32 reference first);
@@ -48,7 +48,7 @@ def _latest(records: list[dict]) -> list[dict]:
 
 
 def build_tables(records: list[dict]) -> str:
-    from matquant.eval.zeroshot import TASKS
+    from matquant.eval.zeroshot_tasks import TASKS
 
     records = _latest(records)
     foreign = [r for r in records if not _is_grid_record(r)]
@@ -122,25 +122,9 @@ def _col_order(label: str):
     return (1, -int(m.group(1))) if m else (2, label)
 
 
-def pareto(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
-    """Points not dominated by any other (fewer or equal bits AND better or equal quality), sorted by bits."""
-    pts = sorted(points, key=lambda p: (p[0], -p[1] if higher_is_better else p[1]))
-    front, best = [], None
-    for x, y in pts:
-        if best is None or (y > best if higher_is_better else y < best):
-            front.append((x, y))
-            best = y
-    return front
-
-
 def plot(records: list[dict], path, kind: str, title: str = "") -> bool:
     """Quality vs effective bits; returns False when there is nothing to plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from matquant.eval.plot import save_figure
+    from matquant.eval.plot import plot_quality_vs_bits
 
     recs = [r for r in _latest(records) if _is_grid_record(r) and r["config"]["eval"] == kind]
     if not recs:
@@ -155,31 +139,11 @@ def plot(records: list[dict], path, kind: str, title: str = "") -> bool:
         (mnm if isinstance(r["config"]["bits"], dict) else series)[_series(r)].append(pt)
     if not series and not mnm:
         return False
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    markers = "osD^v<>px*h"
-    for i, (name, pts) in enumerate(series.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], label=name, alpha=.85)
-    for name, pts in mnm.items():
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="*", s=120, label=f"{name} Mix'n'Match",
-                   zorder=4)
-    allpts = [p for pts in list(series.values()) + list(mnm.values()) for p in pts]
-    front = pareto(allpts, higher_is_better=(kind != "ppl"))
-    ax.plot([p[0] for p in front], [p[1] for p in front], color="k", lw=3, alpha=.25, zorder=1,
-            label="Pareto frontier")
-    ax.scatter([p[0] for p in front], [p[1] for p in front], facecolors="none", edgecolors="k", s=110, zorder=5)
-    if ref:
-        ax.axhline(ref[0], ls="--", c="k", lw=1, label=f"fp32 ({ref[0]:.2f})")
-    if kind == "ppl":
-        ax.set_yscale("log")
-        ax.set_ylabel("perplexity (log scale, lower is better)")
-    else:
-        ax.set_ylabel("zero-shot task average, % (higher is better)")
-    ax.set_xlabel("effective bits per quantized weight")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=.3)
-    ax.legend(fontsize=7)
-    save_figure(fig, path)
+    plot_quality_vs_bits(series, path, mixnmatch=mnm, frontier=True, higher_is_better=kind != "ppl",
+                         ref=ref[0] if ref else None, log_y=kind == "ppl", title=title,
+                         xlabel="effective bits per quantized weight",
+                         ylabel="perplexity (log scale, lower is better)" if kind == "ppl"
+                         else "zero-shot task average, % (higher is better)")
     return True
 
 

@@ -23,7 +23,8 @@ class Evaluators:
         return perplexity(model, windows, settings.get("batch_size", 1), desc="ppl").to_dict()
 
     def zeroshot(self, model, tok, settings: dict, cache: dict) -> dict:
-        from matquant.eval.zeroshot import build_tasks, wrap_model, zeroshot
+        from matquant.eval.zeroshot import wrap_model, zeroshot
+        from matquant.eval.zeroshot_tasks import build_tasks
 
         if "lm" not in cache:  # one HFLM wrapper + task set per loaded model, reused across precisions
             cache["lm"] = wrap_model(model, tok, settings.get("batch_size", 8))
@@ -106,21 +107,18 @@ def _prepare(job: QuantJob, src, src_tok, src_fp, grid: Grid, log, check_tokeniz
         check_tokenizer(model, tok, expected_fingerprint=src_fp,
                         where=f"checkpoint {job.quant['checkpoint']} (grid model {job.model})")
         return model, tok, {"checkpoint_method": qcfg.method}
-    from matquant.algorithms import needs_calibration, quantize_model
+    from matquant.algorithms import Calibration, make_config
+    from matquant.algorithms.pipeline import quantize
 
     q = job.quant
     log(f"quantizing {job.model}: {q['label']} ({q['method']}, {q['scope']}, {q['slicing']} slicing) ...")
-    model = copy.deepcopy(src)
-    calib = None
-    if needs_calibration(q["method"], q["args"]):
-        from matquant.data import token_windows
-
-        c = q["calib"]
-        calib = token_windows(src_tok, c["text"], c["seqlen"], c["windows"], offset_windows=c.get("offset", 0))
+    config = make_config(q["method"], master_bits=q["master_bits"], group_size=q["group_size"], scope=q["scope"],
+                         symmetric=q["symmetric"], slicing=q["slicing"], param_dtype=q["param_dtype"], **q["args"])
+    c = q.get("calib") or {}
+    calib = Calibration(text=c.get("text", "calib"), windows=c.get("windows"), seqlen=c.get("seqlen"),
+                        offset=c.get("offset", 0))
     t0 = time.time()
-    quantize_model(model, q["method"], master_bits=q["master_bits"], group_size=q["group_size"], scope=q["scope"],
-                   symmetric=q["symmetric"], slicing=q["slicing"], param_dtype=q["param_dtype"], calib=calib,
-                   **q["args"])
+    model, _, _ = quantize(copy.deepcopy(src), config, tokenizer=src_tok, calib=calib, log=log)
     model.eval()
     return model, src_tok, {"quantize_seconds": round(time.time() - t0, 2)}
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from matquant.kernels.packing import PackedCodes, slice_packed
 from matquant.quant.slicing import check_slicing
 
 
@@ -42,12 +41,11 @@ def slice_codes_fast(codes: torch.Tensor, master_bits: int, bits: int, mode: str
 BLOCK_ELEMENTS = 1 << 18  # rows are dequantized in blocks of ~256K weights (1 MiB fp32): cache-resident (docs/kernels.md)
 
 
-def dequantize(codes: torch.Tensor | PackedCodes, scales: torch.Tensor, zeros: torch.Tensor, master_bits: int,
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, master_bits: int,
                bits: int, mode: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Dequantized [out, in] weight of the r-bit slice, from uint8 master codes or a PackedCodes layout."""
+    """Dequantized [out, in] weight of the r-bit slice, from uint8 master codes."""
     check_slicing(mode)
-    packed = isinstance(codes, PackedCodes)
-    n, k = (codes.out_features, codes.in_features) if packed else codes.shape
+    n, k = codes.shape
     g = scales.shape[1]
     a, b = slice_params(scales, zeros, master_bits, bits, mode)
     a, b = a.unsqueeze(-1), b.unsqueeze(-1)
@@ -55,10 +53,7 @@ def dequantize(codes: torch.Tensor | PackedCodes, scales: torch.Tensor, zeros: t
     step = max(1, BLOCK_ELEMENTS // max(k, 1))
     for i in range(0, n, step):
         rows = slice(i, min(i + step, n))
-        if packed:
-            q = slice_packed(codes, bits, mode, dtype=torch.uint8, rows=rows)
-        else:
-            q = slice_codes_fast(codes[rows], master_bits, bits, mode)
+        q = slice_codes_fast(codes[rows], master_bits, bits, mode)
         qf = q.reshape(-1, g, k // g).to(torch.float32)
         blk = out[rows].view(-1, g, k // g)
         if dtype == torch.float32:
@@ -89,6 +84,9 @@ class WeightCache:
 
     def clear(self) -> None:
         self._store.clear()
+
+    def items(self):
+        return self._store.items()
 
     def __len__(self) -> int:
         return len(self._store)

@@ -16,7 +16,7 @@ their range is centred on the kernel's 8; for r = 4 no shift) with scale = A and
 then the group's mid-range value, which rounds to bf16 with an error far below a quantization step (an unshifted
 int2 code would put zero at B + 8·A, far outside the range, and lose ~1 % to bf16 rounding). With two planes the
 lo plane's zero absorbs the bf16 rounding of the hi plane's zero. The kernel takes bf16 activations only at speed
-(fp32/fp16 activations run 20–300× slower in torch 2.13), so fp32/fp16 inputs are cast to bf16 and the output
+(fp32/fp16 activations run far slower: docs/runtime.md), so fp32/fp16 inputs are cast to bf16 and the output
 back: the answer equals the reference slice up to bf16 rounding of activations, scales and zeros, and of each
 plane's dequantized value inside the kernel (tests: ≤ 1.2 % of the output's max for r ≤ 4, ≤ 2 % for int4x2).
 
@@ -25,25 +25,11 @@ out_features % 16 == 0; group size a multiple of 32 (32/64/128/256 run directly;
 per-channel group of 576 runs as groups of the largest of 256/128/64/32 dividing it, scales repeated); slicing
 ``paper`` or ``nested`` (``extra`` has 2^r + 1 levels: no r-bit code); CPU tensors; activations fp32/bf16/fp16.
 
-Fast switching (``nested`` only): the master held as two packed planes (`MasterPlanes`). With the c-bit master
-code left-aligned to 8 bits, Q = q << (8 − c), the nested r-bit code is q_r = Q >> (8 − r): the top r bits of Q.
-Planes hi = pack(Q >> 4) and lo = pack(Q & 15) cost the 8 bits per weight of the uint8 master codes, and every
-nested slice is cut from them with at most one bitwise AND over one plane (torch's CPU packing only permutes raw
-nibbles, so pack(v) & m = pack(v & m) for a nibble mask m repeated in both halves of a byte; `planes_supported`
-checks this once on this build):
-
-- r ≤ 4   one plane hi & m_r (m_r = the top r bits of a nibble) holding v = q_r·2^(4−r): scale = A·2^(r−4),
-          zero = B + 8·scale (the weight at v = 8, inside the group's range; r = 4: hi itself, no copy).
-- r = 5–8 hi (shared, no copy) with scale A·2^(r−4) and lo & m_(r−4) (r = 8: lo itself) with scale A·2^(r−8);
-          the lo plane's zero absorbs the bf16 rounding of the hi zero, as above.
-
-For r = 4 and r = 8 these are byte for byte the layouts described above. ``paper`` slices round (a carry can
-reach the top bits) and are no bit prefix: they are re-packed from the codes (unpacked from the planes if the
-master is held that way), which costs ~3–6 ms per layer.
+Nested slices are stored in the planes layout of `kernels.master_planes` (the layout a precision switch cuts
+from the master held as packed planes), byte for byte.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -127,7 +113,7 @@ def _scales_zeros(scale: torch.Tensor, zero: torch.Tensor, group_size: int, grou
     return torch.stack([scale.t(), zero.t()], dim=-1).to(ACT_DTYPE).contiguous()
 
 
-def _pack4(q: torch.Tensor) -> torch.Tensor:
+def pack4(q: torch.Tensor) -> torch.Tensor:
     return _OPS._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), INNER_K_TILES)
 
 
@@ -148,32 +134,32 @@ def pack_slice(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, m
         return PackedSlice(bits, mode, n, k, group_size, dense=w)
     g = kernel_group(group_size)
     if mode == "nested" or bits >= master_bits:  # the planes layout: same bytes as a switch from MasterPlanes
-        top = _left_aligned(codes, master_bits)
+        top = left_aligned(codes, master_bits)
         if bits <= 4:
-            planes = [_pack4((top >> 4) & _nibble_mask(bits))]
+            planes = [pack4((top >> 4) & nibble_mask(bits))]
         else:
-            planes = [_pack4(top >> 4), _pack4(top & 15 & _nibble_mask(bits - 4))]
-        tables = _nested_tables(scales, zeros, master_bits, bits, group_size, g)
+            planes = [pack4(top >> 4), pack4(top & 15 & nibble_mask(bits - 4))]
+        tables = nested_tables(scales, zeros, master_bits, bits, group_size, g)
         return PackedSlice(bits, mode, n, k, g, parts=list(zip(planes, tables)))
     q = q.to(torch.int32)
     if bits <= 4:  # codes centred on the kernel's 8: zero = the group's mid-range value, small in bf16
         h = 2 ** (bits - 1)
-        parts = [(_pack4(q + (8 - h)), _scales_zeros(a, b + h * a, group_size, g))]
+        parts = [(pack4(q + (8 - h)), _scales_zeros(a, b + h * a, group_size, g))]
     else:
         h = 2 ** (bits - 5)  # hi plane: q >> 4 in 0 .. 2^(r-4) - 1, centred the same way
         z_hi = (b + 16 * h * a).to(ACT_DTYPE).float()
         z_lo = 8 * a + (b + 16 * h * a - z_hi)  # the lo plane's zero absorbs the hi zero's bf16 rounding
-        parts = [(_pack4((q >> 4) + (8 - h)), _scales_zeros(16 * a, z_hi, group_size, g)),
-                 (_pack4(q & 15), _scales_zeros(a, z_lo, group_size, g))]
+        parts = [(pack4((q >> 4) + (8 - h)), _scales_zeros(16 * a, z_hi, group_size, g)),
+                 (pack4(q & 15), _scales_zeros(a, z_lo, group_size, g))]
     return PackedSlice(bits, mode, n, k, g, parts=parts)
 
 
-def _nibble_mask(r: int) -> int:
+def nibble_mask(r: int) -> int:
     """The top r bits of a nibble (r = 0..4)."""
     return (0xF0 >> r) & 0xF
 
 
-def _left_aligned(codes: torch.Tensor, master_bits: int) -> torch.Tensor:
+def left_aligned(codes: torch.Tensor, master_bits: int) -> torch.Tensor:
     """Q = q << (8 − c) as uint8: the nested r-bit code is Q >> (8 − r)."""
     return codes.to(torch.uint8) << (8 - master_bits)
 
@@ -198,7 +184,7 @@ def _table(like: torch.Tensor | None, scale: torch.Tensor | None, zero: torch.Te
     return table
 
 
-def _nested_tables(scales: torch.Tensor, zeros: torch.Tensor, master_bits: int, bits: int, group_size: int,
+def nested_tables(scales: torch.Tensor, zeros: torch.Tensor, master_bits: int, bits: int, group_size: int,
                    group: int, like: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """bf16 (scale, zero) tables of the planes layout (see module doc). The scale columns do not depend on r
     (α·2^(c−4) for the hi plane, α·2^(c−8) for lo), so with `like` (the tables of another planes-layout slice of
@@ -216,116 +202,6 @@ def _nested_tables(scales: torch.Tensor, zeros: torch.Tensor, master_bits: int, 
     lo = _table(like[1], None, z_lo.to(ACT_DTYPE), group_size, group) if len(like) > 1 else _table(
         None, scales.float() * 2.0 ** (c - 8), z_lo, group_size, group)
     return [hi, lo]
-
-
-@dataclass
-class MasterPlanes:
-    """The c-bit master codes of one layer held as packed planes: hi = pack(Q >> 4), lo = pack(Q & 15) with
-    Q = q << (8 − c) (lo is None for c ≤ 4). 8 bits per weight, like the uint8 codes they replace."""
-
-    master_bits: int
-    out_features: int
-    in_features: int
-    hi: torch.Tensor
-    lo: torch.Tensor | None
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.hi] if self.lo is None else [self.hi, self.lo]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
-
-def pack_master(codes: torch.Tensor, master_bits: int) -> MasterPlanes:
-    """MasterPlanes of uint8 master codes [out, in] (the layer must pass `layer_reason`)."""
-    top = _left_aligned(codes, master_bits)
-    n, k = codes.shape
-    return MasterPlanes(master_bits, n, k, _pack4(top >> 4), _pack4(top & 15) if master_bits > 4 else None)
-
-
-@functools.lru_cache(maxsize=8)
-def _nibble_sources(n: int, k: int) -> torch.Tensor:
-    """For each nibble of a packed [n, k] plane (byte i: low nibble 2i, high nibble 2i + 1), the flat index
-    row·k + col of the code it holds: found by packing the index's hex digits (no knowledge of the layout needed)."""
-    idx = torch.arange(n * k, dtype=torch.int32).view(n, k)
-    src = torch.zeros(n * k, dtype=torch.int64)
-    for d in range(0, max(1, (n * k - 1).bit_length()), 4):
-        p = _pack4((idx >> d) & 15)
-        src |= torch.stack([p & 15, p >> 4], dim=-1).flatten().to(torch.int64) << d
-    return src
-
-
-def _unpack4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    nib = torch.stack([packed & 15, packed >> 4], dim=-1).flatten()
-    out = torch.empty(n * k, dtype=torch.uint8)
-    out[_nibble_sources(n, k)] = nib
-    return out.view(n, k)
-
-
-def unpack_master(planes: MasterPlanes) -> torch.Tensor:
-    """The uint8 master codes [out, in] back from MasterPlanes (exact; for saving, other backends, paper slices)."""
-    n, k, c = planes.out_features, planes.in_features, planes.master_bits
-    top = _unpack4(planes.hi, n, k) << 4
-    if planes.lo is not None:
-        top |= _unpack4(planes.lo, n, k)
-    _nibble_sources.cache_clear()  # index tables are 8 bytes per weight: not kept
-    return top >> (8 - c)
-
-
-def shares_planes(bits: int, master_bits: int) -> bool:
-    """Whether `nested_slice` at `bits` holds no copy: only the planes themselves (r = 4 or r = master bits)."""
-    return bits in (4, master_bits)
-
-
-def planes_layout(ps: PackedSlice, master_bits: int) -> bool:
-    """Whether a PackedSlice is in the planes layout (nested, or the full precision): its tables can serve as
-    `nested_slice(like=...)`."""
-    return bool(ps.parts) and (ps.mode == "nested" or ps.bits >= master_bits)
-
-
-def nested_slice(planes: MasterPlanes, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-                 group_size: int, like: PackedSlice | None = None) -> PackedSlice:
-    """The nested r-bit slice cut from MasterPlanes: at most one AND over one plane (see module doc). Equals
-    `pack_slice(codes, ..., bits, 'nested')` byte for byte; r = 4 and r = master bits share the planes' storage.
-    `like`: another planes-layout slice of this layer, whose r-independent scale columns are reused."""
-    c, n, k = planes.master_bits, planes.out_features, planes.in_features
-    if not 1 <= bits <= c:
-        raise ValueError(f"cannot cut int{bits} out of {c}-bit master codes: need 1 <= bits <= {c}.")
-    g = kernel_group(group_size)
-    like_tables = [t for _, t in like.parts] if like is not None and planes_layout(like, c) else None
-    if bits <= 4:  # r = 4 or r = c: the plane itself (its lower bits are the mask's zeros already)
-        m = 15 if bits == c else _nibble_mask(bits)
-        parts = [planes.hi if m == 15 else planes.hi & (m << 4 | m)]
-    else:
-        m = 15 if bits == c else _nibble_mask(bits - 4)
-        parts = [planes.hi, planes.lo if m == 15 else planes.lo & (m << 4 | m)]
-    return PackedSlice(bits, "nested" if bits < c else "paper", n, k, g,
-                       parts=list(zip(parts, _nested_tables(scales, zeros, c, bits, group_size, g, like_tables))))
-
-
-@functools.lru_cache(maxsize=1)
-def planes_supported() -> bool:
-    """Whether this build's packing stores raw nibbles so that pack(v) & m == pack(v & m) and unpacking by
-    `_nibble_sources` inverts it (checked once on small shapes, full and partial blocks)."""
-    if not available():
-        return False
-    gen = torch.Generator().manual_seed(0)
-    try:
-        for n, k in ((48, 64), (80, 32), (128, 96)):
-            q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
-            p = _pack4(q)
-            if not torch.equal(_unpack4(p, n, k), q.to(torch.uint8)):
-                return False
-            for r in range(1, 4):
-                m = _nibble_mask(r)
-                if not torch.equal(p & (m << 4 | m), _pack4(q & m)):
-                    return False
-    except RuntimeError:
-        return False
-    finally:
-        _nibble_sources.cache_clear()
-    return True
 
 
 def linear(x: torch.Tensor, ps: PackedSlice, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,10 +1,6 @@
 """Triton fused dequantize-and-multiply for MatQuant slices: y = x · W_rᵀ for small batches (GEMV / small GEMM).
 
-One kernel serves every precision r (constexpr), both slicing modes and two weight layouts:
-
-- ``master``: the uint8 master codes [out, in] (one 8-bit plane); every r reads 8 bits per weight.
-- ``packed``: the nested-exact chunked planes of `matquant.kernels.packing` (default 2|2|4); an r-bit slice reads
-  only the leading planes it needs (`packing.bits_read`): exactly r bits for nested r ∈ {2, 4, 8} on 2|2|4.
+One kernel serves every precision r (constexpr) and every slicing mode, reading the uint8 master codes [out, in].
 
 Dequantization is the affine form of `cpu.slice_params`: W = q_r·A + B with per-group A = α·2^s and
 B = α·(c − z) (c = bucket centre (2^s−1)/2 for ``nested``, 0 for ``paper``), so the paper-mode slice is
@@ -24,8 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from matquant.kernels.packing import PackedCodes, planes_needed
-
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)  # any r works; the issue's served set is {2, 3, 4, 6, 8}
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -36,35 +30,10 @@ MODE_ID = {"nested": 0, "paper": 1, "extra": 2}
 
 
 @triton.jit
-def _load_chunk(codes_ptr, plane_off, offs_n, mask_n, offs_k, wmask, k0, K_PAD,
-                W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The W-bit chunk values ([BLOCK_N, BLOCK_K] int32) of one plane for the K tile starting at k0."""
-    PER: tl.constexpr = 8 // W
-    row_bytes = K_PAD // PER
-    if PER == 1:
-        vals = tl.load(codes_ptr + plane_off + offs_n[:, None] * row_bytes + offs_k[None, :], mask=wmask,
-                       other=0).to(tl.int32)
-    else:
-        # load each byte once ([BN, BK/PER]) and expand its PER values: fewer, wider loads than a per-weight
-        # gather. Bytes past K (row padding) hold finite codes and meet x = 0.
-        offs_b = k0 // PER + tl.arange(0, BLOCK_K // PER)
-        bmask = mask_n[:, None] & (offs_b < row_bytes)[None, :]
-        raw = tl.load(codes_ptr + plane_off + offs_n[:, None] * row_bytes + offs_b[None, :], mask=bmask,
-                      other=0).to(tl.int32)
-        shifts = tl.arange(0, PER) * W
-        vals = (raw[:, :, None] >> shifts[None, None, :]) & ((1 << W) - 1)
-        vals = tl.reshape(vals, (BLOCK_N, BLOCK_K))
-    return vals
-
-
-@triton.jit
 def _matquant_mm_kernel(
     x_ptr, codes_ptr, a_ptr, b_ptr, y_ptr,
-    M, N, K, K_PAD, N_GROUPS, stride_xm, stride_ym,
-    GROUP_SIZE: tl.constexpr,
-    C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
-    C4: tl.constexpr, C5: tl.constexpr, C6: tl.constexpr, C7: tl.constexpr,
-    N_PLANES: tl.constexpr, COVER: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr,
+    M, N, K, N_GROUPS, stride_xm, stride_ym,
+    GROUP_SIZE: tl.constexpr, MASTER_BITS: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr,
 ):
@@ -80,41 +49,18 @@ def _matquant_mm_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     ONE_GROUP: tl.constexpr = GROUP_SIZE % BLOCK_K == 0
-    plane = N * (K_PAD // 8)  # bytes of a 1-bit-wide plane; plane p starts at plane * (bits before p)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         wmask = mask_n[:, None] & mask_k[None, :]
-        # -- the top COVER bits of every master code, from the leading N_PLANES planes (widths C0, C1, ...) --
-        t = _load_chunk(codes_ptr, 0, offs_n, mask_n, offs_k, wmask, k0, K_PAD, C0, BLOCK_N, BLOCK_K)
-        if N_PLANES > 1:
-            t = (t << C1) | _load_chunk(codes_ptr, plane * C0, offs_n, mask_n, offs_k, wmask, k0, K_PAD, C1,
-                                        BLOCK_N, BLOCK_K)
-        if N_PLANES > 2:
-            t = (t << C2) | _load_chunk(codes_ptr, plane * (C0 + C1), offs_n, mask_n, offs_k, wmask, k0, K_PAD,
-                                        C2, BLOCK_N, BLOCK_K)
-        if N_PLANES > 3:
-            t = (t << C3) | _load_chunk(codes_ptr, plane * (C0 + C1 + C2), offs_n, mask_n, offs_k, wmask, k0,
-                                        K_PAD, C3, BLOCK_N, BLOCK_K)
-        if N_PLANES > 4:
-            t = (t << C4) | _load_chunk(codes_ptr, plane * (C0 + C1 + C2 + C3), offs_n, mask_n, offs_k, wmask, k0,
-                                        K_PAD, C4, BLOCK_N, BLOCK_K)
-        if N_PLANES > 5:
-            t = (t << C5) | _load_chunk(codes_ptr, plane * (C0 + C1 + C2 + C3 + C4), offs_n, mask_n, offs_k,
-                                        wmask, k0, K_PAD, C5, BLOCK_N, BLOCK_K)
-        if N_PLANES > 6:
-            t = (t << C6) | _load_chunk(codes_ptr, plane * (C0 + C1 + C2 + C3 + C4 + C5), offs_n, mask_n, offs_k,
-                                        wmask, k0, K_PAD, C6, BLOCK_N, BLOCK_K)
-        if N_PLANES > 7:
-            t = (t << C7) | _load_chunk(codes_ptr, plane * (C0 + C1 + C2 + C3 + C4 + C5 + C6), offs_n, mask_n,
-                                        offs_k, wmask, k0, K_PAD, C7, BLOCK_N, BLOCK_K)
+        t = tl.load(codes_ptr + offs_n[:, None] * K + offs_k[None, :], mask=wmask, other=0).to(tl.int32)
         # -- slice to r bits --
         if MODE == 0:
-            q = t >> (COVER - BITS)
+            q = t >> (MASTER_BITS - BITS)
         else:
-            q = ((t >> (COVER - BITS - 1)) + 1) >> 1
+            q = ((t >> (MASTER_BITS - BITS - 1)) + 1) >> 1
             if MODE == 1:
                 q = tl.minimum(q, (1 << BITS) - 1)
         # -- dequantize: W = q·A + B with per-group A, B --
@@ -189,14 +135,6 @@ def load_configs(path: str) -> int:
     return len(loaded)
 
 
-def chunk_constexprs(chunks: tuple[int, ...]) -> dict[str, int]:
-    """Chunk widths as the kernel's constexprs C0..C7 (most significant chunk first; 0 = no such plane)."""
-    if len(chunks) > 8:
-        raise ValueError(f"at most 8 chunks, got {chunks}")
-    padded = tuple(chunks) + (0,) * (8 - len(chunks))
-    return {f"C{i}": w for i, w in enumerate(padded)}
-
-
 def check_supported(x: torch.Tensor, bits: int, mode: str, group_size: int) -> str | None:
     """None if the kernel handles this call, else the reason it does not (the dispatcher falls back)."""
     if x.dtype not in SUPPORTED_DTYPES:
@@ -212,7 +150,7 @@ def check_supported(x: torch.Tensor, bits: int, mode: str, group_size: int) -> s
     return None
 
 
-def matmul(x: torch.Tensor, codes: torch.Tensor | PackedCodes, a: torch.Tensor, b: torch.Tensor, master_bits: int,
+def matmul(x: torch.Tensor, codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor, master_bits: int,
            bits: int, mode: str, group_size: int, config: KernelConfig | None = None) -> torch.Tensor:
     """y = x · W_rᵀ ([..., in] → [..., out], x.dtype). `a`, `b`: fp32 [out, n_groups] from `cpu.slice_params`."""
     in_features = x.shape[-1]
@@ -220,21 +158,13 @@ def matmul(x: torch.Tensor, codes: torch.Tensor | PackedCodes, a: torch.Tensor, 
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    if isinstance(codes, PackedCodes):
-        n, k, k_pad, chunks = codes.out_features, codes.in_features, codes.k_pad, codes.chunks
-        n_planes = planes_needed(chunks, bits, mode, master_bits)
-        cover = sum(chunks[:n_planes])
-        data = codes.data
-    else:
-        n, k = codes.shape
-        k_pad, chunks, n_planes, cover = k, (8,), 1, master_bits  # one 8-bit plane holding a c-bit code
-        data = codes if codes.is_contiguous() else codes.contiguous()
+    n, k = codes.shape
+    data = codes if codes.is_contiguous() else codes.contiguous()
     if k != in_features:
         raise ValueError(f"input has {in_features} features but the weight has {k}.")
     mode_id = 0 if bits == master_bits else MODE_ID[mode]
     if config is None and TUNED:
-        layout = "packed" if isinstance(codes, PackedCodes) else "master"
-        config = TUNED.get(config_key(n, k, m, bits, mode, layout, group_size))
+        config = TUNED.get(config_key(n, k, m, bits, mode, "master", group_size))
         if config is not None and config.block_m < m:
             config = None
     cfg = config or default_config(m, group_size)
@@ -242,16 +172,15 @@ def matmul(x: torch.Tensor, codes: torch.Tensor | PackedCodes, a: torch.Tensor, 
     y = (torch.zeros if cfg.split_k > 1 else torch.empty)((m, n), device=x.device, dtype=out_dtype)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
     _matquant_mm_kernel[grid](
-        x2, data, a, b, y, m, n, k, k_pad, a.shape[1], x2.stride(0), y.stride(0),
-        GROUP_SIZE=group_size, **chunk_constexprs(chunks), N_PLANES=n_planes, COVER=cover, BITS=bits,
-        MODE=mode_id, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
+        x2, data, a, b, y, m, n, k, a.shape[1], x2.stride(0), y.stride(0),
+        GROUP_SIZE=group_size, MASTER_BITS=master_bits, BITS=bits, MODE=mode_id, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
         SPLIT_K=cfg.split_k, DOT_F32=INTERPRET and x.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def compile_for_gpu(dtype: torch.dtype, bits: int, mode: str, group_size: int, config: KernelConfig,
-                    chunks: tuple[int, ...] | None = None, master_bits: int = 8, arch: int = 90):
+                    master_bits: int = 8, arch: int = 90):
     """Compile (no launch, no GPU needed) the kernel for one specialisation to a CUDA cubin for `arch`
     (90 = H100/H200). Used by the tests to check that every variant lowers for the GPU, not only interprets."""
     from triton.backends.compiler import GPUTarget
@@ -261,17 +190,11 @@ def compile_for_gpu(dtype: torch.dtype, bits: int, mode: str, group_size: int, c
     fn = _matquant_mm_kernel
     if not isinstance(fn, JITFunction):  # TRITON_INTERPRET=1 wraps it; compile the plain function
         fn = JITFunction(fn.fn)
-    if chunks is None:
-        layout, n_planes, cover = (8,), 1, master_bits
-    else:
-        layout = chunks
-        n_planes = planes_needed(chunks, bits, mode, master_bits)
-        cover = sum(chunks[:n_planes])
     dt = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     sig = {"x_ptr": f"*{dt}", "codes_ptr": "*u8", "a_ptr": "*fp32", "b_ptr": "*fp32",
            "y_ptr": "*fp32" if config.split_k > 1 else f"*{dt}"}
-    sig.update(dict.fromkeys(["M", "N", "K", "K_PAD", "N_GROUPS", "stride_xm", "stride_ym"], "i32"))
-    constexprs = dict(GROUP_SIZE=group_size, **chunk_constexprs(layout), N_PLANES=n_planes, COVER=cover, BITS=bits,
+    sig.update(dict.fromkeys(["M", "N", "K", "N_GROUPS", "stride_xm", "stride_ym"], "i32"))
+    constexprs = dict(GROUP_SIZE=group_size, MASTER_BITS=master_bits, BITS=bits,
                       MODE=0 if bits == master_bits else MODE_ID[mode], BLOCK_M=config.block_m,
                       BLOCK_N=config.block_n, BLOCK_K=config.block_k, USE_DOT=config.use_dot,
                       SPLIT_K=config.split_k, DOT_F32=False)

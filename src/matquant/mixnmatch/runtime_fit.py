@@ -28,17 +28,18 @@ DEFAULT_SCHEDULE = "pyramid"
 
 def packed_layer_bytes(m, bits: int, high_format: str = "int4x2", keep_master: bool = False) -> int:
     """Bytes the packed runtime holds for MatQuantLinear `m` at `bits` (see the module docstring)."""
-    from matquant.kernels import cpu_packed, dispatch
+    from matquant.kernels import cpu_packed, master_planes
+    from matquant.kernels.packed_backend import layer_reason, planes_eligible
 
     n, k = m.out_features, m.in_features
     bias = 0 if m.bias is None else m.bias.numel() * m.bias.element_size()
     # keep_master on a nested layer: the master is held as packed planes (`hold_master_packed`), 4 bits per weight
     # and plane, and a slice at r = 4 or r = master bits is those planes (no copy of codes; only its tables)
-    held = keep_master and dispatch.planes_eligible(m)
+    held = keep_master and planes_eligible(m)
     codes = n * k * (2 if m.master_bits > 4 else 1) // 2 if held else n * k * m.master_bits // 8
     params = [getattr(m, t) for t in m.code_tensor_names() if t != "qweight"]  # shared + slice-own (α, z)
     master = codes + sum(t.numel() * t.element_size() for t in params)
-    if dispatch.packed_reason(m, bits) is not None:  # declined: master + a dense fp32 weight on the cpu path
+    if layer_reason(m, bits, high_format=high_format) is not None:  # declined: master + a dense fp32 weight (cpu path)
         return master + n * k * 4 + bias
     if bits > 4 and high_format == "bf16":
         body = n * k * 2
@@ -46,7 +47,7 @@ def packed_layer_bytes(m, bits: int, high_format: str = "int4x2", keep_master: b
         planes = 1 if bits <= 4 else 2
         groups = k // cpu_packed.kernel_group(m.group_size)
         copies = 1 if held and bits > 4 else planes  # r > 4 from planes: the hi plane is always shared
-        if held and cpu_packed.shares_planes(bits, m.master_bits):
+        if held and master_planes.shares_planes(bits, m.master_bits):
             copies = 0
         body = copies * n * k // 2 + planes * groups * n * 2 * 2
     return body + bias + (master if keep_master else 0)

@@ -110,10 +110,10 @@ def set_backend(model: nn.Module, backend: str, cache_precisions: int | None = N
     (memory-true CPU runtime) or 'auto' (packed on CPU, triton on CUDA).
 
     `cache_precisions` (cpu/triton): how many precisions' dequantized weights each layer keeps (switching among
-    them with `set_bits` is then free; each costs one dense weight of memory). `layout` (triton): 'master' or
-    'packed' (nested-exact 2|2|4 planes). `keep` (packed): precisions kept packed side by side (switching among
-    them is free); `high_format` (packed): 'int4x2' (default) or 'bf16' for r > 4. Returns the number of layers
-    changed.
+    them with `set_bits` is then free; each costs one dense weight of memory). `layout` (triton): accepted for
+    compatibility, the kernel reads the uint8 master codes ('packed' warns once; docs/kernels.md). `keep` (packed):
+    precisions kept packed side by side (switching among them is free); `high_format` (packed): 'int4x2' (default)
+    or 'bf16' for r > 4. Options not given keep their previous values. Returns the number of layers changed.
     """
     mods = matquant_modules(model)
     if not mods:

@@ -5,17 +5,21 @@ import torch
 from torch import nn
 
 from matquant.kernels import dispatch, torch_ref
+from matquant.kernels.backend import Backend
+from matquant.nn.master_storage import MasterStorage
 from matquant.quant.minmax import QuantizedWeight, check_bits
 from matquant.quant.slicing import DEFAULT_SLICING, check_slicing, effective_code_bits
 
 
-class MatQuantLinear(nn.Module):
+class MatQuantLinear(MasterStorage, nn.Module):
     """Drop-in replacement for nn.Linear holding MatQuant master codes.
 
     Buffers (saved in checkpoints): ``qweight`` uint8 [out, in], ``scales`` and ``zeros`` [out, in/group].
     ``set_bits(r)`` switches the precision in place; the dequantized weight of the current precision is
     cached (``cache_dequantized``) so repeated forwards cost one dense matmul.
-    ``set_backend`` picks the compute path ('torch' reference, 'cpu', 'triton', 'auto'; see `kernels.dispatch`).
+    ``set_backend`` picks the compute path: one backend object (``compute_backend``; `kernels.dispatch`) that
+    runs the forward and holds what it derives; ``backend`` is its name. Where the master codes live (``qweight``,
+    packed planes, or dropped): `nn.master_storage`.
     """
 
     def __init__(
@@ -43,14 +47,7 @@ class MatQuantLinear(nn.Module):
         self.slicing = slicing
         self.compute_dtype = dtype or torch.float32
         self.cache_dequantized = True
-        self.backend = "torch"
-        self.cache_precisions = 1  # cpu/triton backends: dequantized weights kept per precision
-        self.layout = "master"  # triton backend: 'master' uint8 codes or 'packed' nested-exact 2|2|4 planes
-        self.keep_bits: tuple[int, ...] = ()  # packed backend: precisions kept packed side by side
-        self.high_format = "int4x2"  # packed backend: r > 4 as two 4-bit planes ('int4x2') or a bf16 weight ('bf16')
-        self.master_dropped = False  # drop_master(): qweight/scales/zeros freed, only packed slices remain
-        self.master_planes = None  # hold_master_packed(): the codes as two packed 4-bit planes instead of qweight
-        self._backend_state = None
+        self.compute_backend: Backend = Backend()
         self.rotation: dict | None = None  # input rotation spec (quant/rotation.py); set_rotation
         self._input_rotation = None
         self.own_bits: tuple[int, ...] = ()  # slices with their own scales_int{r}/zeros_int{r} (add_slice_params)
@@ -103,7 +100,7 @@ class MatQuantLinear(nn.Module):
         self.own_bits = tuple(sorted(set(self.own_bits) | {int(b) for b in bits_list}))
         self.own_slicing = self.slicing
         self._cached = None
-        self._backend_state = None
+        self.compute_backend.clear()
 
     def code_tensor_names(self) -> tuple[str, ...]:
         """The state-dict leaves of the quantized weight: codes, shared and slice-own group parameters."""
@@ -128,7 +125,7 @@ class MatQuantLinear(nn.Module):
             check_slicing(slicing)
         if self.master_dropped:
             mode = "paper" if bits >= self.master_bits else (slicing or self.slicing)
-            resident = sorted(self._backend_state.slices) if self._backend_state else []
+            resident = self.compute_backend.resident_precisions()
             if (bits, mode) not in resident:
                 raise ValueError(
                     f"cannot switch to int{bits} ({mode} slicing): the model was loaded with keep_master=False, so "
@@ -143,37 +140,24 @@ class MatQuantLinear(nn.Module):
             self._cached = None
         self.bits = bits
 
+    @property
+    def backend(self) -> str:
+        """The name of the compute path (`set_backend`)."""
+        return self.compute_backend.name
+
     def set_backend(self, backend: str, cache_precisions: int | None = None, layout: str | None = None,
                     keep=None, high_format: str | None = None) -> None:
-        """Choose the compute path; results match the reference (a declined call falls back to it).
-        `keep` (packed): precisions kept packed side by side; `high_format` (packed): 'int4x2' or 'bf16' for r > 4."""
-        backend = dispatch.check_backend(backend)
+        """Choose the compute path; results match the reference (a declined call falls back to it). Options not
+        given keep their previous values: `cache_precisions` (cpu/triton), `keep` (packed: precisions kept packed
+        side by side), `high_format` (packed: 'int4x2' or 'bf16' for r > 4); `layout`: see `nn.bits.set_backend`."""
+        dispatch.check_backend(backend)
         if self.master_dropped:
             raise ValueError("this layer's master codes were dropped (keep_master=False): it can only run its packed "
                              "slices; reload the checkpoint with keep_master=True to change the backend.")
+        options = self.compute_backend.options.updated(cache_precisions, layout, keep, high_format)
         if backend not in ("packed", "auto"):
             self.restore_master()
-        if keep is not None:
-            keep = tuple(sorted({int(b) for b in keep}))
-            for b in keep:
-                check_bits(b, "keep bits")
-            self.keep_bits = keep
-        if high_format is not None:
-            from matquant.kernels.cpu_packed import HIGH_FORMATS
-
-            if high_format not in HIGH_FORMATS:
-                raise ValueError(f"unknown high_format {high_format!r}; choose one of {', '.join(HIGH_FORMATS)}.")
-            self.high_format = high_format
-        self.backend = backend
-        if cache_precisions is not None:
-            if isinstance(cache_precisions, bool) or not isinstance(cache_precisions, int) or cache_precisions < 0:
-                raise ValueError(f"cache_precisions must be an integer >= 0, got {cache_precisions!r}.")
-            self.cache_precisions = cache_precisions
-        if layout is not None:
-            if layout not in dispatch.LAYOUTS:
-                raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(dispatch.LAYOUTS)}.")
-            self.layout = layout
-        self._backend_state = None
+        self.compute_backend = dispatch.make_backend(backend, options)
 
     def effective_bits(self) -> float:
         """Bits per weight at the current precision: codes (+ E.P. overflow) + fp scales and zeros."""
@@ -211,62 +195,18 @@ class MatQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._input_rotation is not None:  # every backend runs on the rotated input
             x = self._input_rotation(x)
-        if self.backend != "torch":
-            return dispatch.forward(self, x)
-        w = self.dequantized_weight(x.dtype)
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return torch_ref.linear(x, w, bias)
+        return self.compute_backend.forward(self, x)
 
-    def drop_master(self) -> int:
-        """Free the master codes, scales and zeros (replaced by shape-only meta tensors); only the packed slices
-        already resident can run afterwards. Returns the bytes freed."""
-        if self.backend not in ("packed", "auto") or not self._backend_state or not self._backend_state.slices:
-            raise ValueError("drop_master needs the packed backend with at least one precision packed "
-                             "(set_backend('packed'), then prepare it: matquant.nn.memory.prepare_packed).")
-        freed = 0
-        for name in self.code_tensor_names():
-            t = getattr(self, name)
-            freed += t.numel() * t.element_size()
-            setattr(self, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
-        self._cached = None
-        self._backend_state.weights.clear()
-        self.master_dropped = True
-        self.master_planes = None  # what the kept slices share of them stays alive through the slices
-        return freed
-
-    def master_codes(self) -> torch.Tensor:
-        """The uint8 master codes [out, in] (unpacked from the planes when the master is held packed)."""
-        if self.master_planes is None:
-            return self.qweight
-        from matquant.kernels.cpu_packed import unpack_master
-
-        return unpack_master(self.master_planes)
-
-    def hold_master_packed(self) -> None:
-        """Hold the master codes as two packed 4-bit planes (`kernels.cpu_packed.MasterPlanes`: the same 8 bits
-        per weight) instead of the uint8 ``qweight`` (then a shape-only meta tensor): the packed backend cuts every
-        nested slice from them with at most one AND, so `set_bits` costs ~nothing. state_dict() unpacks the codes
-        on the fly; .to() another device, a non-packed backend and load_state_dict restore them (restore_master)."""
+    def derived_tensors(self):
+        """(name, tensor) of what this layer holds beyond its parameters and buffers: the cached reference slice,
+        the master codes held as packed planes, and what its backend holds (for `matquant.nn.memory`)."""
+        if self._cached is not None:
+            yield "_cached", self._cached[1]
         if self.master_planes is not None:
-            return
-        if self.master_dropped:
-            raise ValueError("this layer's master codes were dropped (keep_master=False); nothing to hold packed.")
-        from matquant.kernels.cpu_packed import pack_master
-
-        self.master_planes = pack_master(self.qweight, self.master_bits)
-        self.qweight = torch.empty(self.qweight.shape, dtype=torch.uint8, device="meta")
-        self._cached = None
-
-    def restore_master(self) -> None:
-        """Undo hold_master_packed: the uint8 codes back in ``qweight``, the planes freed."""
-        if self.master_planes is not None:
-            self.qweight = self.master_codes()
-            self.master_planes = None
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.master_planes is not None:  # checkpoints always hold the uint8 codes
-            destination[prefix + "qweight"] = self.master_codes()
+            for i, t in enumerate(self.master_planes.tensors()):
+                yield f"master_planes.{i}", t
+        for name, t in self.compute_backend.resident_tensors():
+            yield f"compute_backend.{name}", t
 
     def _drop_cache_hook(self, *args, **kwargs):
         if self.master_dropped:
@@ -274,23 +214,7 @@ class MatQuantLinear(nn.Module):
                              "(keep_master=False); build a fresh model with matquant.load.")
         self.restore_master()
         self._cached = None
-        self._backend_state = None
-
-    def _apply(self, fn, *args, **kwargs):
-        self._cached = None
-        if self.master_dropped:  # the packed slices are all that is left: keep them (CPU-only runtime)
-            return self
-        self._backend_state = None
-        if self.master_planes is not None:
-            if fn(torch.empty(0, dtype=torch.uint8)).device.type != "cpu":
-                self.restore_master()  # the planes are a CPU format: move the uint8 codes instead
-            else:  # stays on CPU: the planes stay; fn must not touch the meta placeholder
-                placeholder, self._buffers["qweight"] = self._buffers["qweight"], None
-                try:
-                    return super()._apply(fn, *args, **kwargs)
-                finally:
-                    self._buffers["qweight"] = placeholder
-        return super()._apply(fn, *args, **kwargs)
+        self.compute_backend.clear()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -1,8 +1,8 @@
 """What a model really holds in memory, and the packed runtime's preparation steps (pack now, drop the master).
 
-`resident_tensors` walks every tensor a module keeps alive: parameters, buffers, and the derived data of
-MatQuantLinear (the torch path's cached weight, the cpu backend's WeightCache, the packed backend's slices, the
-master codes when held as packed planes).
+`resident_tensors` walks every tensor a module keeps alive: parameters, buffers, and what each MatQuantLinear
+derived (`MatQuantLinear.derived_tensors`: the reference path's cached weight, the master codes when held as packed
+planes, and whatever its backend object lists in `resident_tensors()`).
 Tensors on the meta device (dropped master codes) hold no memory and are skipped; shared storage is counted once.
 """
 from __future__ import annotations
@@ -12,29 +12,9 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from matquant.kernels.packed_backend import layer_reason, planes_eligible
 from matquant.nn.bits import matquant_modules
 from matquant.nn.linear import MatQuantLinear
-
-
-def _derived(m: MatQuantLinear) -> Iterator[tuple[str, torch.Tensor]]:
-    if m._cached is not None:
-        yield "_cached", m._cached[1]
-    if m.master_planes is not None:
-        for i, t in enumerate(m.master_planes.tensors()):
-            yield f"master_planes.{i}", t
-    st = m._backend_state
-    if st is None:
-        return
-    for i, w in enumerate(st.weights._store.values()):
-        yield f"_backend_state.weights.{i}", w
-    for key, (a, b) in st.params.items():
-        yield f"_backend_state.params.{key[0]}.a", a
-        yield f"_backend_state.params.{key[0]}.b", b
-    if st.packed is not None:
-        yield "_backend_state.packed", st.packed.data
-    for (bits, mode), ps in st.slices.items():
-        for i, t in enumerate(ps.tensors()):
-            yield f"_backend_state.slices.{bits}.{mode}.{i}", t
 
 
 def resident_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -45,7 +25,7 @@ def resident_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, t
     for mname, m in model.named_modules():
         if isinstance(m, MatQuantLinear):
-            for name, t in _derived(m):
+            for name, t in m.derived_tensors():
                 yield f"{mname}.{name}" if mname else name, t
 
 
@@ -78,23 +58,21 @@ def prepare_packed(model: nn.Module, keep: Sequence[int] = (), planes: bool = Tr
     instead of uint8 (`MatQuantLinear.hold_master_packed`: same 8 bits/weight; every nested `set_bits` is then
     at most one AND per layer). Returns {module: reason} for layers (or kept precisions) the packed runtime
     declines."""
-    from matquant.kernels import dispatch
-
     declined = {}
     for name, m in matquant_modules(model).items():
         if m.backend not in ("packed", "auto") or m.scales.device.type != "cpu":
             continue
         wanted = [m.bits] + [b for b in keep if b != m.bits and b <= m.master_bits]
         for b in wanted:
-            reason = dispatch.packed_reason(m, b)
+            reason = layer_reason(m, b, high_format=m.compute_backend.options.high_format)
             if reason is not None:
                 declined[name] = reason
                 break
         else:
-            if planes and dispatch.planes_eligible(m):
+            if planes and planes_eligible(m):
                 m.hold_master_packed()
             for b in reversed(wanted):  # the current precision last, so it is never evicted
-                dispatch.packed_slice(m, b)
+                m.compute_backend.prepare(m, b, m.slicing)
     return declined
 
 
@@ -104,6 +82,6 @@ def drop_master(model: nn.Module, keep: Sequence[int] = ()) -> tuple[int, dict[s
     declined = prepare_packed(model, keep, planes=False)
     freed = 0
     for name, m in matquant_modules(model).items():
-        if name not in declined and m._backend_state is not None and m._backend_state.slices:
+        if name not in declined and m.compute_backend.resident_precisions():
             freed += m.drop_master()
     return freed, declined

@@ -1,7 +1,7 @@
-"""Importance-weighted, MatQuant-aware clipping search for the master's group parameters (α, z).
+"""The range search of every method: per-group (α, z) minimising the λ-weighted multi-slice error of the codes.
 
-MinMax sets each group's range to [min, max]. Here the range is [a·min, b·max] with per-group factors (a, b)
-(symmetric: b·absmax) chosen to minimise the multi-slice error of the group's codes
+MinMax sets each group's range to [min, max]. Here candidate ranges, scaled at each end by per-group factors
+(a, b), are scored with the multi-slice error of the group's codes
 
     E(a, b) = Σ_r λ_r · Σ_i h_i (w_i − ŵ_{i,r})²,   ŵ_{i,r} = α·(S_r(q_i) − z)
 
@@ -16,10 +16,17 @@ C_q = Σ λ_r o_r(q), D_q = Σ λ_r o_r(q)², Λ = Σ λ_r. The tables depend on
 costs a dozen element-wise operations per weight whatever the number of slices, and the centred form keeps float32
 exact enough (no u² − 2uS cancellation).
 
-Search (vectorised over every group of the matrix): MinMax (a = b = 1) is the starting point, then a joint factor
-t on both ends over `GRID`, then a over `GRID` with b fixed, then b with a fixed, then a ±`REFINE` local step on
-both. A group moves off its current best only for a strictly smaller error (relative margin 1e-6), so the result
-is never worse than MinMax on this objective and ties keep MinMax's parameters exactly.
+Two candidate strategies (`strategy`), vectorised over every group of the matrix:
+
+- `coordinate` (the `clip` option of every method): ranges [a·min, b·max] (symmetric: b·absmax). MinMax
+  (a = b = 1) is the starting point, then a joint factor t on both ends over `GRID`, then a over `GRID` with b
+  fixed, then b with a fixed, then a ±`REFINE` local step on both. A group moves off its current best only for a
+  strictly smaller error (relative margin 1e-6), so the result is never worse than MinMax on this objective and
+  ties keep MinMax's parameters exactly.
+- `midpoint_grid` (MatGPTQ's `group_params='search'`): ranges [m − a·ρ, m + b·ρ] about the MinMax range's mid-point
+  m with half-width ρ (symmetric: b·absmax), every pair (a, b) of `MIDPOINT_GRID`: shrinking an end clips, stretching
+  it gives the low slices' coarse grid room (in `paper` mode the top int-r level of an int-c code is 2^c − 2^(c−r),
+  so MinMax leaves the top of the range without an int2 level). The first pair with the smallest error wins.
 """
 from __future__ import annotations
 
@@ -37,14 +44,14 @@ from matquant.quant.slicing import DEFAULT_SLICING, check_slicing, slice_master
 CLIP_MODES = ("minmax", "mse", "weighted")  # MinMax; search with h = 1; search with h = diag(XᵀX)
 DEFAULT_CLIP = "minmax"
 # Slices a MatQuant checkpoint serves when the method has no R of its own (RTN, GPTQ), and their weights
-# λ_r = 2^(r−2). Measured on six SmolLM2 FFN matrices (docs/results.md, "Clipping search"): equal weights let int2's
-# error (4^6 × int8's) decide, and int8 got 56× worse than MinMax for 11 % less int2 error; λ = 4^r (every slice's
-# relative error counted alike) kept int8 and gained 16 % at int4; 2^r gained 28 % at int4, 7 % at int3, 1 % at
-# int2 for a 2× int8 error (still 10× below int6's).
+# λ_r = 2^(r−2): between equal weights (int2's error decides and int8 suffers) and 4^r (every slice's relative error
+# counted alike); the comparison is in docs/results.md, "Clipping search".
 DEFAULT_SERVED = (8, 6, 4, 3, 2)
 DEFAULT_SERVED_LAMBDAS = {DEFAULT_SERVED: tuple(2.0 ** (r - 2) for r in DEFAULT_SERVED)}
-GRID = (1.1, 1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)  # factors on an end of the MinMax range
+STRATEGIES = ("coordinate", "midpoint_grid")
+GRID = (1.1, 1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)  # coordinate: factors on an end of the MinMax range
 REFINE = 0.025
+MIDPOINT_GRID = (0.85, 1.0, 1.15, 1.3)  # midpoint_grid: factors on each half of the range (4 × 4 candidates)
 _MARGIN = 1e-6
 
 CodesFn = Callable[[torch.Tensor], torch.Tensor]  # u (master code units) -> integer codes 0..2^c-1
@@ -117,16 +124,21 @@ def multislice_error(g: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero
 class ClipResult:
     scale: torch.Tensor  # [out, n_groups] float32, exactly representable in param_dtype
     zero: torch.Tensor  # [out, n_groups] float32, exactly representable in param_dtype
-    lo_factor: torch.Tensor  # a: the range's low end is a·min (1 for symmetric)
-    hi_factor: torch.Tensor  # b: the high end is b·max (symmetric: b·absmax)
+    lo_factor: torch.Tensor  # a: the range's low end factor (1 for symmetric)
+    hi_factor: torch.Tensor  # b: the high end factor (symmetric: b·absmax)
     error: torch.Tensor  # the searched objective per group
-    minmax_error: torch.Tensor  # the objective of the MinMax parameters per group (>= error)
+    # the objective of the MinMax parameters per group (>= error); None for midpoint_grid, which does not start there
+    minmax_error: torch.Tensor | None
 
 
-def _params(g_lo, g_hi, a, b, c, symmetric, pdtype):
+def _params(g_lo, g_hi, a, b, c, symmetric, pdtype, about_midpoint=False):
+    """Stored (α, z) of the ranges [a·lo, b·hi] (about_midpoint: [m − a·ρ, m + b·ρ]; symmetric: b·absmax)."""
     if symmetric:
         s = symmetric_scale(b * g_hi, c, pdtype)
         z = torch.full_like(s, float(2 ** (c - 1)))
+    elif about_midpoint:
+        mid, rad = (g_lo + g_hi) / 2, (g_hi - g_lo) / 2
+        s, z = affine_params(mid - rad * a, mid + rad * b, c, pdtype)
     else:
         s, z = affine_params(a * g_lo, b * g_hi, c, pdtype)
     return s.to(pdtype).float(), z.to(pdtype).float()
@@ -135,11 +147,14 @@ def _params(g_lo, g_hi, a, b, c, symmetric, pdtype):
 @torch.no_grad()
 def clip_search(w: torch.Tensor, h: torch.Tensor | None = None, *, bits: int, group_size: int | None,
                 symmetric: bool = False, slicing: str = DEFAULT_SLICING, slices=None, lambdas=None,
-                param_dtype: torch.dtype = torch.float16, codes_fn: CodesFn | None = None, grid=GRID,
-                refine: float = REFINE) -> ClipResult:
-    """Per-group (α, z) of a [out, in] weight minimising the λ-weighted, h-weighted multi-slice error (see module)."""
+                param_dtype: torch.dtype = torch.float16, codes_fn: CodesFn | None = None, grid=None,
+                refine: float = REFINE, strategy: str = "coordinate") -> ClipResult:
+    """Per-group (α, z) of a [out, in] weight minimising the λ-weighted, h-weighted multi-slice error over the
+    candidates of `strategy` (see module); `grid` defaults to the strategy's (GRID or MIDPOINT_GRID)."""
     check_bits(bits)
     check_slicing(slicing)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown range search strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
     check_weight(w)
     gs = resolve_group_size(w.shape[1], group_size)
     R, lam = served_slices(bits, slices, lambdas)
@@ -155,41 +170,51 @@ def clip_search(w: torch.Tensor, h: torch.Tensor | None = None, *, bits: int, gr
         hg = h.reshape(g.shape[1], gs)
     g_lo, g_hi = (None, g.abs().amax(-1)) if symmetric else (g.amin(-1), g.amax(-1))
     one = torch.ones_like(g_hi)
-    a, b = one.clone(), one.clone()
-    s, z = _params(g_lo, g_hi, a, b, bits, symmetric, param_dtype)
-    err = multislice_error(g, hg, s, z, bits, tables, codes_fn).nan_to_num(float("inf"))
-    mm_err = err.clone()
+    midpoint = strategy == "midpoint_grid"
 
-    def consider(ca, cb):
-        nonlocal s, z, err, a, b
+    best = None  # (a, b, α, z, error) per group
+
+    def consider(ca, cb, margin=_MARGIN):  # a group takes the candidate only for a strictly smaller error
+        nonlocal best
         ca = ca.expand_as(one) if torch.is_tensor(ca) else one * ca
         cb = cb.expand_as(one) if torch.is_tensor(cb) else one * cb
-        cs, cz = _params(g_lo, g_hi, ca, cb, bits, symmetric, param_dtype)
-        e = multislice_error(g, hg, cs, cz, bits, tables, codes_fn).nan_to_num(float("inf"))
-        better = e < err * (1 - _MARGIN)
-        s, z, err = torch.where(better, cs, s), torch.where(better, cz, z), torch.where(better, e, err)
-        a, b = torch.where(better, ca, a), torch.where(better, cb, b)
+        cs, cz = _params(g_lo, g_hi, ca, cb, bits, symmetric, param_dtype, strategy == "midpoint_grid")
+        cand = (ca, cb, cs, cz, multislice_error(g, hg, cs, cz, bits, tables, codes_fn).nan_to_num(float("inf")))
+        if best is None:
+            best = cand
+        else:
+            better = cand[4] < best[4] * (1 - margin)
+            best = tuple(torch.where(better, x, y) for x, y in zip(cand, best))
 
+    if strategy == "midpoint_grid":  # every pair of the grid; the first with the smallest error wins
+        grid = MIDPOINT_GRID if grid is None else grid
+        for ca, cb in [(1.0, t) for t in grid] if symmetric else [(ta, tb) for ta in grid for tb in grid]:
+            consider(ca, cb, margin=0.0)
+        a, b, s, z, err = best
+        return ClipResult(scale=s, zero=z, lo_factor=a, hi_factor=b, error=err, minmax_error=None)
+    grid = GRID if grid is None else grid
+    consider(1.0, 1.0)  # MinMax
+    minmax_error = best[4].clone()
     for t in grid:  # one factor on both ends (symmetric: the only one)
         consider(t, t)
     if not symmetric:
-        b0 = b.clone()
+        b0 = best[1].clone()
         for t in grid:  # the low end, the high end at its best joint factor
             consider(t, b0)
-        a1 = a.clone()
+        a1 = best[0].clone()
         for t in grid:  # the high end, the low end at its best
             consider(a1, t)
     steps = (-refine, 0.0, refine) if not symmetric else (0.0,)
-    ar, br = a.clone(), b.clone()
+    ar, br = best[0].clone(), best[1].clone()
     for da in steps:
         for db in (-refine, 0.0, refine):
             if da or db:
                 consider((ar + da).clamp_min(0.05), (br + db).clamp_min(0.05))
     if symmetric:
         for db in (-refine / 2, refine / 2):
-            bb = b.clone()
-            consider(a, (bb + db).clamp_min(0.05))
-    return ClipResult(scale=s, zero=z, lo_factor=a, hi_factor=b, error=err, minmax_error=mm_err)
+            consider(best[0], (best[1].clone() + db).clamp_min(0.05))
+    a, b, s, z, err = best
+    return ClipResult(scale=s, zero=z, lo_factor=a, hi_factor=b, error=err, minmax_error=minmax_error)
 
 
 def quantize_clipped(w: torch.Tensor, h: torch.Tensor | None, *, bits: int, group_size: int | None,
@@ -205,5 +230,6 @@ def quantize_clipped(w: torch.Tensor, h: torch.Tensor | None, *, bits: int, grou
                            group_size=gs)
 
 
-__all__ = ["CLIP_MODES", "DEFAULT_CLIP", "DEFAULT_SERVED", "DEFAULT_SERVED_LAMBDAS", "ClipResult", "check_clip", "check_clip_lambdas", "clip_search",
-           "multislice_error", "quantize_clipped", "served_slices"]
+__all__ = ["CLIP_MODES", "DEFAULT_CLIP", "DEFAULT_SERVED", "DEFAULT_SERVED_LAMBDAS", "GRID", "MIDPOINT_GRID",
+           "STRATEGIES", "ClipResult", "check_clip", "check_clip_lambdas", "clip_search", "multislice_error",
+           "quantize_clipped", "served_slices"]

@@ -1,4 +1,6 @@
-"""Least-squares refit of the group parameters (α, z) for FIXED codes, against the layer's output error.
+"""Least-squares refit of the group parameters (α, z) for FIXED codes, against the layer's output error: the one
+refit behind `refit` (GPTQ/MatGPTQ: the shared (α, z) for every served slice at once) and `slice_params='own'`
+(each slice's own (α_r, z_r), `separate=True`).
 
 After GPTQ/MatGPTQ has chosen every code (with α, z fixed when its column loop reached each group), the group
 parameters are no longer the best ones for those codes: the error feedback moved the weights the codes stand for.
@@ -34,21 +36,25 @@ def _error(K: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def refit_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 *, master_bits: int, group_size: int, slicing: str, bits=None, lambdas=None,
+                 *, master_bits: int, group_size: int, slicing: str, slices=None, lambdas=None,
                  symmetric: bool = False, param_dtype: torch.dtype = torch.float16, chunk: int = 256,
                  separate: bool = False):
-    """(scales, zeros, fraction of rows changed) minimising Σ_r λ_r ‖(W − Ŵ_r)X‖² for the given codes.
+    """(scales, zeros, fraction of rows changed) minimising Σ_r λ_r ‖(W − Ŵ_r)X‖² over r in `slices` for the given
+    codes.
 
     W [out, in] float weights the codes stand for (the layer's original weights), H [in, in] (any positive multiple
     of XᵀX), codes uint8 [out, in], scales/zeros [out, G] the stored values the codes were chosen with.
-    `bits`/`lambdas`: the served slices and their weights (default: the master alone). `separate`: fit every slice
-    of `bits` on its own error instead (λ unused) and return {r: (scales, zeros, fraction)}; the products with H
-    that do not depend on the slice are computed once.
+    `slices`/`lambdas`: the slices whose error is fitted and their weights (default: the master alone, λ = 1).
+    `separate`: fit every slice of `slices` on its own error instead (λ unused) and return {r: (scales, zeros,
+    fraction)}; the products with H that do not depend on the slice are computed once.
     """
     out_f, in_f = W.shape
     gs = group_size
     G = in_f // gs
-    bits = (master_bits,) if bits is None else tuple(bits)
+    bits = (master_bits,) if slices is None else tuple(int(r) for r in slices)
+    for r in bits:
+        if not 1 <= r <= master_bits:
+            raise ValueError(f"refit: slice int{r} is not a slice of the int{master_bits} master (1..{master_bits}).")
     lam = (1.0,) * len(bits) if lambdas is None else tuple(float(x) for x in lambdas)
     H = H.double()  # (a column never seen in calibration has a zero row and column: it adds nothing)
     Hb = H.view(G, gs, in_f)
@@ -72,7 +78,7 @@ def refit_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
                     continue
                 v = slice_master(q, master_bits, r, slicing).double().view(n, G, gs)  # [n, G, gs]
                 Y = torch.einsum("rgk,gkj->rgj", v, Hb).view(n, G, G, gs)  # Σ_{i∈g} v_i H_ij, columns j by group h
-                Kaa += lr * torch.einsum("rghk,rhk->rgh", Y, v)  # (3x faster than the product-and-sum on CPU)
+                Kaa += lr * torch.einsum("rghk,rhk->rgh", Y, v)  # (faster than the product-and-sum on CPU)
                 Kat -= lr * Y.sum(-1)
                 ba += lr * (v * Hw.view(n, G, gs)).sum(-1)
             L = sum(plam)
@@ -104,25 +110,3 @@ def refit_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
     out = [(s_, z_, c / max(1, out_f)) for s_, z_, c in new]
     return {r: o for (pb, _), o in zip(problems, out) for r in pb} if separate else out[0]
 
-
-@torch.no_grad()
-def own_slice_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                     zeros: torch.Tensor, *, master_bits: int, group_size: int, slicing: str, slices,
-                     symmetric: bool = False, param_dtype: torch.dtype = torch.float16,
-                     master: bool = False) -> dict:
-    """{r: (scales_r, zeros_r)}: for every slice r in `slices` (below the master), the group parameters that
-    minimise that slice's own output error ‖(W − Ŵ_r)X‖² for its fixed codes (`refit_params` with R = {r});
-    `master`: the master's own fit too, under key `master_bits` (in the same pass over H).
-
-    The codes stay the master's bit prefixes; only how the r-bit slice reads them back changes, and it stays one
-    affine map per group, in master code units like the shared (α, z): ŵ_r = α_r·(S_r(q) − z_r). Serving slice r
-    costs the same bits as before (one α and z per group); the checkpoint stores one more pair per group and slice.
-    A row keeps the shared values where the fit does not lower its error (the refit's guarantee)."""
-    rs = sorted({int(b) for b in slices}, reverse=True)
-    for r in rs:
-        if not 1 <= r < master_bits:
-            raise ValueError(f"slice-own parameters are for slices below the int{master_bits} master, got int{r}.")
-    fits = refit_params(W, H, codes, scales, zeros, master_bits=master_bits, group_size=group_size, slicing=slicing,
-                        bits=([master_bits] if master else []) + rs, symmetric=symmetric, param_dtype=param_dtype,
-                        separate=True)
-    return {r: (s.to(param_dtype), z.to(param_dtype)) for r, (s, z, _) in fits.items()}

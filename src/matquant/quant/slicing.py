@@ -19,8 +19,8 @@ import torch
 from matquant.quant.rounding import floor_ste, round_half_up_ste
 
 SLICING_MODES = ("paper", "nested", "extra")
-# What `quantize` builds for when not told: nested, measured better at 2-4 bits on SmolLM2 for RTN, MatGPTQ and
-# OmniQuant (docs/results.md) and for the team's QAT runs, and its slices are exact bit prefixes. "paper" is one flag away.
+# What `quantize` builds for when not told: nested, the better mode at 2-4 bits on SmolLM2 for RTN, MatGPTQ, OmniQuant
+# and QAT (measured in docs/results.md), and its slices are exact bit prefixes. "paper" is one flag away.
 DEFAULT_SLICING = "nested"  # the ONE default: every signature that defaults a slicing mode refers to this name
 
 

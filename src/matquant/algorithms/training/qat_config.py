@@ -1,4 +1,4 @@
-"""QAT hyper-parameters (`QATConfig`, validated before any work), the learning-rate schedule, the data order and the
+"""QAT hyper-parameters (`TrainingConfig`, validated before any work), the learning-rate schedule, the data order and the
 per-step RNG seed: pure functions of (seed, step), so a resumed run needs no loader or RNG state."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from matquant.algorithms.training.fake_quant import QPARAM_MODES
 
 
 @dataclass
-class QATConfig:
+class TrainingConfig:
     steps: int = 200
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -29,7 +29,7 @@ class QATConfig:
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     extra: dict = field(default_factory=dict)
 
-    def validate(self) -> "QATConfig":
+    def validate(self) -> "TrainingConfig":
         def need(ok, msg):
             if not ok:
                 raise ValueError(msg)
@@ -52,7 +52,7 @@ class QATConfig:
         return self
 
 
-def lr_at(cfg: QATConfig, step: int) -> float:
+def lr_at(cfg: TrainingConfig, step: int) -> float:
     """Learning rate of update `step` (0-based): linear warm-up, then cosine to min_lr_ratio·lr."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -78,9 +78,9 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
 
-def make_config(**kw) -> QATConfig:
-    """A validated QATConfig from option names as the CLI / `quantize_model` spell them (None = the default)."""
-    cfg = QATConfig()
+def make_config(**kw) -> TrainingConfig:
+    """A validated TrainingConfig from option names as the CLI / `quantize_model` spell them (None = the default)."""
+    cfg = TrainingConfig()
     mapping = {"batch_size_train": "batch_size"}
     for k, v in kw.items():
         if v is None and k != "work_dir":

@@ -33,7 +33,7 @@ from matquant.algorithms.training.distributed import barrier, init_distributed, 
 from matquant.algorithms.training.diverged import check_finite_loss
 from matquant.algorithms.training.fake_quant import FakeQuantLinear, set_layer_bits
 from matquant.algorithms.training.objective import Objective
-from matquant.algorithms.training.qat_config import QATConfig, lr_at, sample_indices, step_seed
+from matquant.algorithms.training.qat_config import TrainingConfig, lr_at, sample_indices, step_seed
 from matquant.algorithms.training.workdir import WorkDir, tensor_sha256
 from matquant.models.targets import linear_weight
 from matquant.nn.replace import set_submodule
@@ -42,7 +42,7 @@ from matquant.quant.minmax import QuantizedWeight, resolve_group_size
 STEP_PREFIX = "step-"
 
 
-def qat_settings(objective: Objective, cfg: QATConfig, targets, calib: torch.Tensor,
+def qat_settings(objective: Objective, cfg: TrainingConfig, targets, calib: torch.Tensor,
                  layers: dict[str, FakeQuantLinear], world: int) -> dict:
     """Everything that determines the result of a QAT run (the work dir's fingerprint)."""
     keep = {k: v for k, v in asdict(cfg).items() if k not in ("save_every", "work_dir", "device", "extra")}
@@ -135,7 +135,7 @@ def set_layer_bits(layers, bits: int) -> None:
         m.bits = bits
 
 
-def train_qat(model, targets: list[str], calib: torch.Tensor, objective: Objective, cfg: QATConfig, *,
+def train_qat(model, targets: list[str], calib: torch.Tensor, objective: Objective, cfg: TrainingConfig, *,
               group_size: int, symmetric: bool, param_dtype: torch.dtype, progress: bool = True,
               step_callback=None, clip: str = "minmax", importance: dict | None = None,
               clip_lambdas: tuple | None = None) -> QATResult:

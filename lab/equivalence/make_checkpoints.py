@@ -1,0 +1,119 @@
+"""Build the equivalence set: the same `matquant quantize` commands on fixed inputs, every method x both slicing
+modes on a tiny Llama (and, with --real, the demo's options and `--recipe quality` on SmolLM2 at a fixed thread
+count), one checkpoint folder per case under OUT/. Run it with two versions of matquant (e.g. a git worktree of the
+old commit on PYTHONPATH) and compare the two OUT trees with compare_checkpoints.py: behaviour-preserving changes
+must give bit-identical codes and parameters.
+
+    python lab/equivalence/make_checkpoints.py OUT [--real] [--only NAME_SUBSTRING]
+
+Every case names its method explicitly (`--method` or `--recipe`), so the result does not depend on the defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Matryoshka dolls nest inside each other, "
+        "and so do the bits of an integer: the top two bits of an eight bit code are a two bit code. ")
+
+# name -> flags (each run at --slicing paper and nested)
+TINY_CASES = {
+    "rtn": ["--method", "rtn"],
+    "rtn_mse_own": ["--method", "rtn", "--clip", "mse", "--slice-params", "own"],
+    "rtn_weighted": ["--method", "rtn", "--clip", "weighted"],
+    "rtn_rotate_input": ["--method", "rtn", "--rotate", "input"],
+    "gptq": ["--method", "gptq"],
+    "gptq4_refit_weighted_own": ["--method", "gptq", "--bits-master", "4", "--refit", "--clip", "weighted",
+                                 "--clip-lambdas", "1,0,0", "--slice-params", "own"],
+    "matgptq": ["--method", "matgptq"],
+    "matgptq_search_actorder": ["--method", "matgptq", "--group-params", "search", "--act-order",
+                                "--error-feedback", "mean", "--propagate", "fp"],
+    "matgptq_refit_842": ["--method", "matgptq", "--refit", "--bits-list", "8,4,2", "--lambdas", "1,1,2"],
+    "matgptq_rotate_residual": ["--method", "matgptq", "--rotate", "residual"],
+    "recipe_quality": ["--recipe", "quality"],
+    "recipe_balanced": ["--recipe", "balanced"],
+    "omniquant": ["--method", "omniquant", "--epochs", "1"],
+    "omniquant_let_mse_own": ["--method", "omniquant", "--epochs", "1", "--let", "--clip", "mse",
+                              "--slice-params", "own", "--loss-balance", "initial"],
+    "qat": ["--method", "qat", "--steps", "3"],
+    "qat_distill_learnable": ["--method", "qat", "--steps", "3", "--distill", "[8,4,2,8->2]", "--qparams",
+                              "learnable"],
+}
+TINY_COMMON = ["--scope", "ffn+attn", "--group-size", "32", "--calib-windows", "4", "--calib-seqlen", "32",
+               "--threads", "1"]
+
+# SmolLM2: the demo's quantization (MatGPTQ, FFN, group 64, 2 threads) and the quality recipe
+REAL_CASES = {
+    "smollm2_demo_matgptq": ["--method", "matgptq", "--threads", "2"],
+    "smollm2_recipe_quality": ["--recipe", "quality", "--threads", "2"],
+}
+
+
+def tiny_model_folder(folder: Path) -> Path:
+    """A tiny random Llama (seed 0) with a byte-level BPE tokenizer, saved as an HF folder."""
+    import torch
+    import transformers as T
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if (folder / "config.json").exists():
+        return folder
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        tie_word_embeddings=True)
+    model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT * 40], trainer)
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def run_case(out: Path, name: str, flags: list[str]) -> float:
+    if (out / name / "config.json").exists():
+        print(f"{name}: exists, skipped")
+        return 0.0
+    cmd = [sys.executable, "-m", "matquant", "quantize", *flags, "--out", str(out / name)]
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+    if r.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    print(f"{name}: {time.time() - t0:.0f}s", flush=True)
+    return time.time() - t0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--real", action="store_true", help="also the SmolLM2 cases (minutes each)")
+    p.add_argument("--only", default=None, help="run only cases whose name contains this")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = tiny_model_folder(args.out / "_tiny_model")
+    calib = args.out / "_calib.txt"
+    calib.write_text(TEXT * 40)
+    for name, flags in TINY_CASES.items():
+        for slicing in ("paper", "nested"):
+            case = f"tiny_{name}_{slicing}"
+            if args.only and args.only not in case:
+                continue
+            run_case(args.out, case, [*flags, *TINY_COMMON, "--slicing", slicing, "--model", str(model),
+                                      "--calib-text", str(calib)])
+    if args.real:
+        for name, flags in REAL_CASES.items():
+            if not args.only or args.only in name:
+                run_case(args.out, name, flags)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

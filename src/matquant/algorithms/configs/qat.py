@@ -1,0 +1,68 @@
+"""QATConfig: end-to-end MatQuant quantization-aware training (optionally with co-distillation), torchrun-ready."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from matquant.algorithms.configs import options
+from matquant.algorithms.configs.base import PIPELINE, RUNTIME, MethodConfig, option, register_config
+
+
+@register_config
+@dataclass
+class QATConfig(MethodConfig):
+    name = "qat"
+    summary = "end-to-end MatQuant QAT with optional co-distillation (docs/qat.md)"
+
+    bits_list: list | None = options.bits_list("8,4,2, as in the paper")
+    lambdas: list | None = options.lambdas("0.1,0.1,1 for 8,4,2 (the paper's), else 1 for the lowest and 0.1 for "
+                                           "the others")
+    distill: str | None = options.distill()
+    steps: int | None = option(None, "optimizer steps (default 200)", type=int)
+    lr: float | None = option(None, "AdamW peak learning rate (default 1e-4)", type=float)
+    weight_decay: float | None = option(None, "AdamW weight decay (default 0)", type=float)
+    warmup_steps: int | None = option(None, "linear warm-up steps, then cosine (default 5%%)", type=int)
+    min_lr_ratio: float | None = option(None, "final lr / peak lr of the cosine (default 0.1)", type=float)
+    batch_size_train: int | None = option(None, "windows per micro-batch per process (default 1)", type=int)
+    grad_accum: int | None = option(None, "micro-batches per optimizer step (default 1)", type=int)
+    max_grad_norm: float | None = option(None, "gradient clipping norm, 0 = off (default 1)", type=float)
+    qparams: str | None = option(None, "minmax: scale/zero recomputed from the weights every step (default); "
+                                 "learnable: trained too", choices=("minmax", "learnable"))
+    seed: int | None = options.seed(None)
+    save_every: int | None = option(None, "checkpoint every N steps; 0 = only at the end (default 50)", type=int,
+                                    kind=RUNTIME)
+    work_dir: str | None = options.work_dir("training checkpoints; rerunning the same command resumes from here "
+                                            "(default OUT.qat-work, deleted after a successful run unless "
+                                            "--keep-work-dir; a folder you name is always kept)")
+    keep_work_dir: bool = option(False, "keep the default training-state folder (OUT.qat-work: weights + AdamW "
+                                 "moments) after success", kind=PIPELINE, action="store_true")
+    device: str | None = option(None, "auto (default: this process's GPU if any), cpu or cuda", kind=RUNTIME,
+                                flag="--train-device")
+    amp: bool | None = option(None, "no bf16 autocast on GPU", kind=RUNTIME, flag="--no-amp", action="store_false")
+    clip: str = options.clip(": the learnable scale/zero's start (needs --qparams learnable)")
+    clip_lambdas: list | None = options.clip_lambdas("--bits-list precision; the search is the start of the "
+                                                     "learnable scale/zero")
+    slice_params: str = options.slice_params()
+
+    def validate_method(self) -> None:
+        from matquant.algorithms.slice_params import check_slice_params
+        from matquant.algorithms.training.objective import build_objective
+        from matquant.algorithms.training.qat_config import make_config
+        from matquant.quant.clip_search import check_clip, check_clip_lambdas
+
+        check_clip(self.clip)
+        check_slice_params(self.slice_params)
+        obj = build_objective(self.bits_list, self.lambdas, self.distill, master_bits=self.master_bits,
+                              slicing=self.slicing)
+        check_clip_lambdas(self.clip_lambdas, self.clip, self.master_bits, obj.bits)
+        make_config(**{k: v for k, v in self.method_kwargs().items()
+                       if k not in ("bits_list", "lambdas", "distill", "clip", "clip_lambdas", "slice_params")})
+
+    def for_output(self, out) -> "QATConfig":
+        """The training state goes next to the output folder unless a work dir is named."""
+        return self if self.work_dir is not None or out is None else self.replace(work_dir=f"{out}.qat-work")
+
+    def run(self, model, targets, calib, progress=True, **hooks):
+        from matquant.algorithms.qat import qat
+
+        return qat(model, targets, **self.layout_kwargs(hooks.pop("param_dtype")), calib=calib, progress=progress,
+                   **self.method_kwargs(), **hooks)

@@ -1,0 +1,99 @@
+"""The template GGUF a slice is written into: its metadata, tokenizer and non-quantized tensors are reused, so it
+must be of the checkpoint's model (checked here), and the GGUF tensor names and llama.cpp's row order of attn_q/attn_k
+come from its architecture.
+
+llama.cpp's converter permutes the rows of attn_q/attn_k for the architectures transformers reverse-permutes on
+load (llama); the export permutes our codes and per-row constants the same way (rows only, so input-dim groups stay
+whole).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from matquant.integrations.export_slices import ExportError
+
+# transformers' model_type -> GGUF general.architecture, where they differ (llama.cpp writes Mistral as llama)
+HF_TO_GGUF_ARCH = {"mistral": "llama", "cohere": "command-r", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
+                   "gemma3_text": "gemma3"}
+# template metadata -> model config, checked before anything is written
+ARCH_KEYS = {"block_count": "num_hidden_layers", "embedding_length": "hidden_size",
+             "feed_forward_length": "intermediate_size", "attention.head_count": "num_attention_heads",
+             "attention.head_count_kv": "num_key_value_heads"}
+
+
+def default_template() -> Path:
+    """The embedded SmolLM2-135M's own shipped GGUF."""
+    from matquant.models.loading import DEFAULT_MODEL, embedded_model_source
+
+    src = embedded_model_source(DEFAULT_MODEL)
+    return Path(src.path) / src.gguf_file
+
+
+def llama_row_permutation(rows: int, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
+    """Row order llama.cpp's converter gives attn_q (n_head) / attn_k (n_head_kv): out[i] = in[perm[i]]."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    idx = np.arange(rows)
+    return idx.reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
+
+
+def arch_permutes_qk(arch: str) -> bool:
+    """Does transformers' GGUF loader reverse-permute attn_q/attn_k for this architecture (as llama.cpp permutes)?"""
+    try:
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, LlamaTensorProcessor
+    except ImportError:  # pragma: no cover - older/newer transformers layout
+        return arch == "llama"
+    proc = TENSOR_PROCESSORS.get(arch)
+    return proc is not None and issubclass(proc, LlamaTensorProcessor)
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def check_template(reader, config, tokenizer, template: Path) -> str:
+    """The template's architecture, after refusing one that is not the checkpoint's model."""
+    arch = _field(reader, "general.architecture")
+    want = HF_TO_GGUF_ARCH.get(config.model_type, config.model_type)
+    hint = (" Pass --template with a GGUF of the checkpoint's source model (made by llama.cpp's "
+            "convert_hf_to_gguf.py, see docs/export.md).")
+    if arch != want:
+        raise ExportError(f"template {template} is a {arch!r} model but the checkpoint is {config.model_type!r} "
+                          f"(GGUF architecture {want!r}).{hint}")
+    for key, attr in ARCH_KEYS.items():
+        tv, cv = _field(reader, f"{arch}.{key}"), getattr(config, attr, None)
+        if tv is not None and cv is not None and int(tv) != int(cv):
+            raise ExportError(f"template {template} has {arch}.{key} = {tv} but the checkpoint's {attr} is {cv}: "
+                              f"another model size.{hint}")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None and tokenizer is not None:
+        n = len(tokens.data)
+        ours = tokenizer.convert_ids_to_tokens(list(range(min(n, len(tokenizer)))))
+        theirs = tokens.contents()
+        bad = [i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y]
+        if bad or len(tokenizer) > n:
+            i = bad[0] if bad else n
+            raise ExportError(f"template {template}'s vocabulary differs from the checkpoint's tokenizer (first at "
+                              f"id {i}; {len(bad)} ids differ, {n} vs {len(tokenizer)} tokens).{hint}")
+    return arch
+
+
+def gguf_tensor_names(arch: str, n_layers: int):
+    """HF tensor name -> GGUF tensor name (None where the architecture has none) for `arch`."""
+    import gguf
+
+    arch_enum = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), None)
+    if arch_enum is None:
+        raise ExportError(f"gguf {gguf.__version__ if hasattr(gguf, '__version__') else ''} does not know the "
+                          f"architecture {arch!r}; upgrade the gguf package.")
+    name_map = gguf.get_tensor_name_map(arch_enum, n_layers)
+
+    def to_gguf(hf_name: str) -> str | None:
+        base, _, suffix = hf_name.rpartition(".")
+        g = name_map.get_name(base)
+        return f"{g}.{suffix}" if g is not None else None
+
+    return to_gguf
