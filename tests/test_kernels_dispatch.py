@@ -196,3 +196,28 @@ def test_auto_on_cuda_declined_call_uses_fast_path_silently():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.testing.assert_close(TritonBackend(quiet=True).forward(lin, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_objects_hold_what_memory_counts():
+    """One backend object per layer (issue 25): set_backend builds it, options persist across calls unless given,
+    and what it holds (resident_tensors) is what nn.memory counts; the layer keeps no backend state of its own."""
+    from matquant.kernels.backend import Backend
+    from matquant.nn.memory import quantized_resident_bytes
+
+    lin = _layer(bias=False)
+    lin.set_backend("torch")
+    assert type(lin.compute_backend) is Backend and lin.backend == "torch"
+    lin.set_backend("cpu", cache_precisions=2)
+    base = quantized_resident_bytes(lin)
+    x = torch.randn(2, 192)
+    for bits in (8, 4, 2):
+        lin.set_bits(bits)
+        lin(x)
+    held = list(lin.compute_backend.resident_tensors())
+    assert len(held) == 2 and all(t.shape == (lin.out_features, lin.in_features) for _, t in held)
+    assert quantized_resident_bytes(lin) == base + 2 * lin.out_features * lin.in_features * 4
+    lin.set_backend("cpu")  # cache_precisions not given: kept
+    assert lin.compute_backend.options.cache_precisions == 2 and not list(lin.compute_backend.resident_tensors())
+    with pytest.raises(ValueError, match="keep bits"):
+        lin.set_backend("packed", keep=[9])
+    assert lin.backend == "cpu"  # a refused call changes nothing

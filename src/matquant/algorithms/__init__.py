@@ -27,11 +27,7 @@ from matquant.algorithms.rtn import rtn
 HOOKS = ("step_callback",)
 
 
-def _fn_of(cls) -> dict:
-    return {"rtn": rtn, "gptq": gptq, "matgptq": matgptq, "omniquant": omniquant, "qat": qat}.get(cls.name)
-
-
-METHODS = {name: _fn_of(cls) for name, cls in METHOD_CONFIGS.items()}
+METHODS = {"rtn": rtn, "gptq": gptq, "matgptq": matgptq, "omniquant": omniquant, "qat": qat}  # name -> function
 
 
 def register_method(name: str, fn, needs_calibration: bool = False) -> type[MethodConfig]:
@@ -43,8 +39,8 @@ def register_method(name: str, fn, needs_calibration: bool = False) -> type[Meth
               if p.kind == p.KEYWORD_ONLY and n not in common and not n.startswith("_")
               and p.default is not inspect.Parameter.empty]
 
-    def run(self, model, targets, calib, progress=True, **hooks):
-        return fn(model, targets, **self.layout_kwargs(hooks.pop("param_dtype")), calib=calib, progress=progress,
+    def run(self, model, targets, calib, progress=True, *, param_dtype, **hooks):
+        return fn(model, targets, **self.layout_kwargs(param_dtype), calib=calib, progress=progress,
                   **self.method_kwargs(), **hooks)
 
     cls = make_dataclass(f"{name}Config", fields, bases=(MethodConfig,),

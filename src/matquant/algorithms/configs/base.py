@@ -43,6 +43,7 @@ class MethodConfig:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    function: ClassVar[str] = ""  # "module:function" doing the work (see algorithms/__init__.py)
     calib_defaults: ClassVar[tuple[int, int]] = (32, 512)  # (windows, tokens per window) when calibration is read
     data_driven: ClassVar[bool] = True  # always reads calibration windows
 
@@ -85,7 +86,23 @@ class MethodConfig:
         return self
 
     def validate_method(self) -> None:
-        """The method's own checks (subclasses)."""
+        """The method's own checks (subclasses extend them)."""
+        from matquant.algorithms.slice_params import check_slice_params
+        from matquant.quant.clip_search import check_clip
+
+        if hasattr(self, "clip"):
+            check_clip(self.clip)
+        if hasattr(self, "slice_params"):
+            check_slice_params(self.slice_params)
+
+    def validate_objective(self) -> None:
+        """For the methods trained on a multi-precision objective (R, λ, distillation) with a searched start."""
+        from matquant.algorithms.training.objective import build_objective
+        from matquant.quant.clip_search import check_clip_lambdas
+
+        obj = build_objective(self.bits_list, self.lambdas, self.distill, master_bits=self.master_bits,
+                              slicing=self.slicing)
+        check_clip_lambdas(self.clip_lambdas, self.clip, self.master_bits, obj.bits)
 
     def needs_calibration(self) -> bool:
         """Whether this configuration reads calibration windows."""
@@ -93,9 +110,15 @@ class MethodConfig:
             or getattr(self, "slice_params", None) == "own"
 
     # --- the work ---------------------------------------------------------------------------------------------
-    def run(self, model, targets: list[str], calib, progress: bool = True, **hooks) -> dict:
-        """Quantize `targets` of `model`; returns {module name: QuantizedWeight}. `hooks`: test/run callbacks."""
-        raise NotImplementedError
+    def run(self, model, targets: list[str], calib, progress: bool = True, *, param_dtype, **hooks) -> dict:
+        """Quantize `targets` of `model` with the method's function; returns {module name: QuantizedWeight}.
+        `hooks`: callbacks of a run (e.g. qat's step_callback), passed through."""
+        import importlib
+
+        module, fn = self.function.split(":")
+        return getattr(importlib.import_module(module), fn)(
+            model, targets, **self.layout_kwargs(param_dtype), calib=calib, progress=progress,
+            **self.method_kwargs(), **hooks)
 
     def layout_kwargs(self, param_dtype) -> dict:
         """The keyword arguments every method function takes."""

@@ -13,6 +13,7 @@ from matquant.algorithms.gptq import DEFAULT_BLOCKSIZE
 class GPTQConfig(MethodConfig):
     name = "gptq"
     summary = "GPTQ at --bits-master bits (the per-bit baseline)"
+    function = "matquant.algorithms.gptq:gptq"
 
     damp: float = option(0.01, "Hessian damping, as a fraction of its mean diagonal", type=float)
     act_order: bool = option(False, "process columns by decreasing Hessian diagonal (group parameters then fixed "
@@ -33,15 +34,6 @@ class GPTQConfig(MethodConfig):
 
     def validate_method(self) -> None:
         from matquant.algorithms.gptq import check_gptq_clip_lambdas
-        from matquant.algorithms.slice_params import check_slice_params
-        from matquant.quant.clip_search import check_clip
 
-        check_clip(self.clip)
-        check_slice_params(self.slice_params)
+        super().validate_method()
         check_gptq_clip_lambdas(self.clip_lambdas, self.clip, self.master_bits)
-
-    def run(self, model, targets, calib, progress=True, **hooks):
-        from matquant.algorithms.gptq import gptq
-
-        return gptq(model, targets, **self.layout_kwargs(hooks.pop("param_dtype")), calib=calib, progress=progress,
-                    **self.method_kwargs(), **hooks)

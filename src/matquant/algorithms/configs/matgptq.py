@@ -14,6 +14,7 @@ from matquant.algorithms.matgptq import DEFAULT_ERROR_FEEDBACK, DEFAULT_GROUP_PA
 class MatGPTQConfig(GPTQConfig):
     name = "matgptq"
     summary = "multi-precision GPTQ whose int-C codes are chosen for every slice in --bits-list"
+    function = "matquant.algorithms.matgptq:matgptq"
 
     bits_list: list | None = options.bits_list("8,4,3,2, cut to the master precision; docs/gptq.md")
     lambdas: list | None = options.lambdas("16,4,2,1 for 8,4,3,2 and 16,4,1 for 8,4,2, else all 1; docs/gptq.md")
@@ -39,9 +40,3 @@ class MatGPTQConfig(GPTQConfig):
         bits, _ = resolve_bits_lambdas(self.master_bits, self.bits_list, self.lambdas)
         propagate_fn(self.propagate, self.master_bits, self.slicing)
         check_clip_lambdas(self.clip_lambdas, self.clip, self.master_bits, bits)
-
-    def run(self, model, targets, calib, progress=True, **hooks):
-        from matquant.algorithms.matgptq import matgptq
-
-        return matgptq(model, targets, **self.layout_kwargs(hooks.pop("param_dtype")), calib=calib,
-                       progress=progress, **self.method_kwargs(), **hooks)

@@ -13,6 +13,7 @@ from matquant.algorithms.omniquant import BLOCK_INPUTS, DEFAULT_EPOCHS, DEFAULT_
 class OmniQuantConfig(MethodConfig):
     name = "omniquant"
     summary = "block-wise MatQuant training of learnable clipping (docs/omniquant.md)"
+    function = "matquant.algorithms.omniquant:omniquant"
     calib_defaults = (8, 256)
 
     bits_list: list | None = options.bits_list("8,4,2, as in the paper")
@@ -42,22 +43,9 @@ class OmniQuantConfig(MethodConfig):
     slice_params: str = options.slice_params()
 
     def validate_method(self) -> None:
-        from matquant.algorithms.slice_params import check_slice_params
-        from matquant.algorithms.training.objective import build_objective
-        from matquant.quant.clip_search import check_clip, check_clip_lambdas
-
-        check_clip(self.clip)
-        check_slice_params(self.slice_params)
-        obj = build_objective(self.bits_list, self.lambdas, self.distill, master_bits=self.master_bits,
-                              slicing=self.slicing)
-        check_clip_lambdas(self.clip_lambdas, self.clip, self.master_bits, obj.bits)
+        super().validate_method()
+        self.validate_objective()
         if self.let and self.rotate in ("input", "block"):
             raise ValueError("LET (--let) folds per-channel scales into the RMSNorm/up_proj that feed the rotated "
                              "layers, which an input rotation does not commute with; use --rotate none with --let, "
                              "or drop --let.")
-
-    def run(self, model, targets, calib, progress=True, **hooks):
-        from matquant.algorithms.omniquant import omniquant
-
-        return omniquant(model, targets, **self.layout_kwargs(hooks.pop("param_dtype")), calib=calib,
-                         progress=progress, **self.method_kwargs(), **hooks)

@@ -12,6 +12,7 @@ from matquant.algorithms.configs.base import PIPELINE, RUNTIME, MethodConfig, op
 class QATConfig(MethodConfig):
     name = "qat"
     summary = "end-to-end MatQuant QAT with optional co-distillation (docs/qat.md)"
+    function = "matquant.algorithms.qat:qat"
 
     bits_list: list | None = options.bits_list("8,4,2, as in the paper")
     lambdas: list | None = options.lambdas("0.1,0.1,1 for 8,4,2 (the paper's), else 1 for the lowest and 0.1 for "
@@ -44,25 +45,13 @@ class QATConfig(MethodConfig):
     slice_params: str = options.slice_params()
 
     def validate_method(self) -> None:
-        from matquant.algorithms.slice_params import check_slice_params
-        from matquant.algorithms.training.objective import build_objective
         from matquant.algorithms.training.qat_config import make_config
-        from matquant.quant.clip_search import check_clip, check_clip_lambdas
 
-        check_clip(self.clip)
-        check_slice_params(self.slice_params)
-        obj = build_objective(self.bits_list, self.lambdas, self.distill, master_bits=self.master_bits,
-                              slicing=self.slicing)
-        check_clip_lambdas(self.clip_lambdas, self.clip, self.master_bits, obj.bits)
+        super().validate_method()
+        self.validate_objective()
         make_config(**{k: v for k, v in self.method_kwargs().items()
                        if k not in ("bits_list", "lambdas", "distill", "clip", "clip_lambdas", "slice_params")})
 
     def for_output(self, out) -> "QATConfig":
         """The training state goes next to the output folder unless a work dir is named."""
         return self if self.work_dir is not None or out is None else self.replace(work_dir=f"{out}.qat-work")
-
-    def run(self, model, targets, calib, progress=True, **hooks):
-        from matquant.algorithms.qat import qat
-
-        return qat(model, targets, **self.layout_kwargs(hooks.pop("param_dtype")), calib=calib, progress=progress,
-                   **self.method_kwargs(), **hooks)
