@@ -1,5 +1,5 @@
 """`matquant` command line. Each subcommand lives in matquant/commands/<name>.py and exposes
-`register(subparsers)`; add new ones to COMMANDS."""
+`register(subparsers)`; add new ones to COMMANDS (`export` also registers its old alias `slice`)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("demo", "quantize", "eval", "slice", "info", "mixnmatch", "experiment", "report", "export", "generate")
+COMMANDS = ("demo", "quantize", "eval", "info", "mixnmatch", "experiment", "report", "export", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:

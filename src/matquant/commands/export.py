@@ -44,6 +44,7 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=run)
+    register_slice_alias(sub)
 
 
 def register_slice_alias(sub) -> None:
