@@ -6,7 +6,6 @@ Rows (per layer shape [out × in], batch, bits, slicing mode), milliseconds per 
   dense       fp32 F.linear with a ready weight: the floor, and what every *cached* path costs
   ref         torch_ref.dequantize_slice + F.linear (the torch backend's first call after set_bits)
   cpu         kernels.cpu.linear from the uint8 master codes, no cache
-  cpu-packed  kernels.cpu.linear from the nested-exact 2|2|4 planes, no cache
   cpu-cached  kernels.cpu.linear with a per-precision WeightCache (steady state)
 """
 from __future__ import annotations
@@ -24,7 +23,6 @@ import torch.nn.functional as F
 
 from matquant.format.atomic import atomic_write_json
 from matquant.kernels import cpu, torch_ref
-from matquant.kernels.packing import pack_codes
 from matquant.quant import quantize_minmax
 
 SHAPES = [(1536, 576), (576, 1536), (4096, 4096)]  # [out, in]: SmolLM2 gate/up, SmolLM2 down, 4096²
@@ -75,7 +73,6 @@ def main(argv=None):
                 cpu=platform.processor() or platform.machine(), group_size=args.group_size)
     for out_f, in_f in SHAPES:
         qw = quantize_minmax(torch.randn(out_f, in_f) * 0.02, 8, args.group_size)
-        packed = pack_codes(qw.codes)
         for m in args.batches:
             x = torch.randn(m, in_f)
             w_dense = torch.randn(out_f, in_f)
@@ -89,25 +86,24 @@ def main(argv=None):
                     r["ref"] = timeit(lambda: F.linear(x, torch_ref.dequantize_slice(
                         qw.codes, qw.scales, qw.zeros, 8, bits, mode, x.dtype)))
                     r["cpu"] = timeit(lambda: cpu.linear(x, qw.codes, qw.scales, qw.zeros, 8, bits, mode))
-                    r["cpu-packed"] = timeit(lambda: cpu.linear(x, packed, qw.scales, qw.zeros, 8, bits, mode))
                     r["cpu-cached"] = timeit(lambda: cpu.linear(x, qw.codes, qw.scales, qw.zeros, 8, bits, mode,
                                                                 cache=cache))
                     rows.append(r)
                     if args.out:  # checkpoint after every row
                         atomic_write_json(args.out, dict(meta=meta, rows=rows))
                     print(f"{r['shape']:>10} b={m:<3} int{bits} {mode:<6} dense {dense:8.3f}  ref {r['ref']:8.3f}  "
-                          f"cpu {r['cpu']:8.3f}  cpu-packed {r['cpu-packed']:8.3f}  cached {r['cpu-cached']:8.3f} ms",
+                          f"cpu {r['cpu']:8.3f}  cached {r['cpu-cached']:8.3f} ms",
                           flush=True)
     meta["load_average_end"] = list(os.getloadavg())
     if args.out:
         atomic_write_json(args.out, dict(meta=meta, rows=rows))
     print(json.dumps(meta))
-    print("\n| layer [out×in] | batch | bits | mode | dense fp32 | ref (dequant+mm) | cpu | cpu from 2\\|2\\|4 "
+    print("\n| layer [out×in] | batch | bits | mode | dense fp32 | ref (dequant+mm) | cpu "
           "| cpu cached | ref / cpu |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['batch']} | {r['bits']} | {r['mode']} | {r['dense']:.3f} | {r['ref']:.3f} | "
-              f"{r['cpu']:.3f} | {r['cpu-packed']:.3f} | {r['cpu-cached']:.3f} | {r['ref'] / r['cpu']:.1f}× |")
+              f"{r['cpu']:.3f} | {r['cpu-cached']:.3f} | {r['ref'] / r['cpu']:.1f}× |")
     print()
     print(summary_table(rows))
 
@@ -118,11 +114,11 @@ def summary_table(rows) -> str:
     for r in rows:
         by.setdefault((r["shape"], r["batch"], r["bits"]), {})[r["mode"]] = r
     lines = ["| layer [out×in] | batch | bits | dense fp32 | ref (paper / nested) | cpu (paper / nested) | "
-             "cpu from 2\\|2\\|4 (paper / nested) | cpu cached (nested) |", "|---|---|---|---|---|---|---|---|"]
+             "cpu cached (nested) |", "|---|---|---|---|---|---|---|"]
     for (shape, m, bits), d in by.items():
         p, n = d["paper"], d["nested"]
         lines.append(f"| {shape} | {m} | {bits} | {n['dense']:.2f} | {p['ref']:.2f} / {n['ref']:.2f} | "
-                     f"{p['cpu']:.2f} / {n['cpu']:.2f} | {p['cpu-packed']:.2f} / {n['cpu-packed']:.2f} | "
+                     f"{p['cpu']:.2f} / {n['cpu']:.2f} | "
                      f"{n['cpu-cached']:.2f} |")
     return "\n".join(lines)
 

@@ -10,8 +10,8 @@ Side by side in one run (shapes are [out × in]):
   fp16      cuBLAS F.linear on an fp16 weight
   tinygemm  torch._weight_int4pack_mm (int4, bf16 activations; the int4 paper/nested slice of the master codes)
   gemlite   GemLite A16W8 / A16W4 / A16W2 (fp16; our slices mapped by kernels.third_party)
-  ours      matquant's Triton kernel for r ∈ {2,3,4,6,8}, slicing paper / nested, layout master (uint8) /
-            packed (nested-exact 2|2|4 planes)
+  ours      matquant's Triton kernel for r ∈ {2,3,4,6,8}, slicing paper / nested, from the uint8
+            master codes
 
 Method: each method gets several copies of its weights (together > 4× the L2 cache), and a CUDA graph of
 `--calls` calls cycling through the copies is replayed, so neither L2 residency nor Python launch cost is measured.
@@ -153,7 +153,6 @@ def main(argv=None) -> int:
     from matquant.kernels import cpu, torch_ref  # noqa: F401
     from matquant.kernels import third_party as tp
     from matquant.kernels import triton_gemv as tg
-    from matquant.kernels.packing import pack_codes
 
     timer = Timer(device, args.calls, args.replays)
     bw = copy_bandwidth(device)
@@ -243,13 +242,11 @@ def main(argv=None) -> int:
                             record((out_f, in_f), m, f"gemlite-W{bits}", bits, mode, None, 0, None, f"FAILED: {e}")
                 # ---- ours
                 if "ours" not in args.skip:
-                    packed = pack_codes(qw.codes)
                     for bits in args.bits:
                         a, b = cpu.slice_params(qw.scales, qw.zeros, 8, bits, mode)
                         a, b = a.contiguous(), b.contiguous()
-                        for layout, codes in (("master", qw.codes), ("packed", packed)):
-                            nbits = 8 if layout == "master" else (packed.nbytes_read(bits, mode) * 8
-                                                                  // (out_f * packed.k_pad))
+                        for layout, codes in (("master", qw.codes),):
+                            nbits = 8
                             nb = out_f * in_f * nbits // 8 + out_f * n_groups * 4 * 2  # fp32 A, B
                             key = tg.config_key(out_f, in_f, m, bits, mode, layout, gs)
                             try:
@@ -258,7 +255,7 @@ def main(argv=None) -> int:
                                 err = rel_err(y, refs[bits])
                                 if err > 2e-2:
                                     raise RuntimeError(f"wrong result (rel err {err:.2e})")
-                                copies = [(codes if i == 0 else clone_codes(codes), a.clone(), b.clone())
+                                copies = [(codes if i == 0 else codes.clone(), a.clone(), b.clone())
                                           for i in range(n_copies(nb, device))]
                                 us = timer.us_per_call([lambda c=c: tg.matmul(x16, c[0], c[1], c[2], 8, bits, mode,
                                                                               gs, config=cfg) for c in copies])
@@ -273,13 +270,6 @@ def main(argv=None) -> int:
         _write_json(args.out, dict(meta=meta, rows=rows))
     print_table(rows)
     return 0
-
-
-def clone_codes(codes):
-    from matquant.kernels.packing import PackedCodes
-    if isinstance(codes, PackedCodes):
-        return PackedCodes(codes.data.clone(), codes.chunks, codes.out_features, codes.in_features, codes.k_pad)
-    return codes.clone()
 
 
 def candidate_configs(tg, m: int, gs: int):

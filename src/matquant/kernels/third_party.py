@@ -1,7 +1,7 @@
 """Adapters from a MatQuant slice to third-party int kernels: GemLite (W8/W4/W2) and torch's tinygemm int4.
 
 What is tested (the mappings, on CPU) and what is not (the CUDA-only adapters `make_gemlite_linear`,
-`tinygemm_pack_cuda`, used only by benchmarks/bench_kernels_gpu.py, NOT a `set_backend` option), and as of when:
+`tinygemm_pack_cuda`, used only by lab/benchmarks/bench_kernels_gpu.py, NOT a `set_backend` option), and as of when:
 docs/kernels.md, "GemLite and tinygemm".
 
 Both libraries use the HQQ-style affine form W = (W_q − zero)·scale per group, so an r-bit MatQuant slice maps

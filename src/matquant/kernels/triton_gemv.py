@@ -100,14 +100,14 @@ class KernelConfig:
 
 
 def default_config(m: int, group_size: int) -> KernelConfig:
-    """Heuristic launch config (a GPU autotune may replace it; see benchmarks/bench_kernels_gpu.py)."""
+    """Heuristic launch config (a GPU autotune may replace it; see lab/benchmarks/bench_kernels_gpu.py)."""
     bk = 64 if group_size % 64 == 0 else (32 if group_size % 32 == 0 else 64)
     if m <= 4:
         return KernelConfig(block_m=triton.next_power_of_2(max(m, 1)), block_n=32, block_k=bk, use_dot=False)
     return KernelConfig(block_m=16, block_n=32, block_k=bk, use_dot=True)
 
 
-TUNED: dict[str, KernelConfig] = {}  # filled by load_configs (e.g. from benchmarks/bench_kernels_gpu.py --tune-cache)
+TUNED: dict[str, KernelConfig] = {}  # filled by load_configs (e.g. from lab/benchmarks/bench_kernels_gpu.py --tune-cache)
 
 
 def batch_bucket(m: int) -> int:
