@@ -17,7 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from matquant.algorithms.gptq import HessianAccumulator, gptq_quantize_weight  # noqa: E402
+from matquant.algorithms.gptq import gptq_quantize_weight  # noqa: E402
+from matquant.algorithms.hessian_pass import HessianAccumulator  # noqa: E402
 from matquant.algorithms.matgptq import MultiSliceRounder, matgptq_quantize_weight  # noqa: E402
 from matquant.data import token_windows  # noqa: E402
 from matquant.models import load_model  # noqa: E402

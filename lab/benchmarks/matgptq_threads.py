@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from matquant.algorithms.gptq import HessianAccumulator
+from matquant.algorithms.hessian_pass import HessianAccumulator
 from matquant.algorithms.matgptq import MultiSliceRounder, matgptq_quantize_weight
 
 

@@ -1,5 +1,5 @@
 """What `--slice-params own` adds to a GPTQ/MatGPTQ quantization: the time of the slice-own fit
-(quant/refit.own_slice_params: the 4 slices 6,4,3,2 and the master's refit, as the option runs it) next to the layer's MatGPTQ column loop, side by side in one run, on
+(quant/refit.refit_params with separate=True: the 4 slices 6,4,3,2 and the master's refit, as the option runs it) next to the layer's MatGPTQ column loop, side by side in one run, on
 SmolLM2-135M's FFN shapes (gate/up 1536 × 576, down 576 × 1536) and Qwen2.5-0.5B's (4864 × 896, 896 × 4864), g64.
 
 Weights and H = XᵀX are synthetic (timing depends on the shapes only). One thread by default, as the grids run.
@@ -30,7 +30,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from matquant.algorithms.matgptq import MultiSliceRounder, matgptq_quantize_weight
-    from matquant.quant.refit import own_slice_params
+    from matquant.quant.refit import refit_params
 
     rows = []
     print("| layer | out × in | MatGPTQ column loop s | own params (8; 6,4,3,2) s | ratio |")
@@ -47,8 +47,8 @@ def main() -> None:
             qw, _ = matgptq_quantize_weight(W, H, rounder, 64)
             t_gptq.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            own_slice_params(W, H, qw.codes, qw.scales, qw.zeros, master_bits=8, group_size=64, slicing="nested",
-                             slices=(6, 4, 3, 2), master=True)
+            refit_params(W, H, qw.codes, qw.scales, qw.zeros, master_bits=8, group_size=64, slicing="nested",
+                         slices=(8, 6, 4, 3, 2), separate=True)
             t_own.append(time.perf_counter() - t0)
         tg, to = min(t_gptq), min(t_own)
         rows.append({"layer": name, "shape": [n, k], "matgptq_s": tg, "own_s": to})

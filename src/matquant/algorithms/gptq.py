@@ -26,8 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-# HessianAccumulator is imported from here by the layer benchmarks in lab/
-from matquant.algorithms.hessian_pass import HessianAccumulator, hessian_pass  # noqa: F401
+from matquant.algorithms.hessian_pass import hessian_pass
 from matquant.algorithms.slice_params import DEFAULT_SLICE_PARAMS, check_slice_params, with_slice_params
 from matquant.quant.clip_search import DEFAULT_CLIP, check_clip, check_clip_lambdas, clip_search, served_slices
 from matquant.quant.minmax import QuantizedWeight, check_bits, minmax_params, resolve_group_size

@@ -85,7 +85,7 @@ class MatQuantLinear(MasterStorage, nn.Module):
         own = {r: self.group_params(r) for r in self.own_bits} or None
         return QuantizedWeight(self.master_codes(), self.scales, self.zeros, self.master_bits, self.group_size, own)
 
-    # ---- slice-own group parameters (quant/refit.own_slice_params) ----
+    # ---- slice-own group parameters (quant/refit.refit_params, separate=True) ----
     def add_slice_params(self, bits_list) -> None:
         """Give the slices in `bits_list` (below the master) their own ``scales_int{r}``/``zeros_int{r}`` buffers
         (initialised to the shared values; a checkpoint load fills them). They are read for the slicing this layer

@@ -22,7 +22,7 @@ class QuantizedWeight:
     bits: int
     group_size: int  # actual group size used (== in_features for per-channel)
     # optional slice-own group parameters {r: (scales, zeros)} in master code units, like `scales`/`zeros`: the
-    # r-bit slice reads its (unchanged) codes with these instead of the shared ones (quant/refit.py own_slice_params)
+    # r-bit slice reads its (unchanged) codes with these instead of the shared ones (quant/refit.py refit_params)
     slice_params: dict | None = None
 
 
