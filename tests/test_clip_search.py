@@ -208,12 +208,13 @@ def test_clip_minmax_is_the_default_bit_for_bit(method):
 
 
 def test_rtn_minmax_is_quantize_minmax():
+    from matquant.algorithms import RTNConfig
     from matquant.algorithms.rtn import rtn
     from matquant.quant.minmax import quantize_minmax
 
     m = _tiny_llama()
     name = "model.layers.0.mlp.down_proj"
-    qw = rtn(m, [name], master_bits=8, group_size=32, symmetric=False, param_dtype=torch.float16, progress=False)
+    qw = rtn(m, [name], RTNConfig(group_size=32), progress=False)
     ref = quantize_minmax(m.get_submodule(name).weight.detach(), 8, 32)
     assert torch.equal(qw[name].codes, ref.codes) and torch.equal(qw[name].scales, ref.scales)
 

@@ -1,5 +1,6 @@
 """Quantization methods. Each has a config dataclass (algorithms/configs/: its options, validate(), run()) and a
-plain function doing the work,
+function doing the work, `method(model, targets, config, calib, progress) -> {module name: QuantizedWeight}`.
+A method added with `register_method` is a plain function of keyword options instead,
 
     method(model, targets, *, master_bits, group_size, symmetric, param_dtype, slicing, calib, progress,
            <its own keyword options>) -> {module name: QuantizedWeight}
@@ -39,8 +40,9 @@ def register_method(name: str, fn, needs_calibration: bool = False) -> type[Meth
               if p.kind == p.KEYWORD_ONLY and n not in common and not n.startswith("_")
               and p.default is not inspect.Parameter.empty]
 
-    def run(self, model, targets, calib, progress=True, *, param_dtype, **hooks):
-        return fn(model, targets, **self.layout_kwargs(param_dtype), calib=calib, progress=progress,
+    def run(self, model, targets, calib, progress=True, **hooks):
+        return fn(model, targets, master_bits=self.master_bits, group_size=self.group_size, symmetric=self.symmetric,
+                  param_dtype=self.torch_param_dtype, slicing=self.slicing, calib=calib, progress=progress,
                   **self.method_kwargs(), **hooks)
 
     cls = make_dataclass(f"{name}Config", fields, bases=(MethodConfig,),

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 
 from matquant.algorithms.hessian_pass import hessian_pass
-from matquant.algorithms.slice_params import DEFAULT_SLICE_PARAMS, check_slice_params, with_slice_params
+from matquant.algorithms.slice_params import with_slice_params
 from matquant.quant.clip_search import DEFAULT_CLIP, check_clip, check_clip_lambdas, clip_search, served_slices
 from matquant.quant.minmax import QuantizedWeight, check_bits, minmax_params, resolve_group_size
 from matquant.quant.refit import refit_params
@@ -177,26 +177,18 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size
                            group_size=gs), loss
 
 
-def gptq(model, targets: list[str], *, master_bits: int, group_size: int, symmetric: bool, param_dtype,
-         slicing: str = DEFAULT_SLICING, calib=None, progress: bool = True, damp: float = 0.01,
-         act_order: bool = False, blocksize: int = DEFAULT_BLOCKSIZE, true_sequential: bool = True, device=None,
-         batch_size: int = 1, clip: str = DEFAULT_CLIP, refit: bool = False,
-         clip_lambdas=None, slice_params: str = DEFAULT_SLICE_PARAMS) -> dict[str, QuantizedWeight]:
-    """Standard GPTQ at `master_bits` bits (the dedicated per-bit baseline; same checkpoint format). With
-    clip='minmax' (default) its codes do not depend on `slicing` (only the checkpoint's default reading rule does);
-    'mse' / 'weighted' (h = diag H) search each group's (α, z) for the served slices under `slicing` (the master
-    and the precisions of clip_search.DEFAULT_SERVED below it), weighted by `clip_lambdas` (one per served slice;
-    e.g. 1,0,0 at master 4 searches for int4 alone: the dedicated model's own error). `refit`: re-solve each row's
-    (α, z) for its final codes by least squares on ‖(W − Ŵ)X‖² (quant/refit.py). `slice_params`: 'own' also fits
-    every served slice below the master its own (α_r, z_r) for the same codes (`with_slice_params`)."""
-    check_clip(clip)
-    check_gptq_clip_lambdas(clip_lambdas, clip, master_bits)
-    check_slice_params(slice_params)
+def gptq(model, targets: list[str], config, calib=None, progress: bool = True) -> dict[str, QuantizedWeight]:
+    """Standard GPTQ at the master precision (a GPTQConfig; the dedicated per-bit baseline, same checkpoint format).
+    With clip='minmax' its codes do not depend on the slicing; 'mse' / 'weighted' (h = diag H) search each group's
+    (α, z) for the served slices (the master and clip_search.DEFAULT_SERVED below it) weighted by `clip_lambdas`
+    (e.g. 1,0,0 at master 4 searches for int4 alone); `refit` re-solves (α, z) for the final codes on ‖(W − Ŵ)X‖²;
+    slice_params='own' also fits each served slice its own (α_r, z_r) for the same codes (`with_slice_params`)."""
+    c, param_dtype = config, config.torch_param_dtype
 
     def q(name, W, H):
-        qw, _ = gptq_quantize_weight(W, H, master_bits, group_size, symmetric, param_dtype, damp, act_order,
-                                     blocksize, name, clip, slicing, refit, clip_lambdas)
-        return with_slice_params(qw, W, H, slice_params, slicing, symmetric, param_dtype)
+        qw, _ = gptq_quantize_weight(W, H, c.master_bits, c.group_size, c.symmetric, param_dtype, c.damp,
+                                     c.act_order, c.blocksize, name, c.clip, c.slicing, c.refit, c.clip_lambdas)
+        return with_slice_params(qw, W, H, c.slice_params, c.slicing, c.symmetric, param_dtype)
 
-    return hessian_pass(model, targets, calib, q, true_sequential=true_sequential, device=device,
-                        batch_size=batch_size, progress=progress, desc=f"GPTQ int{master_bits}")
+    return hessian_pass(model, targets, calib, q, true_sequential=c.true_sequential, device=c.device,
+                        batch_size=c.batch_size, progress=progress, desc=f"GPTQ int{c.master_bits}")

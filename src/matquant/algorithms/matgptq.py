@@ -12,14 +12,11 @@ import torch
 
 from matquant.algorithms.gptq import DEFAULT_BLOCKSIZE, group_params_fn, gptq_columns
 from matquant.algorithms.hessian_pass import hessian_pass
-# DEFAULT_BITS, ERROR_FEEDBACK and resolve_bits_lambdas are MatGPTQ's options: the front ends import them from here
-from matquant.algorithms.multislice_codes import (DEFAULT_BITS, DEFAULT_ERROR_FEEDBACK, ERROR_FEEDBACK,  # noqa: F401
-                                                  MultiSliceRounder, resolve_bits_lambdas)
-from matquant.algorithms.slice_params import DEFAULT_SLICE_PARAMS, check_slice_params, with_slice_params
-from matquant.quant.clip_search import DEFAULT_CLIP, check_clip, check_clip_lambdas
+from matquant.algorithms.multislice_codes import MultiSliceRounder
+from matquant.algorithms.slice_params import with_slice_params
+from matquant.quant.clip_search import DEFAULT_CLIP, check_clip
 from matquant.quant.minmax import QuantizedWeight, resolve_group_size
 from matquant.quant.refit import refit_params
-from matquant.quant.slicing import DEFAULT_SLICING
 
 GROUP_PARAMS = ("minmax", "search")
 DEFAULT_GROUP_PARAMS = "minmax"
@@ -46,39 +43,24 @@ def matgptq_quantize_weight(W, H, rounder: MultiSliceRounder, group_size: int, s
                            group_size=gs), loss
 
 
-def matgptq(model, targets: list[str], *, master_bits: int, group_size: int, symmetric: bool, param_dtype,
-            slicing: str = DEFAULT_SLICING, calib=None, progress: bool = True, bits_list=None, lambdas=None,
-            error_feedback: str = DEFAULT_ERROR_FEEDBACK, group_params: str = DEFAULT_GROUP_PARAMS, damp: float = 0.01,
-            act_order: bool = False, blocksize: int = DEFAULT_BLOCKSIZE, true_sequential: bool = True, device=None,
-            batch_size: int = 1, propagate="master", clip: str = DEFAULT_CLIP,
-            refit: bool = False, clip_lambdas=None,
-            slice_params: str = DEFAULT_SLICE_PARAMS) -> dict[str, QuantizedWeight]:
-    """Multi-precision GPTQ: int-`master_bits` codes good for every precision in `bits_list` under `slicing`.
-
-    `clip`: group (α, z) by MinMax ('minmax', default), or by the clipping search of quant/clip_search.py for the
-    same R, λ and multi-slice code choice, with h = 1 ('mse') or h = diag(H) ('weighted'); `clip_lambdas` replaces
-    λ in that search only (one weight per slice of R; the code choice keeps `lambdas`). `refit`: after the column
-    loop, re-solve each row's (α, z) for its codes by least squares on Σ_r λ_r ‖(W − Ŵ_r)X‖² (quant/refit.py).
-    `slice_params`: 'own' also fits every served slice below the master its own (α_r, z_r) for the same codes, on
-    that slice's output error alone (algorithms/slice_params.py).
-
-    `propagate` is what the next layers and blocks see while the pass runs: "master" (the int-c weights, default),
-    an int r (the r-bit slice, e.g. 4), or "fp" (the full-precision weights: every layer is calibrated on fp inputs).
-    """
-    rounder = MultiSliceRounder(master_bits, bits_list, lambdas, slicing, error_feedback)
-    check_group_params(group_params, clip)
-    check_clip_lambdas(clip_lambdas, clip, master_bits, rounder.bits)
-    prop = propagate_fn(propagate, master_bits, slicing)
-    check_slice_params(slice_params)
+def matgptq(model, targets: list[str], config, calib=None, progress: bool = True) -> dict[str, QuantizedWeight]:
+    """Multi-precision GPTQ (a MatGPTQConfig): int-C codes good for every precision in `bits_list` under the
+    slicing. `clip`: group (α, z) by MinMax or by the clipping search for the same R, λ and code choice
+    (`clip_lambdas` replaces λ in that search only); `refit`: (α, z) re-solved for the codes on
+    Σ_r λ_r ‖(W − Ŵ_r)X‖²; slice_params='own': each served slice its own (α_r, z_r). `propagate`: what later layers
+    see during the pass: the int-C weights ("master"), one slice (an int r) or the full-precision weights ("fp")."""
+    c, param_dtype = config, config.torch_param_dtype
+    rounder = MultiSliceRounder(c.master_bits, c.bits_list, c.lambdas, c.slicing, c.error_feedback)
+    prop = propagate_fn(c.propagate, c.master_bits, c.slicing)
 
     def q(name, W, H):
-        qw, _ = matgptq_quantize_weight(W, H, rounder, group_size, symmetric, param_dtype, damp, act_order,
-                                        group_params, blocksize, name, clip, refit, clip_lambdas)
-        return with_slice_params(qw, W, H, slice_params, slicing, symmetric, param_dtype)
+        qw, _ = matgptq_quantize_weight(W, H, rounder, c.group_size, c.symmetric, param_dtype, c.damp, c.act_order,
+                                        c.group_params, c.blocksize, name, c.clip, c.refit, c.clip_lambdas)
+        return with_slice_params(qw, W, H, c.slice_params, c.slicing, c.symmetric, param_dtype)
 
-    return hessian_pass(model, targets, calib, q, true_sequential=true_sequential, device=device,
-                        batch_size=batch_size, progress=progress, propagate=prop,
-                        desc=f"MatGPTQ int{master_bits} {'/'.join(map(str, rounder.bits))}")
+    return hessian_pass(model, targets, calib, q, true_sequential=c.true_sequential, device=c.device,
+                        batch_size=c.batch_size, progress=progress, propagate=prop,
+                        desc=f"MatGPTQ int{c.master_bits} {'/'.join(map(str, rounder.bits))}")
 
 
 def check_group_params(group_params: str, clip: str) -> None:

@@ -63,8 +63,7 @@ def quantize_loaded(model, config: MethodConfig, calib: torch.Tensor | None = No
 
         fold_residual_rotation(model, rotation["seed"])
     with rotated_targets(model, targets, online):
-        qweights = config.run(model, targets, calib, progress, param_dtype=getattr(torch, config.param_dtype),
-                              **hooks)
+        qweights = config.run(model, targets, calib, progress, **hooks)
     own = {tuple(sorted(qw.slice_params or ())) for qw in qweights.values()}
     if len(own) > 1:
         raise RuntimeError(f"the layers got different slice-own parameter sets {sorted(own)}; a bug, please report it.")

@@ -110,20 +110,19 @@ class MethodConfig:
             or getattr(self, "slice_params", None) == "own"
 
     # --- the work ---------------------------------------------------------------------------------------------
-    def run(self, model, targets: list[str], calib, progress: bool = True, *, param_dtype, **hooks) -> dict:
-        """Quantize `targets` of `model` with the method's function; returns {module name: QuantizedWeight}.
-        `hooks`: callbacks of a run (e.g. qat's step_callback), passed through."""
+    def run(self, model, targets: list[str], calib, progress: bool = True, **hooks) -> dict:
+        """Quantize `targets` of `model` with the method's function `fn(model, targets, config, calib, progress)`;
+        returns {module name: QuantizedWeight}. `hooks`: callbacks of a run (e.g. qat's step_callback)."""
         import importlib
 
         module, fn = self.function.split(":")
-        return getattr(importlib.import_module(module), fn)(
-            model, targets, **self.layout_kwargs(param_dtype), calib=calib, progress=progress,
-            **self.method_kwargs(), **hooks)
+        return getattr(importlib.import_module(module), fn)(model, targets, self, calib, progress, **hooks)
 
-    def layout_kwargs(self, param_dtype) -> dict:
-        """The keyword arguments every method function takes."""
-        return dict(master_bits=self.master_bits, group_size=self.group_size, symmetric=self.symmetric,
-                    param_dtype=param_dtype, slicing=self.slicing)
+    @property
+    def torch_param_dtype(self):
+        import torch
+
+        return getattr(torch, self.param_dtype)
 
     def method_kwargs(self, kinds=(METHOD, RUNTIME)) -> dict:
         """This method's own options as the method function's keyword arguments."""

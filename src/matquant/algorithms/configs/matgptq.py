@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from matquant.algorithms.configs import options
 from matquant.algorithms.configs.base import option, register_config
 from matquant.algorithms.configs.gptq import GPTQConfig
-from matquant.algorithms.matgptq import DEFAULT_ERROR_FEEDBACK, DEFAULT_GROUP_PARAMS, ERROR_FEEDBACK, GROUP_PARAMS
+from matquant.algorithms.matgptq import DEFAULT_GROUP_PARAMS, GROUP_PARAMS
+from matquant.algorithms.multislice_codes import DEFAULT_ERROR_FEEDBACK, ERROR_FEEDBACK
 
 
 @register_config
@@ -28,7 +29,8 @@ class MatGPTQConfig(GPTQConfig):
     clip_lambdas: list | None = options.clip_lambdas("--bits-list precision (default: --lambdas)")
 
     def validate_method(self) -> None:
-        from matquant.algorithms.matgptq import check_group_params, propagate_fn, resolve_bits_lambdas
+        from matquant.algorithms.matgptq import check_group_params, propagate_fn
+        from matquant.algorithms.multislice_codes import resolve_bits_lambdas
         from matquant.algorithms.slice_params import check_slice_params
         from matquant.quant.clip_search import check_clip_lambdas
 

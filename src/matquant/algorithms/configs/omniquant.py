@@ -43,8 +43,11 @@ class OmniQuantConfig(MethodConfig):
     slice_params: str = options.slice_params()
 
     def validate_method(self) -> None:
+        from matquant.algorithms.omniquant import check_options
+
         super().validate_method()
         self.validate_objective()
+        check_options(self)
         if self.let and self.rotate in ("input", "block"):
             raise ValueError("LET (--let) folds per-channel scales into the RMSNorm/up_proj that feed the rotated "
                              "layers, which an input rotation does not commute with; use --rotate none with --let, "

@@ -45,12 +45,11 @@ class QATConfig(MethodConfig):
     slice_params: str = options.slice_params()
 
     def validate_method(self) -> None:
-        from matquant.algorithms.training.qat_config import make_config
+        from matquant.algorithms.qat import training_config
 
         super().validate_method()
         self.validate_objective()
-        make_config(**{k: v for k, v in self.method_kwargs().items()
-                       if k not in ("bits_list", "lambdas", "distill", "clip", "clip_lambdas", "slice_params")})
+        training_config(self)
 
     def for_output(self, out) -> "QATConfig":
         """The training state goes next to the output folder unless a work dir is named."""
