@@ -12,7 +12,7 @@ pytest.importorskip("compressed_tensors")
 from conftest import tiny_model  # noqa: E402
 
 from matquant.algorithms import quantize_model  # noqa: E402
-from matquant.format import save_checkpoint  # noqa: E402
+from matquant.format.checkpoint import save_checkpoint  # noqa: E402
 from matquant.integrations.compressed_tensors_export import export_compressed_tensors, load_decompressed  # noqa: E402
 from matquant.integrations.export_slices import ExportError, load_for_export  # noqa: E402
 from matquant.nn.bits import matquant_modules  # noqa: E402

@@ -14,7 +14,7 @@ from gguf.quants import dequantize  # noqa: E402
 
 from matquant.algorithms import quantize_model  # noqa: E402
 from matquant.cli import main  # noqa: E402
-from matquant.format import save_checkpoint  # noqa: E402
+from matquant.format.checkpoint import save_checkpoint  # noqa: E402
 from matquant.integrations import gguf_blocks as gb  # noqa: E402
 from matquant.integrations.export_slices import ExportError, load_for_export  # noqa: E402
 from matquant.integrations.gguf_export import export_gguf, llama_row_permutation, read_tensor_types  # noqa: E402

@@ -7,7 +7,7 @@ from conftest import tiny_model
 
 from matquant.algorithms import quantize_model
 from matquant.cli import main
-from matquant.format import save_checkpoint
+from matquant.format.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")

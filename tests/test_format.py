@@ -6,7 +6,8 @@ from safetensors.torch import load_file, save_file
 
 import matquant
 from matquant.algorithms import quantize_model
-from matquant.format import CheckpointError, load_checkpoint, save_checkpoint
+from matquant.format.checkpoint import load_checkpoint, save_checkpoint
+from matquant.format.config import CheckpointError
 from matquant.format.atomic import atomic_dir
 
 from conftest import tiny_model

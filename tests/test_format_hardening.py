@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import matquant
 from matquant.algorithms import quantize_model
-from matquant.format import CheckpointError, QuantConfig, load_checkpoint, save_checkpoint
+from matquant.format.checkpoint import load_checkpoint, save_checkpoint
+from matquant.format.config import CheckpointError, QuantConfig
 from matquant.nn import MatQuantLinear
 from matquant.quant.slicing import DEFAULT_SLICING
 
@@ -303,7 +304,7 @@ def test_precheck_leaves_other_folders_to_transformers(tmp_path):
     """A plain model folder, a GPTQ-style folder (qweight + qzeros) and a hub id are not matquant's business."""
     import transformers as T
 
-    from matquant.format.validate import looks_like_matquant
+    from matquant.format.folder import looks_like_matquant
 
     cfg = T.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=1)
@@ -321,7 +322,7 @@ def test_precheck_leaves_other_folders_to_transformers(tmp_path):
 
 
 def test_matquant_folder_is_recognised_by_its_weights_when_config_is_gone(ckpt):
-    from matquant.format.validate import looks_like_matquant
+    from matquant.format.folder import looks_like_matquant
 
     d, _ = ckpt
     assert looks_like_matquant(d)

@@ -20,7 +20,7 @@ def _fuzz():
 
 def test_harness_tells_crashes_from_clean_errors():
     fz = _fuzz()
-    from matquant.format import CheckpointError
+    from matquant.format.config import CheckpointError
 
     def raise_(e):
         raise e

@@ -14,8 +14,7 @@ from matquant.algorithms.matgptq import matgptq_quantize_weight
 from matquant.algorithms.multislice_codes import BucketIndex, MultiSliceRounder, _tables, resolve_bits_lambdas
 from matquant.format.checkpoint import load_checkpoint, save_checkpoint
 from matquant.nn.bits import set_bits
-from matquant.quant import dequantize, quantize_minmax
-from matquant.quant.minmax import QuantizedWeight, dequantize_codes
+from matquant.quant.minmax import QuantizedWeight, dequantize, dequantize_codes, quantize_minmax
 from matquant.quant.slicing import slice_master
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from matquant.kernels import cpu, torch_ref
-from matquant.quant import quantize_minmax
+from matquant.quant.minmax import quantize_minmax
 
 
 @pytest.fixture(scope="module")

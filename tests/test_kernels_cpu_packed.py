@@ -10,7 +10,7 @@ import matquant
 from matquant.kernels import cpu_packed, dispatch, torch_ref
 from matquant.nn.linear import MatQuantLinear
 from matquant.nn.memory import resident_tensors
-from matquant.quant import quantize_minmax
+from matquant.quant.minmax import quantize_minmax
 
 from conftest import tiny_model
 

@@ -15,7 +15,7 @@ from matquant.algorithms import quantize_model  # noqa: E402
 from matquant.kernels import dispatch  # noqa: E402
 from matquant.kernels.triton_backend import TritonBackend  # noqa: E402
 from matquant.nn import MatQuantLinear  # noqa: E402
-from matquant.quant import quantize_minmax  # noqa: E402
+from matquant.quant.minmax import quantize_minmax  # noqa: E402
 
 HAS_TRITON = dispatch.triton_available()
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")

@@ -4,7 +4,7 @@ import torch
 
 from matquant.kernels import third_party as tp
 from matquant.kernels import torch_ref
-from matquant.quant import quantize_minmax
+from matquant.quant.minmax import quantize_minmax
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 
 from matquant.kernels import cpu, torch_ref  # noqa: E402
 from matquant.kernels import triton_gemv as tg  # noqa: E402
-from matquant.quant import quantize_minmax  # noqa: E402
+from matquant.quant.minmax import quantize_minmax  # noqa: E402
 
 if not (tg.INTERPRET or torch.cuda.is_available()):
     pytest.skip("triton_gemv was imported before TRITON_INTERPRET=1 was set and there is no GPU",

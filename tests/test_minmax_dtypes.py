@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from matquant.quant import dequantize, quantize_minmax
+from matquant.quant.minmax import dequantize, quantize_minmax
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # decimal exponents of the weight magnitudes each storage dtype can hold scales for
@@ -102,7 +102,7 @@ def test_checkpoint_with_constant_groups_round_trips(tmp_path, tiny_tokenizer, d
     from conftest import tiny_model
 
     from matquant.algorithms import quantize_model
-    from matquant.format import load_checkpoint, save_checkpoint
+    from matquant.format.checkpoint import load_checkpoint, save_checkpoint
     from matquant.nn import set_bits
 
     model = tiny_model("llama")

@@ -5,7 +5,7 @@ from torch import nn
 import matquant
 from matquant.algorithms import quantize_model
 from matquant.nn import MatQuantLinear, effective_bits, get_bits, set_bits
-from matquant.quant import dequantize, quantize_minmax
+from matquant.quant.minmax import dequantize, quantize_minmax
 
 from conftest import tiny_model
 

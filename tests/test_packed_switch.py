@@ -8,7 +8,7 @@ import matquant
 from matquant.kernels import cpu_packed, master_planes, torch_ref
 from matquant.nn.linear import MatQuantLinear
 from matquant.nn.memory import prepare_packed, quantized_resident_bytes, resident_bytes, resident_tensors
-from matquant.quant import quantize_minmax
+from matquant.quant.minmax import quantize_minmax
 
 from conftest import tiny_model
 
@@ -132,7 +132,7 @@ def test_planes_layer_is_still_a_normal_module():
 def test_load_holds_the_master_as_planes_and_switches_every_nested_precision(tmp_path):
     import _tiny
     from matquant.algorithms import quantize_model
-    from matquant.format import save_checkpoint
+    from matquant.format.checkpoint import save_checkpoint
 
     model = tiny_model("llama")
     qcfg = quantize_model(model, "rtn", group_size=32, scope="ffn+attn", slicing="nested")
@@ -160,7 +160,7 @@ def test_load_holds_the_master_as_planes_and_switches_every_nested_precision(tmp
     assert info["measured_bytes"] == info["predicted_bytes"] <= budget
     assert set(info["bits_map"].values()) == {4, 8}
     # a save of the loaded model writes the uint8 codes: it reloads to the same logits
-    from matquant.format import save_checkpoint as save
+    from matquant.format.checkpoint import save_checkpoint as save
 
     save(m, _tiny.bpe_tokenizer(320, 40), tmp_path / "again", qcfg)
     again, _ = matquant.load(tmp_path / "again", bits=4, backend="torch")

@@ -166,7 +166,8 @@ def test_torchrun_two_process_gloo_matches_single_process(tmp_path):
 @pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_lean_ste_equals_fake_quant_ste(mode, bits):
     from matquant.algorithms.training.fake_quant import SlicedMinMaxSTE
-    from matquant.quant import fake_quant_ste, minmax_params
+    from matquant.quant.minmax import minmax_params
+    from matquant.quant.ste import fake_quant_ste
 
     torch.manual_seed(bits)
     w = torch.randn(16, 64) * 0.05

@@ -3,9 +3,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from matquant.quant import (codes_to_master_units, dequantize, quantize_minmax, round_half_up, slice_codes,
-                            slice_master, slice_master_ste)
-from matquant.quant.slicing import effective_code_bits, overflow_fraction
+from matquant.quant.minmax import dequantize, quantize_minmax
+from matquant.quant.rounding import round_half_up
+from matquant.quant.slicing import (codes_to_master_units, effective_code_bits, overflow_fraction, slice_codes,
+                                    slice_master, slice_master_ste)
 
 codes8 = st.lists(st.integers(0, 255), min_size=1, max_size=64).map(lambda v: torch.tensor(v, dtype=torch.uint8))
 bits = st.integers(1, 8)
@@ -108,7 +109,7 @@ def test_ste_forward_equals_hard_slice(q, r, mode):
 
 
 def test_fake_quant_ste_matches_dequantize_and_passes_gradient():
-    from matquant.quant import fake_quant_ste
+    from matquant.quant.ste import fake_quant_ste
 
     w = torch.randn(4, 64)
     qw = quantize_minmax(w, 8, 32, param_dtype=torch.float32)

@@ -9,7 +9,7 @@ import matquant
 from matquant.algorithms import quantize_model
 from matquant.data import token_windows
 from matquant.eval import perplexity
-from matquant.format import load_checkpoint, save_checkpoint
+from matquant.format.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.real_model
 

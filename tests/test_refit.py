@@ -7,8 +7,7 @@ import torch
 from matquant.algorithms import quantize_model
 from matquant.algorithms.gptq import gptq_quantize_weight
 from matquant.algorithms.matgptq import MultiSliceRounder, matgptq_quantize_weight
-from matquant.quant import dequantize
-from matquant.quant.minmax import QuantizedWeight, minmax_params, quantize_codes
+from matquant.quant.minmax import QuantizedWeight, dequantize, minmax_params, quantize_codes
 from matquant.quant.refit import refit_params
 
 BITS, LAM = (8, 4, 2), (4.0, 2.0, 1.0)

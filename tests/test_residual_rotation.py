@@ -8,7 +8,8 @@ import torch
 import matquant
 from matquant.algorithms import quantize_model
 from matquant.algorithms.residual_rotation import fold_residual_rotation
-from matquant.format import CheckpointError, load_checkpoint, save_checkpoint
+from matquant.format.checkpoint import load_checkpoint, save_checkpoint
+from matquant.format.config import CheckpointError
 from matquant.nn.bits import matquant_modules
 from matquant.quant.rotation import make_spec, online_spec
 

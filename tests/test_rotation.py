@@ -7,7 +7,8 @@ import torch
 import matquant
 from matquant.algorithms import METHODS, quantize_model
 from matquant.algorithms.rotate import rotated_targets
-from matquant.format import CheckpointError, load_checkpoint, save_checkpoint
+from matquant.format.checkpoint import load_checkpoint, save_checkpoint
+from matquant.format.config import CheckpointError
 from matquant.format.config import QuantConfig
 from matquant.models.targets import find_targets
 from matquant.quant.hadamard import apply_hadamard, random_signs

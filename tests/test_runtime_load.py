@@ -8,7 +8,7 @@ import torch
 import matquant
 from matquant.algorithms import quantize_model
 from matquant.cli import main
-from matquant.format import save_checkpoint
+from matquant.format.checkpoint import save_checkpoint
 from matquant.kernels import cpu_packed
 from matquant.nn.memory import quantized_resident_bytes, resident_bytes
 

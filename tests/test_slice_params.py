@@ -9,9 +9,9 @@ import torch
 
 import matquant
 from matquant.algorithms import quantize_model
-from matquant.format import CheckpointError, save_checkpoint
-from matquant.quant import dequantize
-from matquant.quant.minmax import QuantizedWeight, minmax_params, quantize_codes
+from matquant.format.checkpoint import save_checkpoint
+from matquant.format.config import CheckpointError
+from matquant.quant.minmax import QuantizedWeight, dequantize, minmax_params, quantize_codes
 from matquant.quant.refit import refit_params
 
 X = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))

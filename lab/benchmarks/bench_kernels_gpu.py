@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     for out_f, in_f in args.shapes:
         torch.manual_seed(0)
         w = torch.randn(out_f, in_f, device=device) * 0.02
-        from matquant.quant import quantize_minmax
+        from matquant.quant.minmax import quantize_minmax
         qw = quantize_minmax(w, 8, gs)
         n_groups = in_f // gs
         param_bytes = out_f * n_groups * 2 * 2  # fp16 scale + zero

@@ -19,6 +19,7 @@ import matquant
 from _paths import work_path
 from matquant.format import validate as V
 from matquant.format.checkpoint import build_model, build_skeleton, load_checkpoint, read_quant_config, tied_keys
+from matquant.format.folder import checkpoint_files
 
 
 def best_of(fn, n=3) -> float:
@@ -36,7 +37,7 @@ def main():
     if not d.exists():
         matquant.quantize("smollm2-135m", out=str(d), method="rtn", group_size=64, slicing="nested")
     cfg, q = read_quant_config(d)
-    _, w = V.checkpoint_files(d)
+    _, w = checkpoint_files(d)
     skeleton = build_skeleton(cfg, q, header=V.read_header(w))
     hf_cfg = AutoConfig.from_pretrained(d)
 

@@ -12,7 +12,7 @@ is killed and reported as a crash too, and the worker restarts at the next seed.
 
 `from_pretrained` errors raised by transformers *before* any matquant code runs (its own config.json parsing: an
 unknown model_type, a config value its dataclass validation refuses, a non-matquant quant_method) on a folder that
-no longer looks like a matquant checkpoint (`format.validate.looks_like_matquant`: no matquant mark left in
+no longer looks like a matquant checkpoint (`format.folder.looks_like_matquant`: no matquant mark left in
 config.json or the weights header) are out of matquant's reach and are counted separately ("transformers-config"),
 not hidden; on a folder that still looks like one (so `import matquant`'s pre-check ran) they are crashes.
 
@@ -57,7 +57,7 @@ def build_seed(out: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from matquant.algorithms import quantize_model
-    from matquant.format import save_checkpoint
+    from matquant.format.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     cfg = T.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -350,8 +350,8 @@ def _logits_finite(model) -> bool:
 
 
 def _classify(fn, hf: bool, folder=None):
-    from matquant.format import CheckpointError
-    from matquant.format.validate import looks_like_matquant
+    from matquant.format.config import CheckpointError
+    from matquant.format.folder import looks_like_matquant
 
     _Entered.flag = False
     ours = hf and looks_like_matquant(folder)  # the pre-check's own test, before transformers touches the folder

@@ -22,7 +22,7 @@ from matquant.algorithms.hessian_pass import HessianAccumulator  # noqa: E402
 from matquant.algorithms.matgptq import MultiSliceRounder, matgptq_quantize_weight  # noqa: E402
 from matquant.data import token_windows  # noqa: E402
 from matquant.models import load_model  # noqa: E402
-from matquant.quant import dequantize, quantize_minmax  # noqa: E402
+from matquant.quant.minmax import dequantize, quantize_minmax  # noqa: E402
 
 VARIANTS = [("weighted", (0.1, 0.1, 1.0), "minmax"), ("mean", (0.1, 0.1, 1.0), "minmax"),
             ("master", (0.1, 0.1, 1.0), "minmax"), ("weighted", (16, 4, 1), "minmax"),

@@ -11,7 +11,7 @@ import torch
 torch.set_num_threads(1)
 from matquant.algorithms.gptq import gptq_quantize_weight
 from matquant.algorithms.matgptq import MultiSliceRounder, matgptq_quantize_weight
-from matquant.quant import dequantize, quantize_minmax
+from matquant.quant.minmax import dequantize, quantize_minmax
 g = torch.Generator().manual_seed(0)
 d=256
 mix = torch.randn(d, d, generator=g) * torch.linspace(0.05, 2.0, d)

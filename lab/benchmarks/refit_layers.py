@@ -20,7 +20,7 @@ def main(argv=None):
     from matquant.algorithms.matgptq import MultiSliceRounder, matgptq_quantize_weight
     from matquant.data import token_windows
     from matquant.models.loading import load_model
-    from matquant.quant import dequantize
+    from matquant.quant.minmax import dequantize
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", default="3,20")

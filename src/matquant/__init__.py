@@ -3,7 +3,8 @@ models, with per-layer precision (Mix'n'Match)."""
 from matquant.algorithms import (Calibration, GPTQConfig, MatGPTQConfig, MethodConfig, OmniQuantConfig, QATConfig,
                                   RTNConfig, recipe_config)
 from matquant.api import load, quantize
-from matquant.format import CheckpointError, QuantConfig, load_checkpoint, save_checkpoint
+from matquant.format.checkpoint import load_checkpoint, save_checkpoint
+from matquant.format.config import CheckpointError, QuantConfig
 from matquant.nn import MatQuantLinear, average_bits, effective_bits, get_bits, set_backend, set_bits
 
 __version__ = "0.1.0"

@@ -80,6 +80,6 @@ def propagate_fn(propagate, master_bits: int, slicing: str):
         return lambda qw, W: W
     if str(propagate).isdigit() and 1 <= int(propagate) < master_bits:
         r = int(propagate)
-        from matquant.quant import dequantize
+        from matquant.quant.minmax import dequantize
         return lambda qw, W: dequantize(qw, r, slicing)
     raise ValueError(f"propagate must be 'master', 'fp' or a slice precision 1..{master_bits}, got {propagate!r}.")

@@ -8,13 +8,18 @@ from pathlib import Path
 from matquant.quant.slicing import SLICING_MODES
 
 
-def int_list(s: str) -> list[int]:
+def _number_list(s: str, kind, example: str) -> list:
     try:
-        vals = [int(x) for x in s.split(",") if x.strip()]
+        vals = [kind(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 8,4,2, got {s!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated {example}, got {s!r}") from None
     if not vals:
         raise argparse.ArgumentTypeError("expected at least one value")
+    return vals
+
+
+def int_list(s: str) -> list[int]:
+    vals = _number_list(s, int, "integers like 8,4,2")
     bad = [v for v in vals if not 1 <= v <= 8]
     if bad:
         raise argparse.ArgumentTypeError(f"bits must be in 1..8, got {bad}")
@@ -22,13 +27,7 @@ def int_list(s: str) -> list[int]:
 
 
 def float_list(s: str) -> list[float]:
-    try:
-        vals = [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.1,0.1,1, got {s!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("expected at least one value")
-    return vals
+    return _number_list(s, float, "numbers like 0.1,0.1,1")
 
 
 def mode_list(s: str) -> list[str]:

@@ -2,10 +2,9 @@
 checkpoint."""
 from __future__ import annotations
 
-import json
-
 from matquant.commands.common import add_eval_args, eval_windows, int_list, load_bits_map, mode_list
-from matquant.eval.zeroshot import CPU_DEFAULT_LIMIT, DEFAULT_TASKS
+from matquant.eval.zeroshot import CPU_DEFAULT_LIMIT
+from matquant.eval.zeroshot_tasks import DEFAULT_TASKS
 
 
 def eval_kinds(s: str) -> list[str]:
@@ -50,15 +49,15 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from matquant.eval.grid import format_table, ppl_grid
-    from matquant.eval.zeroshot import check_tasks, check_tokenizer, format_zeroshot_table, zeroshot_grid
+    from matquant.eval.zeroshot import check_tokenizer, format_zeroshot_table, zeroshot_grid
+    from matquant.eval.zeroshot_tasks import check_tasks, task_data_file
     from matquant.format.atomic import atomic_write_json
     from matquant.format.checkpoint import load_checkpoint
 
     bits_map = load_bits_map(args.bits_map)
-    zs_tasks = check_tasks(args.zeroshot_tasks.split(",")) if "zeroshot" in args.tasks else None
+    zs_tasks = None
     if "zeroshot" in args.tasks:  # fail on missing data before the (slow) model load
-        from matquant.eval.zeroshot import task_data_file
-
+        zs_tasks = check_tasks(args.zeroshot_tasks.split(","))
         for t in zs_tasks:
             task_data_file(t)
     model, tok, qcfg = load_checkpoint(args.checkpoint, device=args.device)

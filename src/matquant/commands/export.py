@@ -74,10 +74,20 @@ def run(args) -> int:
         raise ValueError("--pack-bits and --zero-fit apply to --format compressed-tensors only.")
     if args.pack_bits is not None and not 1 <= args.pack_bits <= 8:
         raise ValueError(f"--pack-bits must be in 1..8, got {args.pack_bits}")
+    import torch
+
     bits = args.bits if args.bits is not None else load_bits_map(args.bits_map)
     dtype = args.dtype or DEFAULT_DTYPE.get(args.format)
-    if args.format == "hf":
-        return _export_hf(args, bits, dtype)
+    if args.format == "hf":  # a plain HF folder of the slice (a checkpoint without a tokenizer is written without one)
+        from matquant.format.checkpoint import load_checkpoint
+        from matquant.format.export import export_dequantized
+
+        model, tok, qcfg = load_checkpoint(args.checkpoint, bits=bits, slicing=args.slicing)
+        export_dequantized(model, tok, args.out, dtype=getattr(torch, dtype), overwrite=args.overwrite)
+        what = f"int{args.bits}" if args.bits is not None else f"bits map {args.bits_map}"
+        print(f"wrote {args.out}: {what} ({args.slicing or qcfg.slicing} slicing), {dtype}; "
+              f"load with AutoModelForCausalLM.from_pretrained({args.out!r})")
+        return 0
     model, tok, qcfg = load_for_export(args.checkpoint, bits, args.slicing)
     what = {"checkpoint": str(args.checkpoint), "bits": args.bits, "bits_map": args.bits_map,
             "slicing": args.slicing or qcfg.slicing, "method": qcfg.method, "group_size": qcfg.group_size}
@@ -91,25 +101,8 @@ def run(args) -> int:
     else:
         from matquant.integrations.compressed_tensors_export import export_compressed_tensors
 
-        import torch
-
         rep = export_compressed_tensors(model, tok, args.out, dtype=getattr(torch, dtype),
                                         pack_bits=args.pack_bits, overwrite=args.overwrite, fit=args.zero_fit)
         print(rep.summary())
         print(f"serve: vllm serve {args.out}   |   read back: AutoModelForCausalLM.from_pretrained({args.out!r})")
-    return 0
-
-
-def _export_hf(args, bits, dtype: str) -> int:
-    """A plain HF folder of the slice (a checkpoint without a tokenizer is written without one)."""
-    import torch
-
-    from matquant.format.checkpoint import load_checkpoint
-    from matquant.format.export import export_dequantized
-
-    model, tok, qcfg = load_checkpoint(args.checkpoint, bits=bits, slicing=args.slicing)
-    export_dequantized(model, tok, args.out, dtype=getattr(torch, dtype), overwrite=args.overwrite)
-    what = f"int{args.bits}" if args.bits is not None else f"bits map {args.bits_map}"
-    print(f"wrote {args.out}: {what} ({args.slicing or qcfg.slicing} slicing), {dtype}; "
-          f"load with AutoModelForCausalLM.from_pretrained({args.out!r})")
     return 0

@@ -4,9 +4,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from matquant.commands.common import int_list, load_bits_map
+from matquant.format.atomic import atomic_write_json
+from matquant.format.checkpoint import load_checkpoint, read_quant_config
+from matquant.format.config import QuantConfig
+from matquant.mixnmatch.budget import CostModel, check_ladder, parse_budget, validate_bits_map
+from matquant.mixnmatch.schedules import DEFAULT_LADDER, GRANULARITIES, SCHEDULES, schedule_map
+from matquant.mixnmatch.search import SearchConfig, search
 from matquant.quant.slicing import SLICING_MODES
 
 DEFAULT_REFERENCE = "smollm2-135m"
@@ -23,8 +30,6 @@ def _positive(s: str) -> int:
 
 
 def register(sub) -> None:
-    from matquant.mixnmatch.schedules import DEFAULT_LADDER, GRANULARITIES, SCHEDULES
-
     p = sub.add_parser(
         "mixnmatch", help="choose per-layer precisions under a memory budget (Mix'n'Match)",
         description="Pick one precision per layer (or per module) of ONE checkpoint so that the model fits a budget, "
@@ -89,17 +94,8 @@ def _csv_ints(s: str, what: str) -> tuple[int, ...]:
     return vals
 
 
-def _identity(ckpt: Path) -> str:
-    st = (ckpt / "model.safetensors").stat()
-    return f"{ckpt.resolve()}|{st.st_size}|{int(st.st_mtime)}"
-
-
 def apply_bits_map(ckpt_dir, bits_map: dict, slicing: str | None = None) -> None:
     """Store `bits_map` (and optionally the slicing mode) in the checkpoint's config.json, atomically."""
-    from matquant.format.atomic import atomic_write_json
-    from matquant.format.checkpoint import read_quant_config
-    from matquant.format.config import QuantConfig
-
     cfg, _ = read_quant_config(ckpt_dir)
     q = dict(cfg["quantization_config"], bits_map=dict(bits_map))
     if slicing is not None:
@@ -109,10 +105,6 @@ def apply_bits_map(ckpt_dir, bits_map: dict, slicing: str | None = None) -> None
 
 
 def run(args) -> int:
-    from matquant.format.checkpoint import read_quant_config
-    from matquant.mixnmatch.budget import CostModel, check_ladder, parse_budget, validate_bits_map
-    from matquant.mixnmatch.schedules import schedule_map
-
     t_start = time.time()
     # ---- every check before any work ----
     if args.calib_text == "eval":
@@ -122,12 +114,9 @@ def run(args) -> int:
     ladder = check_ladder(args.ladder, qcfg.master_bits)
     cost = CostModel.from_checkpoint(args.checkpoint, slicing, ladder)
     budget = parse_budget(args.budget) if args.budget is not None else None
-    user_map = None
     if args.bits_map is not None:
-        raw = load_bits_map(args.bits_map)
-        user_map = validate_bits_map(raw, qcfg.modules, qcfg.master_bits)
-        full = {m: (qcfg.bits_map or {}).get(m, qcfg.default_bits) for m in qcfg.modules}
-        full.update(user_map)
+        user_map = validate_bits_map(load_bits_map(args.bits_map), qcfg.modules, qcfg.master_bits)
+        full = {m: (qcfg.bits_map or {}).get(m, qcfg.default_bits) for m in qcfg.modules} | user_map
         if budget is not None:
             cap = cost.code_bits_cap(budget, 1, qcfg.master_bits)
             if cost.map_code_bits(full) > cap + 1e-6:
@@ -142,8 +131,6 @@ def run(args) -> int:
             bits_map = schedule_map(cost, cap, args.schedule, ladder, args.granularity, args.floor)
             method, extra = f"{args.schedule} schedule", {"floor": args.floor}
         else:
-            from matquant.mixnmatch.search import SearchConfig, config_dict
-
             scfg = SearchConfig(ladder=ladder, granularity=args.granularity, seed=args.seed,
                                 generations=args.generations, offspring=args.offspring,
                                 stage_windows=_csv_ints(args.stage_windows, "stage-windows"),
@@ -156,7 +143,7 @@ def run(args) -> int:
             bits_map, method = res.bits_map, "search"
             extra = {"search": {"kl": res.kl, "init_kl": res.init_kl, "init_from": res.init_from,
                                 "generations": len(res.history), "seconds": res.seconds,
-                                "forward_tokens": res.tokens, "config": config_dict(scfg),
+                                "forward_tokens": res.tokens, "config": asdict(scfg),
                                 "reference": args.reference, "calib_text": args.calib_text,
                                 "calib_seqlen": args.calib_seqlen, "calib_windows": args.calib_windows,
                                 "topk": args.topk}}
@@ -171,8 +158,6 @@ def run(args) -> int:
     print(f"{method}: {summary['average_bits']:.3f} average bits ({summary['effective_bits']:.3f} with scales/zeros), "
           f"{summary['total_bytes'] / 2**20:.2f} MiB total; weights at {share}")
     if args.out:
-        from matquant.format.atomic import atomic_write_json
-
         atomic_write_json(args.out, doc)
         print(f"bits map written to {args.out}; evaluate: matquant eval {args.checkpoint} --bits-map {args.out} "
               f"--slicing {slicing}")
@@ -187,9 +172,7 @@ def run(args) -> int:
 
 def _search(args, qcfg, cost, cap, slicing, scfg):
     from matquant.data import token_windows
-    from matquant.format.checkpoint import load_checkpoint
     from matquant.mixnmatch.fitness import KLFitness, load_or_compute_reference
-    from matquant.mixnmatch.search import search
     from matquant.models import load_model
 
     ckpt = Path(args.checkpoint)
@@ -217,6 +200,8 @@ def _search(args, qcfg, cost, cap, slicing, scfg):
     if cached:
         print(f"reusing the cached fp32 reference in {work}")
     fitness = KLFitness(model, ref)
-    identity = _identity(ckpt) + f"|{json.dumps(meta, sort_keys=True)}|k{args.topk}|{args.device}"
+    st = (ckpt / "model.safetensors").stat()  # the checkpoint file as it is now: a rewrite invalidates the caches
+    identity = (f"{ckpt.resolve()}|{st.st_size}|{int(st.st_mtime)}|{json.dumps(meta, sort_keys=True)}|k{args.topk}"
+                f"|{args.device}")
     return search(model, fitness, cost, cap, slicing, scfg, work_dir=work, identity=identity, progress=progress,
                   log=print)

@@ -158,13 +158,16 @@ def config_from_args(args):
 
     if getattr(args, "_config", None) is not None:
         return args._config, args._calibration
-    flags = {dest_of(f) for cls in METHOD_CONFIGS.values() for f in cls.option_fields()}
+    def cli_fields(cls):
+        return [f for f in cls.option_fields() if f.metadata.get("cli", True)]
+
+    flags = {dest_of(f) for cls in METHOD_CONFIGS.values() for f in cli_fields(cls)}
     given = {k: v for k, v in vars(args).items() if k in flags}
     method = args.method or RECIPES[args.recipe or DEFAULT_RECIPE]["method"]
-    mine = {dest_of(f): f.name for f in config_class(method).option_fields()}
+    mine = {dest_of(f): f.name for f in cli_fields(config_class(method))}
     for k in given:
         if k not in mine:
-            takers = [n for n, c in sorted(METHOD_CONFIGS.items()) if k in {dest_of(f) for f in c.option_fields()}]
+            takers = [n for n, c in sorted(METHOD_CONFIGS.items()) if k in {dest_of(f) for f in cli_fields(c)}]
             flag = "--" + k.replace("_", "-")
             raise ValueError(f"{flag} applies to --method {' or '.join(takers)}, not {method}; drop {flag} or pick "
                              "one of those methods (`matquant quantize --method NAME --help` lists a method's "

@@ -20,11 +20,10 @@ def run(args) -> int:
     from matquant.experiments.store import ResultStore
 
     if args.store is None:
-        found = sorted(Path("runs").glob("*/results.jsonl"))
-        if not found:
+        paths = sorted(Path("runs").glob("*/results.jsonl"))
+        if not paths:
             raise FileNotFoundError("no results store given and none found under runs/*/results.jsonl; pass the "
                                     "store path (the grid's `store`, default runs/<grid name>/results.jsonl).")
-        paths = found
     else:
         paths = [store_path_for(args.store)]
     for p in paths:

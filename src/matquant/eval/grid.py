@@ -4,7 +4,15 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from matquant.eval.perplexity import perplexity
-from matquant.nn.bits import effective_bits, get_bits, set_bits
+from matquant.nn.bits import effective_bits, get_bits, matquant_modules, set_bits
+
+
+def slice_jobs(model, bits_list, modes, bits_map=None) -> tuple[int, list[tuple]]:
+    """(master bits, [(bits, mode)]) of a grid: the r == master slice is the same in every mode and is listed once
+    (first mode); with `bits_map`, one ("map", mode) job per mode."""
+    master = max(m.master_bits for m in matquant_modules(model).values())
+    jobs = [(b, mode) for b in bits_list for mode in (modes if b < master else modes[:1])]
+    return master, jobs + ([("map", mode) for mode in modes] if bits_map else [])
 
 
 def ppl_grid(model, windows, bits_list, modes, bits_map=None, batch_size: int = 1,
@@ -15,13 +23,7 @@ def ppl_grid(model, windows, bits_list, modes, bits_map=None, batch_size: int = 
     mode ("bits": "map") evaluates that per-layer map.
     """
     saved = get_bits(model)
-    master = max(m.master_bits for m in _mods(model))
-    jobs = []
-    for b in bits_list:
-        for mode in (modes if b < master else modes[:1]):
-            jobs.append((b, mode))
-    if bits_map:
-        jobs += [("map", mode) for mode in modes]
+    master, jobs = slice_jobs(model, bits_list, modes, bits_map)
     rows = []
     bar = tqdm(jobs, desc="slices", disable=not progress)
     for b, mode in bar:
@@ -32,12 +34,6 @@ def ppl_grid(model, windows, bits_list, modes, bits_map=None, batch_size: int = 
                      "effective_bits": round(effective_bits(model), 4), "tokens": r.tokens, "seqlen": r.seqlen})
     set_bits(model, saved)
     return rows
-
-
-def _mods(model):
-    from matquant.nn.bits import matquant_modules
-
-    return matquant_modules(model).values()
 
 
 def format_table(rows: list[dict], ref_ppl: float | None = None, title: str | None = None) -> str:

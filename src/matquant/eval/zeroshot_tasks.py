@@ -7,6 +7,7 @@ located, never imported). `build_tasks` returns lm-eval task objects ready for e
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -99,7 +100,7 @@ def task_config(task: str, data_file: Path) -> dict:
     _require_lm_eval()
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    entry = _task_index().get(task)
+    entry = _task_manager().task_index.get(task)
     if entry is None or entry.yaml_path is None:
         raise ValueError(f"lm-eval has no task {task!r}; is lm-eval too old/new? ({LM_EVAL_PIP})")
     cfg = dict(load_yaml(entry.yaml_path, resolve_func=True))
@@ -118,26 +119,15 @@ def task_config(task: str, data_file: Path) -> dict:
     return cfg
 
 
-_TM = None
-
-
+@functools.cache
 def _task_manager():
     """One lm-eval TaskManager per process, indexing only the six tasks' YAML folders (all of them is slow)."""
-    global _TM
-    if _TM is None:
-        _require_lm_eval()
-        from lm_eval.tasks import TaskManager
+    _require_lm_eval()
+    import lm_eval.tasks
 
-        import lm_eval.tasks
-
-        root = Path(lm_eval.tasks.__file__).parent
-        dirs = sorted({str(root / d) for d in LM_EVAL_TASK_DIRS.values()})
-        _TM = TaskManager(include_defaults=False, include_path=dirs)  # index only the six tasks' folders
-    return _TM
-
-
-def _task_index(_=None):
-    return _task_manager().task_index
+    root = Path(lm_eval.tasks.__file__).parent
+    dirs = sorted({str(root / d) for d in LM_EVAL_TASK_DIRS.values()})
+    return lm_eval.tasks.TaskManager(include_defaults=False, include_path=dirs)
 
 
 def build_tasks(tasks=DEFAULT_TASKS, data_root: Path | None = None) -> dict:

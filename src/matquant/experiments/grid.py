@@ -149,9 +149,8 @@ def parse_grid(raw: dict, default_name: str = "grid") -> Grid:
     evals = [(k, s) for k, s in (("ppl", ppl), ("zeroshot", zs)) if s is not None]
 
     def measurement(model, kind, settings, quant, bits):
-        cfg = {"model": model, "eval": kind, **{k: v for k, v in settings.items() if k not in RUN_ONLY_KEYS},
-               "quant": quant, "bits": bits}
-        return cfg
+        return {"model": model, "eval": kind, **{k: v for k, v in settings.items() if k not in RUN_ONLY_KEYS},
+                "quant": quant, "bits": bits}
 
     jobs: list[QuantJob] = []
     for model in models:

@@ -9,11 +9,13 @@ separate markers, the Pareto frontier (best quality at or below each bit budget)
 """
 from __future__ import annotations
 
+import os
 import re
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 from matquant.experiments.store import ResultStore
+from matquant.format.atomic import atomic_write_text
 
 
 def _bits_label(b) -> str:
@@ -26,8 +28,7 @@ def _series(rec) -> str:
     q = rec["config"]["quant"]
     if q is None:
         return "fp32"
-    scope = q.get("scope", "ckpt")
-    return f"{q['label']} [{scope}, {q['slicing']}]"
+    return f"{q['label']} [{q.get('scope', 'ckpt')}, {q['slicing']}]"
 
 
 def _setting(cfg: dict) -> str:
@@ -40,11 +41,8 @@ def _setting(cfg: dict) -> str:
 
 
 def _latest(records: list[dict]) -> list[dict]:
-    """One record per key (the last written wins)."""
-    by = OrderedDict()
-    for r in records:
-        by[r["key"]] = r
-    return list(by.values())
+    """One record per key (the last written wins, in the place of the key's first record)."""
+    return list({r["key"]: r for r in records}.values())
 
 
 def build_tables(records: list[dict]) -> str:
@@ -58,13 +56,8 @@ def build_tables(records: list[dict]) -> str:
         groups[(r["config"]["model"], r["config"]["eval"], _setting(r["config"]))].append(r)
     out = []
     for (model, kind, setting), recs in groups.items():
-        cols = []
-        for r in recs:
-            lab = _bits_label(r["config"]["bits"])
-            if lab not in cols:
-                cols.append(lab)
-        cols.sort(key=_col_order)
-        rows = OrderedDict()
+        cols = sorted({_bits_label(r["config"]["bits"]) for r in recs}, key=_col_order)  # _col_order keys are unique
+        rows = {}
         for r in recs:
             rows.setdefault(_series(r), {})[_bits_label(r["config"]["bits"])] = r["result"]
         ref = rows.get("fp32", {}).get("fp32", {}).get("ppl") if kind == "ppl" else None
@@ -153,8 +146,6 @@ END = "<!-- matquant-experiment {name}: end -->"
 
 def update_marked_section(path, name: str, text: str) -> None:
     """Replace (or append) the generated section `name` of a markdown file, atomically."""
-    from matquant.format.atomic import atomic_write_text
-
     p = Path(path)
     old = p.read_text(encoding="utf-8") if p.exists() else ""
     b, e = BEGIN.format(name=name), END.format(name=name)
@@ -170,8 +161,6 @@ def write_report(store: ResultStore, out, name: str = "results", docs=None) -> d
     """results.md + ppl_vs_bits.png + zeroshot_vs_bits.png into `out` (and the section `name` of `docs`)."""
     out = Path(out)
     recs = store.records()
-    from matquant.format.atomic import atomic_write_text
-
     tables = build_tables(recs)
     files = {}
     for kind, fname in (("ppl", "ppl_vs_bits.png"), ("zeroshot", "zeroshot_vs_bits.png")):
@@ -181,12 +170,7 @@ def write_report(store: ResultStore, out, name: str = "results", docs=None) -> d
     atomic_write_text(out / "results.md", f"# {name}\n\n{tables}{imgs}")
     files["md"] = out / "results.md"
     if docs is not None:
-        rel = "".join(f"\n![{k}]({_relpath(f, Path(docs).parent)})\n" for k, f in files.items() if k != "md")
+        base = Path(docs).parent.resolve()
+        rel = "".join(f"\n![{k}]({os.path.relpath(f.resolve(), base)})\n" for k, f in files.items() if k != "md")
         update_marked_section(docs, name, f"## {name}\n\n{tables}{rel}")
     return files
-
-
-def _relpath(f: Path, base: Path) -> str:
-    import os
-
-    return os.path.relpath(f.resolve(), base.resolve())

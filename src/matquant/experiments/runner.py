@@ -8,8 +8,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
+from matquant.algorithms import Calibration, make_config
+from matquant.algorithms.pipeline import quantize
 from matquant.experiments.grid import Grid, QuantJob
-from matquant.experiments.store import ResultStore, utc_now
+from matquant.experiments.store import ResultStore, config_key, host_info, utc_now
+from matquant.format.checkpoint import load_checkpoint
+from matquant.models import load_model
+from matquant.models.targets import layer_index
+from matquant.nn.bits import effective_bits, matquant_modules, set_bits
 
 
 class Evaluators:
@@ -36,8 +44,6 @@ class Evaluators:
 def run_grid(grid: Grid, evaluators: Evaluators | None = None, log: Callable[[str], None] = print,
              report: bool = True) -> dict:
     """Run every missing measurement of `grid`; returns {"done", "skipped", "measured", "seconds"}."""
-    import torch
-
     from matquant.eval.zeroshot import check_tokenizer, tokenizer_fingerprint
 
     ev = evaluators or Evaluators()
@@ -45,8 +51,6 @@ def run_grid(grid: Grid, evaluators: Evaluators | None = None, log: Callable[[st
     if grid.threads:
         torch.set_num_threads(int(grid.threads))
     done = store.keys()
-    from matquant.experiments.store import config_key
-
     total = sum(len(j.evals) for j in grid.jobs)
     todo_jobs = [j for j in grid.jobs if any(config_key(c) not in done for c in j.evals)]
     n_todo = sum(1 for j in todo_jobs for c in j.evals if config_key(c) not in done)
@@ -58,8 +62,6 @@ def run_grid(grid: Grid, evaluators: Evaluators | None = None, log: Callable[[st
         for job in todo_jobs:
             if job.model not in models:
                 models.clear()  # keep one source model in memory at a time
-                from matquant.models import load_model
-
                 log(f"loading {job.model} ...")
                 m, tok, _ = load_model(job.model, device=grid.device)
                 models[job.model] = (m, tok, tokenizer_fingerprint(tok))
@@ -77,7 +79,7 @@ def run_grid(grid: Grid, evaluators: Evaluators | None = None, log: Callable[[st
                 secs = round(time.time() - t0, 2)
                 res = {**res, "effective_bits": eff, **qinfo}
                 store.append(cfg, res, seconds=secs, started=started,
-                             host=_host(grid, settings))
+                             host={**host_info(), "batch_size": settings.get("batch_size")})
                 done.add(config_key(cfg))
                 measured += 1
                 log(f"  [{total - n_todo + measured}/{total}] {_describe(cfg)}: {_headline(cfg, res)} ({secs:.0f}s)")
@@ -100,16 +102,11 @@ def _prepare(job: QuantJob, src, src_tok, src_fp, grid: Grid, log, check_tokeniz
     if job.quant is None:
         return src, src_tok, {}
     if "checkpoint" in job.quant:
-        from matquant.format.checkpoint import load_checkpoint
-
         model, tok, qcfg = load_checkpoint(job.quant["checkpoint"], slicing=job.quant["slicing"],
                                            device=grid.device)
         check_tokenizer(model, tok, expected_fingerprint=src_fp,
                         where=f"checkpoint {job.quant['checkpoint']} (grid model {job.model})")
         return model, tok, {"checkpoint_method": qcfg.method}
-    from matquant.algorithms import Calibration, make_config
-    from matquant.algorithms.pipeline import quantize
-
     q = job.quant
     log(f"quantizing {job.model}: {q['label']} ({q['method']}, {q['scope']}, {q['slicing']} slicing) ...")
     config = make_config(q["method"], master_bits=q["master_bits"], group_size=q["group_size"], scope=q["scope"],
@@ -124,22 +121,16 @@ def _prepare(job: QuantJob, src, src_tok, src_fp, grid: Grid, log, check_tokeniz
 
 
 def _apply_bits(model, bits, quant) -> float:
-    from matquant.nn.bits import effective_bits, set_bits
-
     if quant is None:
         return 32.0
-    slicing = quant["slicing"]
-    if isinstance(bits, dict):  # Mix'n'Match schedule
-        set_bits(model, schedule_map(model, bits), slicing)
-    else:
-        set_bits(model, int(bits), slicing)
+    # a dict is a Mix'n'Match schedule
+    set_bits(model, schedule_bits_map(model, bits) if isinstance(bits, dict) else int(bits), quant["slicing"])
     return round(effective_bits(model), 4)
 
 
-def schedule_map(model, spec: dict) -> dict[str, int]:
+def schedule_bits_map(model, spec: dict) -> dict[str, int]:
+    """{module: bits} of the Mix'n'Match schedule `spec` (a grid's mixnmatch entry) for `model`'s quantized layers."""
     from matquant.mixnmatch import bits_map_for_schedule
-    from matquant.models.targets import layer_index
-    from matquant.nn.bits import matquant_modules
 
     mods = matquant_modules(model)
     blocks: dict[int, list[str]] = {}
@@ -148,12 +139,6 @@ def schedule_map(model, spec: dict) -> dict[str, int]:
     numels = {n: m.qweight.numel() for n, m in mods.items()}
     return bits_map_for_schedule(blocks, spec["target"], spec["schedule"], spec["ladder"], numels,
                                  spec.get("floor", "auto"))
-
-
-def _host(grid: Grid, settings: dict) -> dict:
-    from matquant.experiments.store import host_info
-
-    return {**host_info(), "batch_size": settings.get("batch_size")}
 
 
 def _describe(cfg: dict) -> str:

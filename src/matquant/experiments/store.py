@@ -60,9 +60,7 @@ class ResultStore:
         if not self.path.exists():
             return []
         out = []
-        with open(self.path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        for i, line in enumerate(lines, 1):
+        for i, line in enumerate(self.path.read_text(encoding="utf-8").split("\n"), 1):
             if not line.strip():
                 continue
             try:

@@ -1,5 +1,1 @@
-from matquant.format.config import FORMAT_VERSION, CheckpointError, QuantConfig
-from matquant.format.checkpoint import load_checkpoint, read_quant_config, save_checkpoint
-
-__all__ = ["FORMAT_VERSION", "CheckpointError", "QuantConfig", "load_checkpoint", "read_quant_config",
-           "save_checkpoint"]
+"""The checkpoint format: the folder and its config, every load-time check, atomic writes, dense export."""

@@ -87,9 +87,6 @@ def _normalise_modes(folder: Path) -> None:
             os.chmod(f, mode)
 
 
-_RENAME_EXCHANGE = 2
-
-
 def _rename_exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux renameat2). False where the call or the filesystem does not support it."""
     if sys.platform != "linux":
@@ -101,7 +98,7 @@ def _rename_exchange(a: Path, b: Path) -> bool:
         return False
     renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
     at_fdcwd = -100
-    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), 2)  # 2: RENAME_EXCHANGE
     if rc == 0:
         return True
     err = ctypes.get_errno()
@@ -141,14 +138,5 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)

@@ -16,16 +16,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from matquant.format import validate as V
 from matquant.format.atomic import atomic_dir
 from matquant.format.config import CheckpointError, QuantConfig
+from matquant.format.folder import (CONFIG_NAME, WEIGHTS_NAME, check_config_size, check_config_types, checkpoint_files,
+                                    read_config)
+from matquant.format.validate import read_header, validate_tensors
 from matquant.nn.bits import set_bits
 from matquant.nn.linear import MatQuantLinear
 from matquant.nn.replace import set_submodule
 from matquant.quant.minmax import resolve_group_size
-
-WEIGHTS_NAME = V.WEIGHTS_NAME
-CODE_TENSORS = V.CODE_LEAVES
 
 
 def _dedup_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -55,7 +54,7 @@ def save_checkpoint(model, tokenizer, out_dir, qconfig: QuantConfig, overwrite: 
         cfg = model.config.to_dict()
         cfg["quantization_config"] = qconfig.to_dict()
         cfg.pop("_name_or_path", None)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str) + "\n")
         # one metadata key: safetensors writes several in hash order, so two identical saves differed in their bytes
         # (the format version lives in config.json's quantization_config)
         save_file(_dedup_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -68,12 +67,12 @@ def save_checkpoint(model, tokenizer, out_dir, qconfig: QuantConfig, overwrite: 
 
 def read_quant_config(ckpt_dir) -> tuple[dict, QuantConfig]:
     """(config.json as a dict, its validated QuantConfig); checks the folder's files first (see format/validate.py)."""
-    cfg_path, _ = V.checkpoint_files(ckpt_dir)
-    cfg = V.read_config(cfg_path)
+    cfg_path, _ = checkpoint_files(ckpt_dir)
+    cfg = read_config(cfg_path)
     return cfg, QuantConfig.from_dict(cfg["quantization_config"])
 
 
-def hf_config(cfg: dict, path="config.json"):
+def hf_config(cfg: dict, path=CONFIG_NAME):
     """The transformers config of a checkpoint's config.json; anything transformers refuses is a CheckpointError."""
     from transformers import AutoConfig
 
@@ -85,7 +84,7 @@ def hf_config(cfg: dict, path="config.json"):
         defaults = AutoConfig.for_model(model_type).to_dict()
     except Exception as e:  # an unknown model_type
         raise CheckpointError(f"{path} is not a valid {model_type!r} config: {_one_line(e)}") from None
-    V.check_config_types(cfg, defaults, path)
+    check_config_types(cfg, defaults, path)
     try:
         return AutoConfig.for_model(model_type, **cfg)
     except Exception as e:  # the input decides what transformers raises: ValueError, TypeError, KeyError, ...
@@ -103,7 +102,7 @@ def build_skeleton(cfg: dict, qconfig: QuantConfig, dtype=torch.float32, header=
     from accelerate import init_empty_weights
 
     if header is not None:
-        V.check_config_size(cfg, header)
+        check_config_size(cfg, header)
     with init_empty_weights(include_buffers=False):
         model = build_model(hf_config(cfg), dtype)
     replace_skeleton(model, qconfig, dtype, device="meta")
@@ -153,8 +152,8 @@ def replace_skeleton(model, qconfig: QuantConfig, dtype=torch.float32, device=No
 
 def load_state(model, ckpt_dir, qconfig: QuantConfig) -> None:
     """Load every tensor of the checkpoint into `model` (a meta skeleton), each checked by format/validate.py."""
-    _, wpath = V.checkpoint_files(ckpt_dir)
-    sd = V.validate_tensors(wpath, model, qconfig, tied_keys(model))
+    _, wpath = checkpoint_files(ckpt_dir)
+    sd = validate_tensors(wpath, model, qconfig, tied_keys(model))
     expected = model.state_dict()
     sd = {k: t.to(expected[k].dtype) if t.is_floating_point() else t for k, t in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
@@ -172,8 +171,7 @@ def tied_keys(model) -> set[str]:
     out = model.get_output_embeddings()
     if out is None:
         return set()
-    names = [n for n, m in model.named_modules() if m is out]
-    return {f"{names[0]}.weight"} if names else set()
+    return {f"{n}.weight" for n, m in model.named_modules() if m is out}  # named_modules lists a module once
 
 
 def precheck(ckpt_dir) -> None:
@@ -181,8 +179,8 @@ def precheck(ckpt_dir) -> None:
     transformers would build, its size against the weights header), raising CheckpointError. Run by the
     transformers hook before transformers parses config.json itself."""
     cfg, _ = read_quant_config(ckpt_dir)
-    cfg_path, wpath = V.checkpoint_files(ckpt_dir)
-    V.check_config_size(cfg, V.read_header(wpath), cfg_path)
+    cfg_path, wpath = checkpoint_files(ckpt_dir)
+    check_config_size(cfg, read_header(wpath), cfg_path)
     hf_config(cfg, cfg_path)
 
 
@@ -190,8 +188,8 @@ def load_checkpoint(ckpt_dir, bits=None, slicing: str | None = None, device: str
                     dtype: torch.dtype = torch.float32):
     """(model, tokenizer, qconfig). `bits` (int or map) overrides the stored default precision / bits map."""
     cfg, qconfig = read_quant_config(ckpt_dir)
-    _, wpath = V.checkpoint_files(ckpt_dir)
-    model = build_skeleton(cfg, qconfig, dtype, header=V.read_header(wpath))
+    _, wpath = checkpoint_files(ckpt_dir)
+    model = build_skeleton(cfg, qconfig, dtype, header=read_header(wpath))
     load_state(model, ckpt_dir, qconfig)
     model.to(device).eval()
     set_bits(model, qconfig.default_bits, slicing or qconfig.slicing)

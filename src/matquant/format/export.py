@@ -6,17 +6,15 @@ from pathlib import Path
 import torch
 
 from matquant.format.atomic import atomic_dir
+from matquant.format.checkpoint import tied_keys
 from matquant.nn.bits import matquant_modules
 
 
 def plain_state_dict(model) -> dict[str, torch.Tensor]:
     """State dict of the equivalent unquantized model at the current per-layer bits."""
-    sd = {}
     qmods = matquant_modules(model)
     skip = {f"{n}.{t}" for n, m in qmods.items() for t in m.code_tensor_names()}
-    for k, t in model.state_dict().items():
-        if k not in skip:
-            sd[k] = t
+    sd = {k: t for k, t in model.state_dict().items() if k not in skip}
     for n, m in qmods.items():
         sd[f"{n}.weight"] = m.dense_weight(torch.float32).detach().clone()  # an input rotation is folded back
     return sd
@@ -38,7 +36,8 @@ def export_dequantized(model, tokenizer, out_dir, dtype: torch.dtype = torch.flo
             sd[k] = v.t().contiguous()  # HF Conv1D stores [in, out]
     missing, unexpected = plain.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
                                                  for k, v in sd.items()}, strict=False)
-    missing = [k for k in missing if k not in _tied(plain)]
+    tied = tied_keys(plain)
+    missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise RuntimeError(f"export mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
     plain.tie_weights()
@@ -47,10 +46,3 @@ def export_dequantized(model, tokenizer, out_dir, dtype: torch.dtype = torch.flo
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
-
-
-def _tied(model) -> set[str]:
-    out = model.get_output_embeddings()
-    if out is None or not getattr(model.config, "tie_word_embeddings", False):
-        return set()
-    return {f"{n}.weight" for n, m in model.named_modules() if m is out}

@@ -1,5 +1,5 @@
 """The checkpoint folder and its config.json, checked before any tensor is read (steps 1 and 3 of the load order in
-format/validate.py, which re-exports every name here):
+format/validate.py):
 
 - `checkpoint_files(d)`: config.json and model.safetensors are regular files of sane size; pickle is never read.
 - `looks_like_matquant(d)`: whether a folder is (or was, before corruption) a matquant checkpoint; never raises.

@@ -1,6 +1,6 @@
 """Every check a matquant checkpoint folder must pass, in ONE place, used by `matquant.load` (format/checkpoint.py) and
 by `AutoModelForCausalLM.from_pretrained` (integrations/transformers.py). The folder and config.json checks live in
-format/folder.py and are re-exported here; this module checks the tensors.
+format/folder.py; this module checks the tensors.
 
 In load order:
 1. `checkpoint_files(d)`: config.json and model.safetensors are regular files of sane size; pickle is never read.
@@ -13,39 +13,15 @@ In load order:
 """
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from matquant.format.config import CheckpointError, QuantConfig
-from matquant.format.folder import (  # re-exported: callers import every check from this module
-    BOOL_KEYS,
-    CONFIG_NAME,
-    DIM_KEYS,
-    FLOAT_DTYPE_NAMES,
-    LAYER_KEYS,
-    MARK_BYTES,
-    MAX_CONFIG_BYTES,
-    MAX_CONFIG_DEPTH,
-    PICKLE_SUFFIXES,
-    WEIGHTS_NAME,
-    _regular_file,
-    check_config_size,
-    check_config_types,
-    checkpoint_files,
-    looks_like_matquant,
-    read_config,
-)
+from matquant.format.folder import WEIGHTS_NAME, _regular_file
 
-__all__ = ["BOOL_KEYS", "CODE_LEAVES", "CONFIG_NAME", "DIM_KEYS", "FLOAT_DTYPE_NAMES", "LAYER_KEYS", "MARK_BYTES",
-           "MAX_ABS", "MAX_ABS_ZERO", "MAX_CONFIG_BYTES", "MAX_CONFIG_DEPTH", "PICKLE_SUFFIXES", "WEIGHTS_NAME",
-           "check_config_size", "check_config_types", "check_header", "check_values", "checkpoint_files",
-           "expected_tensors", "header_numel", "looks_like_matquant", "param_leaf", "read_config", "read_header",
-           "read_tensors", "validate_tensors"]
-
-CODE_LEAVES = ("qweight", "scales", "zeros")
 _PARAM_LEAF = re.compile(r"(scales|zeros)(_int[1-8])?")  # shared group parameters, or a slice's own (int{r})
 MAX_ABS = 1e6  # largest |value| accepted in a weight or scale (trained weights are O(1); fp16 cannot exceed 65504)
 MAX_ABS_ZERO = 2.0**25  # zero-points: twice float32's 2/eps bound of quant/minmax.py
@@ -62,8 +38,6 @@ def param_leaf(leaf: str) -> str | None:
 
 def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """{name: (dtype, shape)} from the safetensors header alone (the library checks offsets against the file size)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             out = {}
@@ -79,10 +53,6 @@ def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     except Exception as e:  # SafetensorError / OSError: a malformed header, offsets beyond the file, ...
         msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         raise CheckpointError(f"{path} is corrupt or truncated ({msg}); re-create the checkpoint.") from None
-
-
-def header_numel(header) -> int:
-    return sum(math.prod(shape) for _, shape in header.values())
 
 
 def expected_tensors(model, tied: set[str]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -150,8 +120,6 @@ def check_values(name: str, t: torch.Tensor, qconfig: QuantConfig, path: Path | 
 
 def read_tensors(path: Path, header, qconfig: QuantConfig) -> dict[str, torch.Tensor]:
     """Every tensor of the file, each value-checked (call after `check_header`)."""
-    from safetensors import safe_open
-
     out = {}
     try:
         f = safe_open(str(path), framework="pt", device="cpu")

@@ -11,9 +11,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.initialization import no_init_weights
 
+from matquant.format.atomic import atomic_dir
+from matquant.format.export import plain_state_dict
 from matquant.integrations.compressed_tensors_fit import ZERO_FITS, integer_zero_fit
 from matquant.integrations.export_slices import ExportError, SliceTensor, check_out_path, model_slices
+from matquant.nn.rotation import online_rotation_refusal
 
 
 @dataclass
@@ -26,6 +32,7 @@ class ModuleReport:
     rel_rms_error: float
 
 
+PACKED_PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")  # one module's tensors
 # vLLM fuses these projections into one layer whose shards must share one scheme (same bits and group size)
 FUSED_SHARDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -86,8 +93,6 @@ def export_compressed_tensors(model, tokenizer, out, dtype: torch.dtype = torch.
                               overwrite: bool = False, fit: str = "search") -> CTExportReport:
     """Write the model's current slice (per-module bits) as a compressed-tensors pack-quantized HF folder.
     `fit`: how the integer-zero grid is fitted where it cannot hold the slice exactly (ZERO_FITS)."""
-    from matquant.nn.rotation import online_rotation_refusal
-
     if (why := online_rotation_refusal(model, "a compressed-tensors engine (vLLM)")) is not None:
         raise ExportError(why)
     try:
@@ -96,12 +101,6 @@ def export_compressed_tensors(model, tokenizer, out, dtype: torch.dtype = torch.
     except ImportError:
         raise ImportError("compressed-tensors export needs the compressed-tensors package: "
                           "pip install 'matquant[export]'") from None
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    from matquant.format.atomic import atomic_dir
-    from matquant.format.export import plain_state_dict
-
     check_out_path(out, overwrite)
     if tokenizer is None:
         raise ExportError("the exported folder needs a tokenizer; the checkpoint has none.")
@@ -163,19 +162,23 @@ def _record(folder: Path, slices: dict[str, SliceTensor]) -> None:
 def _schemes_and_tensors(folder) -> tuple[dict, dict]:
     """({module: its config group's QuantizationScheme}, {tensor name: tensor}) of a pack-quantized folder."""
     from compressed_tensors.quantization import QuantizationScheme
-    from safetensors import safe_open
 
     cfg = json.loads((Path(folder) / "config.json").read_text())["quantization_config"]
-    schemes = {}
-    for g in cfg["config_groups"].values():
-        for t in g["targets"]:
-            schemes[t] = QuantizationScheme(targets=[t], weights=g["weights"])
+    schemes = {t: QuantizationScheme(targets=[t], weights=g["weights"])
+               for g in cfg["config_groups"].values() for t in g["targets"]}
     tensors = {}
     for f in Path(folder).glob("*.safetensors"):
         with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                tensors[k] = h.get_tensor(k)
+            tensors.update({k: h.get_tensor(k) for k in h.keys()})
     return schemes, tensors
+
+
+def _decompressed_weight(tensors: dict, module: str, scheme) -> torch.Tensor:
+    """One module's dense weight, decompressed by compressed-tensors' PackedQuantizationCompressor."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    parts = {k: tensors[f"{module}.{k}"] for k in PACKED_PARTS}
+    return PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
 
 
 def load_decompressed(folder, dtype: torch.dtype = torch.float32):
@@ -186,20 +189,14 @@ def load_decompressed(folder, dtype: torch.dtype = torch.float32):
     decompresses dense layers with one config group's scheme (`get_dense_scheme`), so a folder mixing e.g. 4- and
     2-bit groups fails to load there ("size of tensor a (3) must match ... b (4)"); a single-group folder loads fine
     through transformers directly."""
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     schemes, tensors = _schemes_and_tensors(folder)
     cfg = json.loads((Path(folder) / "config.json").read_text())
     cfg.pop("quantization_config")
     hf_cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
-    sd = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in
-          ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")}
+    sd = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in PACKED_PARTS}
     for name, scheme in schemes.items():
-        parts = {k: tensors[f"{name}.{k}"] for k in ("weight_packed", "weight_scale", "weight_zero_point",
-                                                       "weight_shape")}
-        sd[f"{name}.weight"] = PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
+        sd[f"{name}.weight"] = _decompressed_weight(tensors, name, scheme)
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
@@ -211,17 +208,12 @@ def load_decompressed(folder, dtype: torch.dtype = torch.float32):
 
 def _measure(report: CTExportReport, slices: dict[str, SliceTensor], out) -> None:
     """Weight error vs the slice, decompressing the written folder with compressed-tensors' own decompressor."""
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-
     schemes, tensors = _schemes_and_tensors(out)
     qbytes = qnum = 0
     for m in report.modules:
-        qbytes += sum(tensors[f"{m.module}.{k}"].numel() * tensors[f"{m.module}.{k}"].element_size()
-                      for k in ("weight_packed", "weight_scale", "weight_zero_point"))
+        qbytes += sum(tensors[f"{m.module}.{k}"].nbytes for k in ("weight_packed", "weight_scale", "weight_zero_point"))
         qnum += slices[m.module].reference.numel()
-        sd = {k.rsplit(".", 1)[-1]: tensors[f"{m.module}.{k.rsplit('.', 1)[-1]}"]
-              for k in ("x.weight_packed", "x.weight_scale", "x.weight_zero_point", "x.weight_shape")}
-        w = PackedQuantizationCompressor.decompress(sd, schemes[m.module])["weight"].double()
+        w = _decompressed_weight(tensors, m.module, schemes[m.module]).double()
         ref = slices[m.module].reference.double()
         err = w - ref
         m.rms_error = float(err.pow(2).mean().sqrt())

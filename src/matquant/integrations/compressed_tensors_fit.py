@@ -24,11 +24,6 @@ ZERO_FITS = ("search", "lsq")
 LSQ_ITERS = 3
 
 
-def _rows(x: torch.Tensor, g: int) -> torch.Tensor:
-    """[rows, cols] -> [rows, n_groups, g]."""
-    return x.reshape(x.shape[0], -1, g)
-
-
 def _lsq_refit(v: torch.Tensor, s: torch.Tensor, z: torch.Tensor, err: torch.Tensor, lo: int, hi: int,
                scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Improve per-group (s, z) of the grid s·(q − z) on values v [rows, G, g]: for z + {−1, 0, 1}, alternate
@@ -63,27 +58,24 @@ def integer_zero_fit(st: SliceTensor, scale_dtype: torch.dtype, pack_bits: int |
     codes: n = 5; in 8-bit: n = 85). `fit` is one of ZERO_FITS."""
     if fit not in ZERO_FITS:
         raise ExportError(f"unknown zero-point fit {fit!r}; choose one of {', '.join(ZERO_FITS)}.")
-    r = st.bits
-    big = max(r, pack_bits or r)
+    big = max(st.bits, pack_bits or st.bits)  # the stored code width
     if big > 8:
         raise ExportError(f"{st.module}: compressed-tensors packs 1..8-bit codes, not {big}.")
     if st.levels > 2**big:
-        raise ExportError(f"{st.module}: '{st.mode}' slicing at {r} bits has {st.levels} levels; a {big}-bit "
+        raise ExportError(f"{st.module}: '{st.mode}' slicing at {st.bits} bits has {st.levels} levels; a {big}-bit "
                           "compressed-tensors grid holds 2^{big}. Use --slicing nested/paper or a larger --pack-bits.")
     n = (2**big - 1) // max(st.levels - 1, 1)
     lo, hi = -(2 ** (big - 1)), 2 ** (big - 1) - 1
-    g = st.group_size
-    v = _rows(st.reference.double(), g)
+    v = st.reference.double().reshape(st.shape[0], -1, st.group_size)  # [rows, n_groups, group size]
     a, b = st.a.double() / n, st.b.double()
-    r = big
     zp_frac = lo - b / torch.where(a == 0, torch.ones_like(a), a)
     exact = ((zp_frac - torch.round(zp_frac)).abs() < 1e-6) & (zp_frac.round() >= lo) & (zp_frac.round() <= hi)
     best_err = best_s = best_z = None
-    ts = torch.linspace(-0.5, 0.5, SCALE_STEPS, dtype=torch.float64) / (2**r - 1)
+    ts = torch.linspace(-0.5, 0.5, SCALE_STEPS, dtype=torch.float64) / (2**big - 1)
     # plus llm-compressor's own min-max grid (range stretched to include 0): the fallback for groups whose zero
     # point lies outside the r-bit code range (all weights of one sign), where no grid near A covers the values
     vmin, vmax = v.amin(-1).clamp(max=0), v.amax(-1).clamp(min=0)
-    s_mm = (vmax - vmin) / (2**r - 1)
+    s_mm = (vmax - vmin) / (2**big - 1)
     cands = [(a * (1 + t), (torch.floor(zp_frac), torch.ceil(zp_frac))) for t in [torch.zeros((), dtype=torch.float64), *ts]]
     cands.append((s_mm, (lo - torch.round(vmin / torch.where(s_mm == 0, torch.ones_like(s_mm), s_mm)),)))
     for s_raw, zs in cands:

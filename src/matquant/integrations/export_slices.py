@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from matquant.format.checkpoint import load_checkpoint, read_quant_config
 from matquant.kernels.cpu import slice_params
 from matquant.nn.bits import matquant_modules
 from matquant.quant.slicing import slice_codes
@@ -57,17 +58,11 @@ def plain_tensors(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k not in skip}
 
 
-def has_tokenizer(ckpt_dir) -> bool:
-    return any(Path(ckpt_dir, n).exists() for n in TOKENIZER_FILES)
-
-
 def load_for_export(ckpt_dir, bits, slicing: str | None = None):
     """(model, tokenizer, qconfig) of the checkpoint at `bits` (int or bits map); refuses a checkpoint without a
     tokenizer (an exported model without one cannot be served)."""
-    from matquant.format.checkpoint import load_checkpoint, read_quant_config
-
     read_quant_config(ckpt_dir)  # clear error for a non-checkpoint before anything heavy
-    if not has_tokenizer(ckpt_dir):
+    if not any(Path(ckpt_dir, n).exists() for n in TOKENIZER_FILES):
         raise ExportError(f"{ckpt_dir} has quantized codes but no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                           "an exported model needs one. Copy the source model's tokenizer files into the checkpoint "
                           "folder (tokenizer.save_pretrained(DIR)) and run export again.")

@@ -53,19 +53,17 @@ def _nibbles(q: np.ndarray) -> np.ndarray:
 
 def encode_q4_1(codes: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
     """codes uint8 [rows, cols] (< 16), d, m fp32 [rows, cols/32] -> Q4_1 bytes. Exact: W = d·q + m."""
-    rows, cols = codes.shape
     q = codes.astype(np.uint8).reshape(-1, QK)
     out = np.concatenate([_f16_bytes(d.reshape(-1, 1)), _f16_bytes(m.reshape(-1, 1)), _nibbles(q)], axis=1)
-    return out.reshape(rows, -1)
+    return out.reshape(codes.shape[0], -1)
 
 
 def encode_q5_1(codes: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
     """codes uint8 [rows, cols] (< 32), d, m fp32 [rows, cols/32] -> Q5_1 bytes. Exact: W = d·q + m."""
-    rows, cols = codes.shape
     q = codes.astype(np.uint8).reshape(-1, QK)
     qh = np.packbits((q >> 4) & 1, axis=-1, bitorder="little")  # bit j of the little-endian uint32 = 5th bit of j
     out = np.concatenate([_f16_bytes(d.reshape(-1, 1)), _f16_bytes(m.reshape(-1, 1)), qh, _nibbles(q)], axis=1)
-    return out.reshape(rows, -1)
+    return out.reshape(codes.shape[0], -1)
 
 
 def _round(x: np.ndarray) -> np.ndarray:
@@ -96,14 +94,13 @@ def fit_symmetric(v: np.ndarray, lo: int, hi: int, iters: int = 2) -> tuple[np.n
 
 def encode_q8_0(values: np.ndarray) -> np.ndarray:
     """Nearest Q8_0 of the slice values [rows, cols] (d fitted per 32-block after fp16 rounding)."""
-    rows, cols = values.shape
     v = values.astype(np.float64).reshape(-1, QK)
     s, _ = fit_symmetric(v, -128, 127)
     d = s.astype(np.float16).astype(np.float64)  # requantize against the scale the file really holds
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(d == 0, 0, np.clip(_round(v / d), -128, 127))
     out = np.concatenate([_f16_bytes(d), q.astype(np.int8).view(np.uint8)], axis=1)
-    return out.reshape(rows, -1)
+    return out.reshape(values.shape[0], -1)
 
 
 def _superblock_scales(sub: np.ndarray, qmax: int, signed: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -123,21 +120,15 @@ def _k_requantize(v: np.ndarray, scale: np.ndarray, offset: np.ndarray, lo: int,
     return np.clip(q, lo, hi)
 
 
-def encode_q6_k(values: np.ndarray) -> np.ndarray:
-    """Nearest Q6_K of the slice values [rows, cols], cols % 256 == 0."""
-    rows, cols = values.shape
+def _symmetric_superblocks(values: np.ndarray, lo: int, hi: int, sc_max: int):
+    """Q6_K / Q3_K: per 16-element sub-block of values [rows, cols] a scale fitted for codes lo..hi, stored as the
+    integer sc [n, 16] (-sc_max-1..sc_max) times the fp16 super scale d [n, 1] of each of the n 256-blocks, and the
+    codes re-chosen against d·sc. Returns (d, sc, codes − lo as uint8 [n, 256])."""
     v = values.astype(np.float64).reshape(-1, 16, 16)
-    n = v.shape[0]
-    s, _ = fit_symmetric(v.reshape(-1, 16), -32, 31)
-    d, sc = _superblock_scales(s.reshape(n, 16), 127, signed=True)
-    q = _k_requantize(v, (d * sc)[..., None], np.zeros((1, 1, 1)), -32, 31).astype(np.int64) + 32
-    q = q.reshape(n, QK_K).astype(np.uint8)
-    lo = (q & 0x0F).reshape(n, 2, 2, 64)
-    ql = (lo[:, :, 0, :] | (lo[:, :, 1, :] << 4)).reshape(n, 128)
-    hi = (q >> 4).reshape(n, 2, 4, 32)
-    qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(n, 64)
-    out = np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8), _f16_bytes(d)], axis=1)
-    return out.reshape(rows, -1)
+    s, _ = fit_symmetric(v.reshape(-1, 16), lo, hi)
+    d, sc = _superblock_scales(s.reshape(v.shape[0], 16), sc_max, signed=True)
+    q = _k_requantize(v, (d * sc)[..., None], np.zeros((1, 1, 1)), lo, hi).astype(np.int64) - lo
+    return d, sc, q.reshape(v.shape[0], QK_K).astype(np.uint8)
 
 
 def _pack_2bit_planes(q: np.ndarray) -> np.ndarray:
@@ -147,33 +138,33 @@ def _pack_2bit_planes(q: np.ndarray) -> np.ndarray:
     return (x[:, :, 0] | (x[:, :, 1] << 2) | (x[:, :, 2] << 4) | (x[:, :, 3] << 6)).reshape(n, 64)
 
 
+def encode_q6_k(values: np.ndarray) -> np.ndarray:
+    """Nearest Q6_K of the slice values [rows, cols], cols % 256 == 0."""
+    d, sc, q = _symmetric_superblocks(values, -32, 31, 127)
+    lo = (q & 0x0F).reshape(-1, 2, 2, 64)
+    ql = (lo[:, :, 0, :] | (lo[:, :, 1, :] << 4)).reshape(q.shape[0], 128)
+    out = np.concatenate([ql, _pack_2bit_planes(q >> 4), sc.astype(np.int8).view(np.uint8), _f16_bytes(d)], axis=1)
+    return out.reshape(values.shape[0], -1)
+
+
 def encode_q3_k(values: np.ndarray) -> np.ndarray:
     """Nearest Q3_K of the slice values [rows, cols], cols % 256 == 0."""
-    rows, cols = values.shape
-    v = values.astype(np.float64).reshape(-1, 16, 16)
-    n = v.shape[0]
-    s, _ = fit_symmetric(v.reshape(-1, 16), -4, 3)
-    d, sc = _superblock_scales(s.reshape(n, 16), 31, signed=True)  # sc in -32..31
-    q = (_k_requantize(v, (d * sc)[..., None], np.zeros((1, 1, 1)), -4, 3).astype(np.int64) + 4)
-    q = q.reshape(n, QK_K).astype(np.uint8)
+    d, sc, q = _symmetric_superblocks(values, -4, 3, 31)  # sc in -32..31
     qs = _pack_2bit_planes(q & 3)
-    hbit = ((q >> 2) & 1).reshape(n, 8, 32)
-    hmask = np.zeros((n, 32), dtype=np.uint8)
-    for i in range(8):
-        hmask |= hbit[:, i, :] << i
+    hbit = ((q >> 2) & 1).reshape(-1, 8, 32)  # bit i of hmask byte p: the third bit of element i·32 + p
+    hmask = np.bitwise_or.reduce(hbit << np.arange(8, dtype=np.uint8)[:, None], axis=1)
     s6 = (sc.astype(np.int64) + 32).astype(np.uint8)  # 0..63
     low, high = s6 & 0x0F, s6 >> 4
     lsc = low[:, :8] | (low[:, 8:] << 4)
     hsc = high[:, 0:4] | (high[:, 4:8] << 2) | (high[:, 8:12] << 4) | (high[:, 12:16] << 6)
     out = np.concatenate([hmask, qs, lsc, hsc, _f16_bytes(d)], axis=1)
-    return out.reshape(rows, -1)
+    return out.reshape(values.shape[0], -1)
 
 
 def encode_q2_k(values: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Nearest Q2_K of the slice values [rows, cols] (cols % 256 == 0) whose per-element affine constants are
     a, b (W = q·a + b, constant over each 16-element sub-block): sub-block scale ≈ a, min ≈ −b, codes re-chosen
     against the 4-bit-quantized scale and min."""
-    rows, cols = values.shape
     v = values.astype(np.float64).reshape(-1, 16, 16)
     n = v.shape[0]
     a_sub = a.astype(np.float64).reshape(n, 16, 16)[:, :, 0]
@@ -183,4 +174,4 @@ def encode_q2_k(values: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     q = _k_requantize(v, (d * sc)[..., None], (dmin * mn)[..., None], 0, 3).reshape(n, QK_K)
     scales = (sc.astype(np.uint8) & 0x0F) | (mn.astype(np.uint8) << 4)
     out = np.concatenate([scales, _pack_2bit_planes(q.astype(np.uint8)), _f16_bytes(d), _f16_bytes(dmin)], axis=1)
-    return out.reshape(rows, -1)
+    return out.reshape(values.shape[0], -1)

@@ -8,17 +8,22 @@ with gguf-py's dequantizer.
 """
 from __future__ import annotations
 
+import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
 import numpy as np
+from gguf.quants import dequantize
 
 from matquant.format.atomic import atomic_file
 from matquant.integrations.export_slices import ExportError, check_out_path, model_slices, plain_tensors
 from matquant.integrations.gguf_template import (arch_permutes_qk, check_template, default_template,
                                                  gguf_tensor_names, llama_row_permutation)
 from matquant.integrations.gguf_tensors import TensorChoice, choose_type, encode_slice
+from matquant.nn.rotation import online_rotation_refusal
 
 FILE_TYPE = {"Q4_1": "MOSTLY_Q4_1", "Q5_1": "MOSTLY_Q5_1", "Q8_0": "MOSTLY_Q8_0", "Q6_K": "MOSTLY_Q6_K",
              "Q3_K": "MOSTLY_Q3_K_M", "Q2_K": "MOSTLY_Q2_K"}
@@ -53,8 +58,6 @@ class GGUFExportReport:
         return 8 * sum(t.nbytes for t in self.tensors) / max(sum(t.numel for t in self.tensors), 1)
 
     def summary(self) -> str:
-        from collections import Counter
-
         kinds = Counter((t.qtype, t.exact) for t in self.tensors)
         kinds_s = ", ".join(f"{n}x {q} ({'exact' if e else 'nearest'})" for (q, e), n in sorted(kinds.items()))
         worst = max(self.tensors, key=lambda t: t.rel_rms_error)
@@ -84,15 +87,8 @@ def export_gguf(model, tokenizer, out, template=None, k_quants: bool = False, ov
 
     `dense` ('F32' or 'F16'): write the slice's dequantized values instead of GGML blocks (the like-for-like
     reference for llama.cpp's own perplexity tool)."""
-    from matquant.nn.rotation import online_rotation_refusal
-
     if (why := online_rotation_refusal(model, "llama.cpp (GGUF)")) is not None:
         raise ExportError(why)
-    import json
-
-    import gguf
-    from gguf.quants import dequantize
-
     template = Path(template) if template is not None else default_template()
     if not template.is_file():
         raise FileNotFoundError(f"template GGUF {template} does not exist.")
@@ -167,25 +163,21 @@ def export_gguf(model, tokenizer, out, template=None, k_quants: bool = False, ov
                     rms, float(np.abs(err).max()), rms / max(float(np.sqrt((ref.astype(np.float64)**2).mean())), 1e-30),
                     choice.note))
                 types_used[choice.qtype] = types_used.get(choice.qtype, 0) + int(raw.nbytes)
-            elif hf in plain:
+                continue
+            if hf in plain:
                 ours = plain[hf].numpy()
                 perm = perm_for(t.name, ours.shape[0]) if ours.ndim >= 1 else None
                 if perm is not None:
                     ours = ours[perm]
-                tpl = dequantize(t.data, t.tensor_type).reshape(ours.shape) if \
-                    int(np.prod(t.shape)) == ours.size else None
-                if tpl is not None and _close_to_template(tpl, ours):
-                    writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-                    report.copied += 1
-                else:
-                    if tpl is None:
-                        raise ExportError(f"template tensor {t.name} has shape {shape} but the checkpoint's {hf} is "
-                                          f"{tuple(ours.shape)}: the template is of another model.")
+                if int(np.prod(t.shape)) != ours.size:
+                    raise ExportError(f"template tensor {t.name} has shape {shape} but the checkpoint's {hf} is "
+                                      f"{tuple(ours.shape)}: the template is of another model.")
+                if not _close_to_template(dequantize(t.data, t.tensor_type).reshape(ours.shape), ours):
                     writer.add_tensor(t.name, np.ascontiguousarray(ours, dtype=np.float32))
                     report.rewritten.append(t.name)
-            else:
-                writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)  # e.g. rope tables: not in the model
-                report.copied += 1
+                    continue
+            writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)  # as ours, or not in the model (rope tables)
+            report.copied += 1
         for g, hf in extra.items():
             writer.add_tensor(g, np.ascontiguousarray(plain[hf].numpy(), dtype=np.float32))
             report.rewritten.append(g)
@@ -208,6 +200,4 @@ def _is_output_head(model, hf: str) -> bool:
 
 def read_tensor_types(path) -> dict[str, str]:
     """{tensor name: GGML type name} of a GGUF file (to count what really was written)."""
-    import gguf
-
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}

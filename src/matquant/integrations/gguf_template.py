@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from matquant.integrations.export_slices import ExportError
@@ -33,10 +34,8 @@ def default_template() -> Path:
 
 def llama_row_permutation(rows: int, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
     """Row order llama.cpp's converter gives attn_q (n_head) / attn_k (n_head_kv): out[i] = in[perm[i]]."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    idx = np.arange(rows)
-    return idx.reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
+    n = n_head if n_head_kv is None else n_head_kv
+    return np.arange(rows).reshape(n, 2, rows // n // 2).swapaxes(1, 2).reshape(rows)
 
 
 def arch_permutes_qk(arch: str) -> bool:
@@ -83,8 +82,6 @@ def check_template(reader, config, tokenizer, template: Path) -> str:
 
 def gguf_tensor_names(arch: str, n_layers: int):
     """HF tensor name -> GGUF tensor name (None where the architecture has none) for `arch`."""
-    import gguf
-
     arch_enum = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), None)
     if arch_enum is None:
         raise ExportError(f"gguf {gguf.__version__ if hasattr(gguf, '__version__') else ''} does not know the "

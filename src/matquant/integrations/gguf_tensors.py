@@ -19,13 +19,7 @@ from matquant.integrations import gguf_blocks as gb
 from matquant.integrations.export_slices import ExportError, SliceTensor
 
 K_QUANT_FOR_BITS = {6: "Q6_K", 3: "Q3_K", 2: "Q2_K"}
-
-
-def bits_per_weight(qtype_name: str) -> float:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype_name]]
-    return nbytes * 8 / block
+NEAREST_ENCODERS = {"Q8_0": gb.encode_q8_0, "Q6_K": gb.encode_q6_k, "Q3_K": gb.encode_q3_k}  # from the values alone
 
 
 @dataclass
@@ -65,12 +59,8 @@ def encode_slice(st: SliceTensor, qtype: str, perm: np.ndarray | None = None) ->
         d, m = gb.group_to_blocks(a, st.group_size, gb.QK), gb.group_to_blocks(b, st.group_size, gb.QK)
         codes, m = gb.recentre_codes(codes, d, m, 15 if qtype == "Q4_1" else 31)
         return (gb.encode_q4_1 if qtype == "Q4_1" else gb.encode_q5_1)(codes, d, m)
-    if qtype == "Q8_0":
-        return gb.encode_q8_0(values)
-    if qtype == "Q6_K":
-        return gb.encode_q6_k(values)
-    if qtype == "Q3_K":
-        return gb.encode_q3_k(values)
+    if qtype in NEAREST_ENCODERS:
+        return NEAREST_ENCODERS[qtype](values)
     if qtype == "Q2_K":
         ga, gbb = np.repeat(a, st.group_size, axis=1), np.repeat(b, st.group_size, axis=1)
         return gb.encode_q2_k(values, ga, gbb)

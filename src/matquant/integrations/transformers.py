@@ -5,18 +5,26 @@ Uses transformers' public hooks `register_quantization_config` and `register_qua
 (`install_precheck`): transformers parses config.json before any quantizer hook runs, so a corrupt matquant folder
 would fail inside transformers (JSONDecodeError, its dataclass validation, a default-size model built for a
 quant_method that is no longer matquant, ...). `import matquant` therefore wraps `PreTrainedConfig.get_config_dict`:
-for a LOCAL folder that is a matquant checkpoint (`format.validate.looks_like_matquant`) it first runs the checks
+for a LOCAL folder that is a matquant checkpoint (`format.folder.looks_like_matquant`) it first runs the checks
 `matquant.load` runs (`format.checkpoint.precheck`), raising CheckpointError; every other path is passed through
 untouched.
 """
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
+import torch
+from transformers import PretrainedConfig
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from matquant.format import folder as F, validate as V
+from matquant.format.checkpoint import build_model, precheck, replace_skeleton, tied_keys
 from matquant.format.config import QUANT_METHOD, CheckpointError, QuantConfig
+from matquant.nn.bits import set_bits
+from matquant.nn.linear import MatQuantLinear
 
 
 class MatQuantHfConfig(QuantizationConfigMixin):
@@ -45,9 +53,6 @@ class MatQuantHfQuantizer(HfQuantizer):
 
     requires_calibration = True
 
-    def __init__(self, quantization_config, **kwargs):
-        super().__init__(quantization_config, **kwargs)
-
     def validate_environment(self, *args, **kwargs):
         if not self.pre_quantized:
             raise ValueError("matquant cannot quantize on the fly inside from_pretrained; "
@@ -57,32 +62,19 @@ class MatQuantHfQuantizer(HfQuantizer):
         # The one hook that sees the config before transformers builds the model: for a local folder, run the same
         # pre-build checks as `matquant.load` (files are regular, no pickle, the config is no bigger than the
         # tensors in the file), so a hostile config.json is refused before any module is created.
-        from pathlib import Path
-
-        from matquant.format import validate as V
-
-        import torch
-
-        from matquant.format.checkpoint import build_model
-
         d = getattr(config, "_name_or_path", None)
         if d and Path(d).is_dir():
-            cfg_path, wpath = V.checkpoint_files(d)
-            V.check_config_size(config.to_dict(), V.read_header(wpath), cfg_path)
-            V.check_config_types(config.to_dict(), type(config)().to_dict(), cfg_path)
+            cfg_path, wpath = F.checkpoint_files(d)
+            F.check_config_size(config.to_dict(), V.read_header(wpath), cfg_path)
+            F.check_config_types(config.to_dict(), type(config)().to_dict(), cfg_path)
         with torch.device("meta"):  # a trial build (no memory): transformers' own errors become CheckpointError
             build_model(config)
         return super().update_attn_implementation(config)
 
     def _process_model_before_weight_loading(self, model, dtype=None, checkpoint_files=None, **kwargs):
-        import torch
-
-        from matquant.format import validate as V
-        from matquant.format.checkpoint import replace_skeleton, tied_keys
-
         if not checkpoint_files:
             raise CheckpointError("transformers found no weights file for this matquant checkpoint; it needs "
-                                  f"{V.WEIGHTS_NAME}.")
+                                  f"{F.WEIGHTS_NAME}.")
         qconfig = self.quantization_config.qconfig
         replace_skeleton(model, qconfig, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
         _skip_parent_init(model)
@@ -92,8 +84,6 @@ class MatQuantHfQuantizer(HfQuantizer):
 
     def get_new_dtype(self, converter, param, dtype):
         # keep codes (uint8) and the stored dtype of scales/zeros exactly as saved
-        from matquant.format import validate as V
-
         name = getattr(converter, "target_patterns", None) or getattr(converter, "source_patterns", None) or ""
         name = name[0] if isinstance(name, (list, tuple)) and name else str(name)
         if name.endswith(".qweight") or V.param_leaf(name.rpartition(".")[2]):
@@ -101,8 +91,6 @@ class MatQuantHfQuantizer(HfQuantizer):
         return super().get_new_dtype(converter, param, dtype)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from matquant.nn.bits import set_bits
-
         q = self.quantization_config.qconfig
         set_bits(model, q.default_bits, q.slicing)
         try:
@@ -120,16 +108,10 @@ class MatQuantHfQuantizer(HfQuantizer):
         return False
 
 
-def _register():
-    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
-
-    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(MatQuantHfConfig)
-    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(QUANT_METHOD)(MatQuantHfQuantizer)
-
-
-_register()
+if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+    register_quantization_config(QUANT_METHOD)(MatQuantHfConfig)
+if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+    register_quantizer(QUANT_METHOD)(MatQuantHfQuantizer)
 
 
 def _skip_parent_init(model) -> None:
@@ -141,8 +123,6 @@ def _skip_parent_init(model) -> None:
     when it holds no parameter or buffer of its own: it is marked initialised. A parent that does hold its own
     tensors is left to transformers (its init would then fail loudly, not silently).
     """
-    from matquant.nn.linear import MatQuantLinear
-
     for module in model.modules():
         if any(isinstance(c, MatQuantLinear) for c in module.children()) and \
                 not any(True for _ in module.parameters(recurse=False)) and \
@@ -152,18 +132,13 @@ def _skip_parent_init(model) -> None:
 
 def install_precheck() -> None:
     """Wrap transformers' config reading with matquant's pre-checks for local matquant folders (idempotent)."""
-    from transformers import PretrainedConfig
-
     orig = PretrainedConfig.get_config_dict.__func__
     if getattr(orig, "_matquant_precheck", False):
         return
 
     @functools.wraps(orig)
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
-        from matquant.format import validate as V
-        from matquant.format.checkpoint import precheck
-
-        if V.looks_like_matquant(pretrained_model_name_or_path):  # never raises; False for hub ids
+        if F.looks_like_matquant(pretrained_model_name_or_path):  # never raises; False for hub ids
             precheck(pretrained_model_name_or_path)
         return orig(cls, pretrained_model_name_or_path, **kwargs)
 

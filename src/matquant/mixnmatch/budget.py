@@ -25,8 +25,6 @@ from matquant.quant.minmax import check_bits
 from matquant.quant.slicing import DEFAULT_SLICING, OVERFLOW_INDEX_BITS, check_slicing, overflow_fraction
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 @dataclass(frozen=True)
@@ -90,11 +88,9 @@ class CostModel:
         if not mods:
             raise ValueError("model has no MatQuantLinear layers: quantize it first or load a matquant checkpoint.")
         slicing = check_slicing(slicing or next(iter(mods.values())).slicing)
-        numel, pbits = {}, {}
-        for n, m in mods.items():
-            numel[n] = m.qweight.numel()
-            pbits[n] = 8 * (m.scales.numel() * m.scales.element_size() + m.zeros.numel() * m.zeros.element_size()
-                            + (m.bias.numel() * m.bias.element_size() if m.bias is not None else 0))
+        numel = {n: m.qweight.numel() for n, m in mods.items()}
+        pbits = {n: 8 * sum(t.numel() * t.element_size() for t in (m.scales, m.zeros, m.bias) if t is not None)
+                 for n, m in mods.items()}
         owned = {f"{n}.{leaf}" for n in mods for leaf in ("qweight", "scales", "zeros", "bias")}
         seen, unq = set(), 0
         for k, t in model.state_dict().items():  # what a checkpoint stores (tied tensors once)
@@ -113,23 +109,18 @@ class CostModel:
     @classmethod
     def from_checkpoint(cls, ckpt_dir, slicing: str | None = None, ladder: Sequence[int] = ()) -> "CostModel":
         """From config.json and the safetensors header only (codes are read only for `extra` overflow)."""
-        import json
-        import struct
-
         from matquant.format.checkpoint import WEIGHTS_NAME, read_quant_config
+        from matquant.format.validate import read_header
 
         cfg, q = read_quant_config(ckpt_dir)
         slicing = check_slicing(slicing or q.slicing)
         path = Path(ckpt_dir) / WEIGHTS_NAME
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist; the checkpoint is incomplete.")
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
+        header = read_header(path)  # {name: (dtype, shape)}
 
         def nbytes(info):
-            return math.prod(info["shape"]) * _DTYPE_BYTES.get(info["dtype"], 4)
+            return math.prod(info[1]) * info[0].itemsize
 
         numel, pbits = {}, {}
         owned = set()
@@ -137,7 +128,7 @@ class CostModel:
             k = f"{m}.qweight"
             if k not in header:
                 raise ValueError(f"{path} has no tensor {k}; the checkpoint is inconsistent with its config.")
-            numel[m] = math.prod(header[k]["shape"])
+            numel[m] = math.prod(header[k][1])
             pbits[m] = 8 * sum(nbytes(header[f"{m}.{leaf}"]) for leaf in ("scales", "zeros", "bias")
                                if f"{m}.{leaf}" in header)
             owned.update(f"{m}.{leaf}" for leaf in ("qweight", "scales", "zeros", "bias"))
@@ -189,22 +180,17 @@ class CostModel:
     def code_bits_cap(self, budget: Budget, lowest: int, highest: int | None = None) -> float:
         """The budget as a cap on total code bits; errors when it is below all-`lowest` or above all-`highest`."""
         highest = highest or self.master_bits
-        lo_map, hi_map = self.uniform(lowest), self.uniform(highest)
         if budget.kind == "bits":
             cap = budget.value * self.total_weights
-            lo, hi = self.average_bits(lo_map), self.average_bits(hi_map)
-            unit = lambda v: f"{v:.3f} average bits"  # noqa: E731
-            val = budget.value
+            measure, unit = self.average_bits, "{:.3f} average bits".format
         else:
-            fixed_bits = 8 * self.unquantized_bytes + sum(self.param_bits.values())
-            cap = 8 * budget.value - fixed_bits
-            lo, hi = self.total_bytes(lo_map), self.total_bytes(hi_map)
-            unit = lambda v: f"{v / 2**20:.2f} MiB ({v:.0f} bytes)"  # noqa: E731
-            val = budget.value
-        if val < lo - 1e-9:
+            cap = 8 * budget.value - (8 * self.unquantized_bytes + sum(self.param_bits.values()))
+            measure, unit = self.total_bytes, lambda v: f"{v / 2**20:.2f} MiB ({v:.0f} bytes)"
+        lo, hi = measure(self.uniform(lowest)), measure(self.uniform(highest))
+        if budget.value < lo - 1e-9:
             raise ValueError(f"budget {budget.text} is below the smallest configuration (every layer at int{lowest}: "
                              f"{unit(lo)}); raise the budget or add lower bits to --ladder.")
-        if val > hi + 1e-9:
+        if budget.value > hi + 1e-9:
             raise ValueError(f"budget {budget.text} is above every layer at int{highest} ({unit(hi)}): nothing to "
                              f"trade off; use --bits {highest} or a smaller budget.")
         return cap

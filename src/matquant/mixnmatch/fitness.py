@@ -25,19 +25,14 @@ class ReferenceTopK:
     idx: torch.Tensor  # int64 [n, L, k] their token ids
     meta: dict
 
-    @property
-    def k(self) -> int:
-        return self.logp.shape[-1]
-
     def save(self, path) -> None:
         from safetensors.torch import save
 
         from matquant.format.atomic import atomic_write_bytes
 
-        data = save({"windows": self.windows.to(torch.int32).contiguous(), "logp": self.logp.contiguous(),
-                     "idx": self.idx.to(torch.int32).contiguous()},
-                    metadata={k: str(v) for k, v in self.meta.items()})
-        atomic_write_bytes(path, data)
+        tensors = {"windows": self.windows.to(torch.int32).contiguous(), "logp": self.logp.contiguous(),
+                   "idx": self.idx.to(torch.int32).contiguous()}
+        atomic_write_bytes(path, save(tensors, metadata={k: str(v) for k, v in self.meta.items()}))
 
     @classmethod
     def load(cls, path) -> "ReferenceTopK":
@@ -79,9 +74,7 @@ def load_or_compute_reference(path, windows: torch.Tensor, k: int, meta: dict, l
                 return ref, True
         except Exception:  # unreadable cache: recompute
             pass
-    model = load_reference()
-    ref = compute_reference(model, windows, k, meta, progress)
-    del model
+    ref = compute_reference(load_reference(), windows, k, meta, progress)  # the fp32 model is freed on return
     if path is not None:
         ref.save(path)
     return ref, False

@@ -15,6 +15,7 @@ sensitivity data; pass an explicit bits map (e.g. from `matquant mixnmatch searc
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 
 from torch import nn
@@ -108,9 +109,7 @@ def fit_bits_map(model: nn.Module, budget, fixed_bytes: int, high_format: str = 
 
 
 def describe(bits_map: Mapping[str, int]) -> str:
-    counts: dict[int, int] = {}
-    for v in bits_map.values():
-        counts[v] = counts.get(v, 0) + 1
+    counts = Counter(bits_map.values())
     return ", ".join(f"{c} layers int{b}" for b, c in sorted(counts.items(), reverse=True))
 
 

@@ -86,10 +86,7 @@ def schedule_bits(n_blocks: int, target: float, schedule: str = "pyramid",
     ladder = [b for b in ladder if b >= resolve_floor(target, ladder, floor)]
     lo = ladder[0]
     prio = _priority(n_blocks, schedule)
-    if schedule == "uniform":
-        prio_shape = [1.0] * n_blocks
-    else:
-        prio_shape = prio
+    prio_shape = [1.0] * n_blocks if schedule == "uniform" else prio  # uniform: the priority only orders upgrades
 
     def levels(t):
         out = []

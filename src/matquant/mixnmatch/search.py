@@ -22,7 +22,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from matquant.format.atomic import atomic_write_json
 from matquant.mixnmatch.levels import knapsack, levels_to_map, map_to_levels, mutate, unit_costs
-from matquant.mixnmatch.schedules import FLOORS, SCHEDULES, schedule_map
+from matquant.mixnmatch.schedules import FLOORS, SCHEDULES, group_units, schedule_map
 from matquant.nn.bits import set_bits
 
 STATE_VERSION = 1
@@ -80,19 +80,8 @@ def _key(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-class _Evaluator:
-    """Sets a level vector on the model and returns its KL on given windows."""
-
-    def __init__(self, model, fitness, units, ladder):
-        self.model, self.fitness, self.units, self.ladder = model, fitness, units, ladder
-
-    def __call__(self, levels, windows) -> float:
-        set_bits(self.model, levels_to_map(self.units, self.ladder, levels))
-        return self.fitness(windows)
-
-
-def sensitivity_table(evaluate: _Evaluator, n_units: int, n_levels: int, windows, path=None, meta=None,
-                      progress: bool = True) -> np.ndarray:
+def sensitivity_table(evaluate: Callable[[list[int], list[int]], float], n_units: int, n_levels: int, windows,
+                      path=None, meta=None, progress: bool = True) -> np.ndarray:
     """KL with unit u alone at level l (others at the top level); resumable through the JSON at `path`."""
     top = n_levels - 1
     rows: list[list[float]] = []
@@ -126,8 +115,6 @@ def search(model, fitness, cost, cap: float, slicing: str, cfg: SearchConfig, wo
     place and left at the result). `work_dir` holds the resumable state; `identity` names the checkpoint and
     reference so that a state from another search is never reused.
     """
-    from matquant.mixnmatch.schedules import group_units
-
     log = log or (lambda s: None)
     ladder = tuple(cfg.ladder)
     units = group_units(cost.names, cfg.granularity)
@@ -138,28 +125,32 @@ def search(model, fitness, cost, cap: float, slicing: str, cfg: SearchConfig, wo
         raise ValueError(f"the calibration pool has {n_pool} windows but the search asks for "
                          f"{max(max(cfg.stage_windows), cfg.sens_windows)}; raise --calib-windows.")
     set_bits(model, int(max(ladder)), slicing)
-    evaluate = _Evaluator(model, fitness, units, ladder)
+
+    def evaluate(levels, windows) -> float:
+        """Set a level vector on the model and return its KL on the given windows."""
+        set_bits(model, levels_to_map(units, ladder, levels))
+        return fitness(windows)
+
     work = Path(work_dir) if work_dir is not None else None
     if work is not None:
         work.mkdir(parents=True, exist_ok=True)
     times = {}
     tok0 = fitness.tokens_seen
+    run_key = {"identity": identity, "slicing": slicing, "ladder": list(ladder), "units": units}  # keys every cache
 
     # 1. sensitivity (shared by every budget)
     t0 = time.time()
     sens = None
     if cfg.init == "sensitivity":
-        meta = {"identity": identity, "slicing": slicing, "ladder": list(ladder), "units": units,
-                "windows": cfg.sens_windows}
+        meta = dict(run_key, windows=cfg.sens_windows)
         spath = work / f"sensitivity-{_key(meta)}.json" if work is not None else None
         sens = sensitivity_table(evaluate, n_units, n_levels, list(range(cfg.sens_windows)), spath, meta, progress)
     times["sensitivity_s"] = round(time.time() - t0, 1)
 
     # 2./3. evolution state
-    skey = {"identity": identity, "slicing": slicing, "ladder": list(ladder), "units": units, "cap": round(cap, 3),
-            "seed": cfg.seed, "offspring": cfg.offspring, "stages": list(cfg.stage_windows),
-            "survivors": list(cfg.survivors), "max_mutations": cfg.max_mutations, "init": cfg.init,
-            "sens_windows": cfg.sens_windows}
+    skey = dict(run_key, cap=round(cap, 3), seed=cfg.seed, offspring=cfg.offspring, stages=list(cfg.stage_windows),
+                survivors=list(cfg.survivors), max_mutations=cfg.max_mutations, init=cfg.init,
+                sens_windows=cfg.sens_windows)
     state_path = work / f"search-{_key(skey)}.json" if work is not None else None
     state = None
     if state_path is not None and state_path.exists():
@@ -179,8 +170,7 @@ def search(model, fitness, cost, cap: float, slicing: str, cfg: SearchConfig, wo
                 cands[f"{s} schedule (floor {fl})"] = map_to_levels(
                     units, ladder, schedule_map(cost, cap, s, ladder, cfg.granularity, fl))
         init_windows = list(range(final_windows))
-        scored = []
-        seen = set()
+        scored, seen = [], set()
         for name, lv in tqdm(cands.items(), desc="init candidates", disable=not progress, leave=False):
             if tuple(lv) in seen:
                 continue
@@ -214,25 +204,19 @@ def search(model, fitness, cost, cap: float, slicing: str, cfg: SearchConfig, wo
                 seen.add(tuple(c))
                 children.append(c)
         pool = children
-        scores = []
         for s, n_win in enumerate(cfg.stage_windows):
             wins = sorted(rng.choice(n_pool, size=n_win, replace=False).tolist())
             last = s == len(cfg.stage_windows) - 1
-            entrants = pool + ([parent] if last else [])
-            scores = [(evaluate(c, wins), i) for i, c in enumerate(entrants)]
-            scores.sort()
+            entrants = pool + ([parent] if last else [])  # the parent, last of the final stage, defends its place
+            scores = sorted((evaluate(c, wins), i) for i, c in enumerate(entrants))
             if not last:
                 pool = [entrants[i] for _, i in scores[: cfg.survivors[s]]]
-            else:
-                entrants_final = entrants
         best_kl, bi = scores[0]
-        parent_kl = next(k for k, i in scores if i == len(entrants_final) - 1)
-        accepted = bi != len(entrants_final) - 1
+        parent_kl = next(k for k, i in scores if i == len(entrants) - 1)
+        accepted = bi != len(entrants) - 1
         if accepted:
-            parent = entrants_final[bi]
-        state["generation"] = g + 1
-        state["levels"] = parent
-        state["kl"] = best_kl
+            parent = entrants[bi]
+        state.update(generation=g + 1, levels=parent, kl=best_kl)
         state["history"].append({"generation": g + 1, "kl": round(best_kl, 6), "parent_kl": round(parent_kl, 6),
                                  "accepted": bool(accepted), "children": len(children)})
         if state_path is not None:
@@ -245,7 +229,3 @@ def search(model, fitness, cost, cap: float, slicing: str, cfg: SearchConfig, wo
     set_bits(model, bits_map)
     return SearchResult(bits_map, parent, state["kl"], state["init_kl"], state["init_from"], state["history"],
                         times, fitness.tokens_seen - tok0)
-
-
-def config_dict(cfg: SearchConfig) -> dict:
-    return asdict(cfg)

@@ -178,7 +178,7 @@ def clip_search(w: torch.Tensor, h: torch.Tensor | None = None, *, bits: int, gr
         nonlocal best
         ca = ca.expand_as(one) if torch.is_tensor(ca) else one * ca
         cb = cb.expand_as(one) if torch.is_tensor(cb) else one * cb
-        cs, cz = _params(g_lo, g_hi, ca, cb, bits, symmetric, param_dtype, strategy == "midpoint_grid")
+        cs, cz = _params(g_lo, g_hi, ca, cb, bits, symmetric, param_dtype, midpoint)
         cand = (ca, cb, cs, cz, multislice_error(g, hg, cs, cz, bits, tables, codes_fn).nan_to_num(float("inf")))
         if best is None:
             best = cand
@@ -186,7 +186,7 @@ def clip_search(w: torch.Tensor, h: torch.Tensor | None = None, *, bits: int, gr
             better = cand[4] < best[4] * (1 - margin)
             best = tuple(torch.where(better, x, y) for x, y in zip(cand, best))
 
-    if strategy == "midpoint_grid":  # every pair of the grid; the first with the smallest error wins
+    if midpoint:  # every pair of the grid; the first with the smallest error wins
         grid = MIDPOINT_GRID if grid is None else grid
         for ca, cb in [(1.0, t) for t in grid] if symmetric else [(ta, tb) for ta in grid for tb in grid]:
             consider(ca, cb, margin=0.0)
@@ -228,8 +228,3 @@ def quantize_clipped(w: torch.Tensor, h: torch.Tensor | None, *, bits: int, grou
     check_storable(scale, zero, param_dtype)
     return QuantizedWeight(codes=quantize_codes(w, scale, zero, bits), scales=scale, zeros=zero, bits=bits,
                            group_size=gs)
-
-
-__all__ = ["CLIP_MODES", "DEFAULT_CLIP", "DEFAULT_SERVED", "DEFAULT_SERVED_LAMBDAS", "GRID", "MIDPOINT_GRID",
-           "STRATEGIES", "ClipResult", "check_clip", "check_clip_lambdas", "clip_search", "multislice_error",
-           "quantize_clipped", "served_slices"]

@@ -107,25 +107,32 @@ def _split(odd: int, pow2: int) -> tuple[list[int], int] | None:
     return None
 
 
-@lru_cache(maxsize=None)
 def _dense_factor(m: int) -> torch.Tensor:
     h = _paley(m)
     assert h is not None
     return h
 
 
+@lru_cache(maxsize=None)
+def _sylvester(n: int) -> torch.Tensor:
+    """Sylvester's ±1 matrix H_n (float64) for n a power of two."""
+    s = torch.ones(1, 1, dtype=torch.float64)
+    while s.shape[0] < n:
+        s = torch.cat([torch.cat([s, s], 1), torch.cat([s, -s], 1)], 0)
+    return s
+
+
+def kron_factors(factors) -> torch.Tensor:
+    """The ±1 Kronecker product (float64) of the Hadamard matrices of `factors` (Sylvester or Paley orders)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    for f in factors:
+        h = torch.kron(h, _sylvester(f) if _is_pow2(f) else _dense_factor(f))
+    return h
+
+
 def hadamard_matrix(n: int) -> torch.Tensor:
     """The ±1 matrix H_n (float64) of `hadamard_factors(n)`; H·Hᵀ = n·I exactly. For tests and small n."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    for f in hadamard_factors(n):
-        if _is_pow2(f):
-            s = torch.ones(1, 1, dtype=torch.float64)
-            while s.shape[0] < f:
-                s = torch.cat([torch.cat([s, s], 1), torch.cat([s, -s], 1)], 0)
-            h = torch.kron(h, s)
-        else:
-            h = torch.kron(h, _dense_factor(f))
-    return h
+    return kron_factors(hadamard_factors(n))
 
 
 def _fwht_last(x: torch.Tensor) -> torch.Tensor:

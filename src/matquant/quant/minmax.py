@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from matquant.quant.rounding import round_half_up
+from matquant.quant.slicing import DEFAULT_SLICING, slice_master
 
 
 @dataclass
@@ -86,9 +87,8 @@ def symmetric_scale(absmax: torch.Tensor, bits: int, param_dtype: torch.dtype = 
     return (absmax.float() / max(half - 1, 1)).clamp_min(param_limits(param_dtype)[0])
 
 
-def minmax_params(
-    w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, param_dtype: torch.dtype = torch.float16
-) -> tuple[torch.Tensor, torch.Tensor]:
+def minmax_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
+                  param_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales α and zero-points z ([out, n_groups], float32) of the MinMax quantizer, valid once stored in
     `param_dtype` (see `affine_params`)."""
     g = grouped(w.float(), group_size)
@@ -123,6 +123,14 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return w.reshape(codes.shape)
 
 
+def dequantize(qw: QuantizedWeight, bits: int | None = None, mode: str = DEFAULT_SLICING):
+    """Float32 weight of the `bits`-bit slice (default: the master precision) of a QuantizedWeight; a slice with
+    its own group parameters (`qw.slice_params`, fitted for the slicing `mode` it was quantized with) uses them."""
+    r = qw.bits if bits is None else bits
+    s, z = (qw.slice_params or {}).get(r, (qw.scales, qw.zeros))
+    return dequantize_codes(slice_master(qw.codes, qw.bits, r, mode), s, z)
+
+
 def check_weight(w: torch.Tensor) -> None:
     """Refuse a weight that is not a finite 2-D [out, in] tensor, naming the problem."""
     if w.dim() != 2:
@@ -131,13 +139,8 @@ def check_weight(w: torch.Tensor) -> None:
         raise ValueError("weight contains NaN or Inf values; cannot quantize. Check the source model.")
 
 
-def quantize_minmax(
-    w: torch.Tensor,
-    bits: int,
-    group_size: int | None = None,
-    symmetric: bool = False,
-    param_dtype: torch.dtype = torch.float16,
-) -> QuantizedWeight:
+def quantize_minmax(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
+                    param_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
     """Round-to-nearest MinMax quantization of a [out, in] weight.
 
     The scales/zeros are rounded to `param_dtype` (the storage dtype) *before* the codes are computed,

@@ -28,7 +28,7 @@ from functools import lru_cache
 
 import torch
 
-from matquant.quant.hadamard import _dense_factor, _is_pow2, hadamard_factors, random_signs
+from matquant.quant.hadamard import _is_pow2, hadamard_factors, kron_factors, random_signs
 
 ROTATE_MODES = ("none", "input", "block", "residual")  # what quantize_model(rotate=...) and --rotate accept
 STORED_MODES = ("input", "block", "residual")
@@ -102,21 +102,6 @@ def check_spec(spec) -> dict | None:
     return spec
 
 
-def _kron(factors) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
-    for f in factors:
-        h = torch.kron(h, _dense_factor(f) if not _is_pow2(f) else _sylvester(f))
-    return h
-
-
-@lru_cache(maxsize=None)
-def _sylvester(n: int) -> torch.Tensor:
-    s = torch.ones(1, 1, dtype=torch.float64)
-    while s.shape[0] < n:
-        s = torch.cat([torch.cat([s, s], 1), torch.cat([s, -s], 1)], 0)
-    return s
-
-
 @lru_cache(maxsize=None)
 def two_factor_hadamard(b: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B), float64 ±1, with A ⊗ B = `hadamard.hadamard_matrix(b)` and A, B as close in size as the factor order
@@ -125,7 +110,7 @@ def two_factor_hadamard(b: int) -> tuple[torch.Tensor, torch.Tensor]:
     for f in hadamard_factors(b):
         atoms.extend([2] * int(math.log2(f)) if _is_pow2(f) else [f])
     best = min(range(len(atoms) + 1), key=lambda k: math.prod(atoms[:k]) + math.prod(atoms[k:]))
-    return _kron(atoms[:best]), _kron(atoms[best:])
+    return kron_factors(atoms[:best]), kron_factors(atoms[best:])
 
 
 class InputRotation:

@@ -8,14 +8,8 @@ from matquant.quant.rounding import round_half_up_ste
 from matquant.quant.slicing import slice_master_ste
 
 
-def fake_quant_ste(
-    w: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    master_bits: int,
-    bits: int,
-    mode: str,
-) -> torch.Tensor:
+def fake_quant_ste(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, master_bits: int, bits: int,
+                   mode: str) -> torch.Tensor:
     """α·(S(Q(w), r) − z) with STE through every rounding; gradients flow to w, α and z.
 
     w: [out, in]; scale, zero: [out, n_groups].

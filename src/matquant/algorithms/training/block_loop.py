@@ -65,12 +65,12 @@ def calibrate_blocks(model, targets: list[str], calib: torch.Tensor, objective: 
     quant_streams = objective.needed() if hp.block_inputs == "quant" else ()
     streams = {"fp": x0, **{r: x0.clone() for r in quant_streams}}
     result: dict[str, QuantizedWeight] = {}
-    last = max(per_block)
-    for i in range(last + 1):
+    for i in range(max(per_block) + 1):
         block = blocks[i].to(dev)
         args = block_args[i]  # per window: (positional args after the hidden states, keyword args)
         with torch.no_grad():  # fp target: the unmodified block on fp inputs (also the next fp input)
-            y_fp = torch.stack([run_block(block, {}, x, *args[j]) for j, x in enumerate(streams["fp"])])
+            y_fp = _through(block, {}, streams["fp"], args)
+        qws = {}  # this block's quantized targets (none: its streams pass through the unmodified block)
         if i in per_block:
             rel = [t[len(f"{list_name}.{i}."):] for t in per_block[i]]
             unit = f"block_{i:03d}"
@@ -79,8 +79,7 @@ def calibrate_blocks(model, targets: list[str], calib: torch.Tensor, objective: 
                 print(f"block {i}: resumed from {work_dir.path}", flush=True) if progress else None
             else:
                 t0 = time.time()
-                imp = None if importance is None else \
-                    {r: importance[f"{list_name}.{i}.{r}"] for r in rel}
+                imp = None if importance is None else {r: importance[f"{list_name}.{i}.{r}"] for r in rel}
                 qws, fp, info = train_block(block, rel, objective, streams, y_fp, args, i, hp, progress, dev,
                                             work_dir, imp)
                 info["seconds"] = round(time.time() - t0, 2)
@@ -95,22 +94,22 @@ def calibrate_blocks(model, targets: list[str], calib: torch.Tensor, objective: 
                     p.copy_(v.to(p.dtype))
             for t, q in qws.items():
                 result[f"{list_name}.{i}.{t}"] = q
-            with torch.no_grad():  # each quantized stream through the real quantized block at its precision
-                for r in quant_streams:
-                    params = {f"{t}.weight": as_param(block, t, dequantize_codes(
-                        slice_master(q.codes.to(dev), q.bits, r, hp.slicing), q.scales.to(dev), q.zeros.to(dev)))
-                        for t, q in qws.items()}
-                    streams[r] = torch.stack([run_block(block, params, x, *args[j])
-                                              for j, x in enumerate(streams[r])])
-        else:
-            with torch.no_grad():
-                for r in quant_streams:
-                    streams[r] = torch.stack([run_block(block, {}, x, *args[j]) for j, x in enumerate(streams[r])])
+        with torch.no_grad():  # each quantized stream through the real quantized block at its precision
+            for r in quant_streams:
+                params = {f"{t}.weight": as_param(block, t, dequantize_codes(
+                    slice_master(q.codes.to(dev), q.bits, r, hp.slicing), q.scales.to(dev), q.zeros.to(dev)))
+                    for t, q in qws.items()}
+                streams[r] = _through(block, params, streams[r], args)
         streams["fp"] = y_fp
         blocks[i].to("cpu")
         if _crash_after_block is not None and i == _crash_after_block:
             raise RuntimeError(f"simulated crash after block {i}")
     return result
+
+
+def _through(block, params: dict, xs: torch.Tensor, args) -> torch.Tensor:
+    """The block's output for every window of one activation stream xs [n_windows, ...]."""
+    return torch.stack([run_block(block, params, x, *args[j]) for j, x in enumerate(xs)])
 
 
 def train_block(block, rel_targets, objective: Objective, streams, y_fp, args, idx, hp: BlockTraining, progress,
@@ -119,8 +118,7 @@ def train_block(block, rel_targets, objective: Objective, streams, y_fp, args, i
     torch.manual_seed(hp.seed * 100003 + idx)
     clip = None if hp.clip == "minmax" else dict(
         slices=objective.bits, lambdas=hp.clip_lambdas or objective.lambdas, slicing=hp.slicing,
-        param_dtype=hp.param_dtype,
-        importance=importance)
+        param_dtype=hp.param_dtype, importance=importance)
     bq = BlockQuant(block, rel_targets, hp.master_bits, hp.group_size, hp.symmetric, hp.let,
                     block_x=(streams["fp"], args) if hp.let else None, clip=clip).to(dev)
     groups = [{"params": list(bq.up.values()) + list(bq.low.values()), "lr": hp.lr_lwc}]
@@ -135,7 +133,7 @@ def train_block(block, rel_targets, objective: Objective, streams, y_fp, args, i
     needed = objective.needed()
     students = objective.students
     teacher_bits = set(objective.teachers)
-    first = last = None
+    epoch_means = []
 
     def slice_losses(j):
         """(r, unweighted loss) for each student r on window j: relative MSE to its sources, averaged. A generator,
@@ -183,10 +181,9 @@ def train_block(block, rel_targets, objective: Objective, streams, y_fp, args, i
             tot += step
             bar.update(1)
             bar.set_postfix(loss=f"{step:.3g}")
-        mean = tot / max(n, 1)
-        first = mean if first is None else first
-        last = mean
+        epoch_means.append(tot / max(n, 1))
     bar.close()
+    first, last = (epoch_means[0], epoch_means[-1]) if epoch_means else (None, None)
     qws, fp = bq.finalize(hp.param_dtype)
     if progress:
         tqdm.write(f"block {idx}: loss {first if first is not None else float('nan'):.4g} -> "

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -26,8 +28,6 @@ class Dist:
 
 def init_distributed(device_pref: str = "auto") -> Dist:
     """Join the torch.distributed job set up by torchrun (WORLD_SIZE > 1); a no-op for a single process."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -42,8 +42,6 @@ def init_distributed(device_pref: str = "auto") -> Dist:
 
 
 def is_main_process() -> bool:
-    import torch.distributed as dist
-
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
@@ -57,16 +55,12 @@ def finish_distributed(timeout_s: float = 1800.0) -> None:
     can close its sockets while a peer is still finishing that barrier, and the peer then fails with "Connection
     closed by peer" (a known gloo shutdown race, pytorch/gloo#155). After the store wait no collective is in
     flight anywhere."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return
     store = getattr(dist.distributed_c10d, "_get_default_store", lambda: None)()
     if store is None:
         dist.barrier()
     else:
-        from datetime import timedelta
-
         rank, world = dist.get_rank(), dist.get_world_size()
         store.set(f"{FINISH_KEY}{rank}", "1")
         store.wait([f"{FINISH_KEY}{r}" for r in range(world)], timedelta(seconds=timeout_s))
@@ -75,8 +69,6 @@ def finish_distributed(timeout_s: float = 1800.0) -> None:
 
 def barrier(d: Dist) -> None:
     if d.on:
-        import torch.distributed as dist
-
         dist.barrier()
 
 

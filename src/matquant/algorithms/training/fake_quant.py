@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from matquant.quant.clip_search import clip_search
 from matquant.quant.minmax import (QuantizedWeight, grouped, minmax_params, param_limits, quantize_codes,
                                   quantize_minmax)
 from matquant.quant.rounding import round_half_up
@@ -74,8 +75,6 @@ class FakeQuantLinear(nn.Module):
         if qparams == "learnable":
             s, z = minmax_params(self.weight.detach(), master_bits, group_size, symmetric)
             if clip_init is not None:
-                from matquant.quant.clip_search import clip_search
-
                 r = clip_search(self.weight.detach(), clip_init.get("h"), bits=master_bits, group_size=group_size,
                                 symmetric=symmetric, slicing=slicing, slices=clip_init.get("slices"),
                                 lambdas=clip_init.get("lambdas"), param_dtype=param_dtype)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from matquant.models.targets import linear_weight
+from matquant.quant.clip_search import clip_search
 from matquant.quant.minmax import QuantizedWeight, grouped, param_limits, quantize_codes, resolve_group_size
 from matquant.quant.ste import fake_quant_ste
 
@@ -59,8 +60,6 @@ class BlockQuant(nn.Module):
     @torch.no_grad()
     def _init_clip(self, slices, lambdas, slicing, param_dtype, importance=None):
         """Start the clipping at the searched range of the initial effective weights (inputs x/s under LET: h/s²)."""
-        from matquant.quant.clip_search import clip_search
-
         w, _ = self.effective()
         h = {t: None if importance is None else importance[t].float().clone() for t in self.targets}
         for (_kind, _src, dsts), s in zip(self.lets, self.let_scales):

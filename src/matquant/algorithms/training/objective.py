@@ -70,13 +70,10 @@ class Objective:
         """The trained slices (descending); same as `bits`."""
         return self.bits
 
-    def term(self, bits: int) -> Term:
-        return next(t for t in self.terms if t.bits == bits)
-
     def sources(self, bits: int) -> tuple:
         """What slice `bits` learns from, in loss order: 'fp' (ground truth / full-precision output) and/or the
         teacher slice's bits."""
-        t = self.term(bits)
+        t = next(t for t in self.terms if t.bits == bits)
         return (("fp",) if t.ground_truth else ()) + ((t.teacher,) if t.teacher is not None else ())
 
     def needed(self) -> tuple[int, ...]:
@@ -99,19 +96,12 @@ class Objective:
                 "notation": self.notation()}
 
 
-def _err(msg: str) -> ValueError:
-    return ValueError(msg)
-
-
 def parse_int_list(spec, what: str = "--bits-list") -> list[int]:
     if isinstance(spec, str):
-        items = [x.strip() for x in spec.strip().strip("[]").split(",")]
-        if not spec.strip() or any(x == "" for x in items):
-            raise _err(f"{what} {spec!r} is not a comma-separated list of bit-widths like 8,4,2.")
-        try:
-            vals = [int(x) for x in items]
+        try:  # an empty item (or spec) fails int() too
+            vals = [int(x.strip()) for x in spec.strip().strip("[]").split(",")]
         except ValueError:
-            raise _err(f"{what} {spec!r} is not a comma-separated list of bit-widths like 8,4,2.") from None
+            raise ValueError(f"{what} {spec!r} is not a comma-separated list of bit-widths like 8,4,2.") from None
     else:
         vals = list(spec)
     for v in vals:
@@ -124,15 +114,16 @@ def parse_lambdas(spec, n: int | None = None) -> list[float]:
         try:
             vals = [float(x) for x in spec.strip().strip("[]()").split(",")]
         except ValueError:
-            raise _err(f"--lambdas {spec!r} is not a comma-separated list of positive numbers like 0.1,0.1,1.") from None
+            raise ValueError(f"--lambdas {spec!r} is not a comma-separated list of positive numbers like "
+                             "0.1,0.1,1.") from None
     else:
         vals = [float(x) for x in spec]
     bad = [v for v in vals if not (math.isfinite(v) and v > 0)]
     if bad:
-        raise _err(f"--lambdas must all be positive finite numbers, got {bad}.")
+        raise ValueError(f"--lambdas must all be positive finite numbers, got {bad}.")
     if n is not None and len(vals) != n:
-        raise _err(f"--lambdas has {len(vals)} value(s) but {n} bit-width(s) are trained; give one λ per bit-width, "
-                   "in the same order.")
+        raise ValueError(f"--lambdas has {len(vals)} value(s) but {n} bit-width(s) are trained; give one λ per "
+                         "bit-width, in the same order.")
     return vals
 
 
@@ -142,10 +133,11 @@ _ITEM_DISTILL = re.compile(r"^(\d+)->(\d+(?:;\d+)*)$")
 def parse_distill(spec: str) -> tuple[list[int], dict[int, int]]:
     """'[8,4,2,8->4;2]' -> (ground-truth bits [8, 4, 2], {student bits: teacher bits} {4: 8, 2: 8})."""
     if not isinstance(spec, str) or not spec.strip():
-        raise _err("--distill needs a spec in the paper's notation, e.g. '[8,4,2]', '[8,4,8->2]', '[8,4,2,8->4;2]'.")
+        raise ValueError("--distill needs a spec in the paper's notation, e.g. '[8,4,2]', '[8,4,8->2]', "
+                         "'[8,4,2,8->4;2]'.")
     s = spec.replace("→", "->").replace(" ", "")
     if not (s.startswith("[") and s.endswith("]")) or len(s) < 3:
-        raise _err(f"--distill {spec!r}: expected brackets, e.g. '[8,4,2,8->2]'.")
+        raise ValueError(f"--distill {spec!r}: expected brackets, e.g. '[8,4,2,8->2]'.")
     gt: list[int] = []
     students: dict[int, int] = {}
     for item in s[1:-1].split(","):
@@ -156,28 +148,27 @@ def parse_distill(spec: str) -> tuple[list[int], dict[int, int]]:
             for st in (int(x) for x in m.group(2).split(";")):
                 check_bits(st, f"--distill {spec!r}: student bits")
                 if st >= teacher:
-                    raise _err(f"--distill {spec!r}: teacher int{teacher} must have more bits than its student "
-                               f"int{st}.")
+                    raise ValueError(f"--distill {spec!r}: teacher int{teacher} must have more bits than its student "
+                                     f"int{st}.")
                 if st in students:
-                    raise _err(f"--distill {spec!r}: int{st} has more than one teacher.")
+                    raise ValueError(f"--distill {spec!r}: int{st} has more than one teacher.")
                 students[st] = teacher
         elif item.isdigit():
             b = int(item)
             check_bits(b, f"--distill {spec!r}: bits")
             if b in gt:
-                raise _err(f"--distill {spec!r}: int{b} is listed twice.")
+                raise ValueError(f"--distill {spec!r}: int{b} is listed twice.")
             gt.append(b)
         else:
-            raise _err(f"--distill {spec!r}: cannot read {item!r}; items are bit-widths (8) or teacher->students "
-                       "(8->4;2).")
+            raise ValueError(f"--distill {spec!r}: cannot read {item!r}; items are bit-widths (8) or teacher->students "
+                             "(8->4;2).")
     return gt, students
 
 
 def default_lambdas(bits: list[int]) -> list[float]:
     """The paper's (0.1, 0.1, 1.0) for (8, 4, 2); otherwise 1.0 on the lowest bit-width and 0.1 on the others."""
-    key = tuple(bits)
-    if key in PAPER_LAMBDAS:
-        return list(PAPER_LAMBDAS[key])
+    if tuple(bits) in PAPER_LAMBDAS:
+        return list(PAPER_LAMBDAS[tuple(bits)])
     low = min(bits)
     return [1.0 if b == low else 0.1 for b in bits]
 
@@ -192,25 +183,25 @@ def build_objective(bits=None, lambdas=None, distill: str | None = None, *, mast
     if bits is not None:
         bits = parse_int_list(bits)
         if len(set(bits)) != len(bits):
-            raise _err(f"--bits-list {bits} lists a bit-width twice.")
+            raise ValueError(f"--bits-list {bits} lists a bit-width twice.")
     if gt is not None:
         spec_bits = sorted(set(gt) | set(students), reverse=True)
         if bits is not None and sorted(bits, reverse=True) != spec_bits:
-            raise _err(f"--bits-list {bits} and --distill {distill!r} disagree: the spec trains {spec_bits}. "
-                       "Give one of them, or make them list the same bit-widths.")
+            raise ValueError(f"--bits-list {bits} and --distill {distill!r} disagree: the spec trains {spec_bits}. "
+                             "Give one of them, or make them list the same bit-widths.")
         if bits is None:
             bits = spec_bits
     if bits is None:
         bits = [8, 4, 2] if master_bits == 8 else [master_bits]
     if not bits:
-        raise _err("--bits-list must name at least one bit-width.")
+        raise ValueError("--bits-list must name at least one bit-width.")
     too_big = [b for b in bits if b > master_bits]
     if too_big:
-        raise _err(f"cannot train int{too_big[0]} slices of an int{master_bits} master: every trained bit-width must "
-                   f"be <= --bits-master ({master_bits}).")
+        raise ValueError(f"cannot train int{too_big[0]} slices of an int{master_bits} master: every trained "
+                         f"bit-width must be <= --bits-master ({master_bits}).")
     for st, t in students.items():
         if t > master_bits:
-            raise _err(f"--distill teacher int{t} exceeds --bits-master {master_bits}.")
+            raise ValueError(f"--distill teacher int{t} exceeds --bits-master {master_bits}.")
     lam = default_lambdas(bits) if lambdas is None else parse_lambdas(lambdas, len(bits))
     lam_of = dict(zip(bits, lam))
     gt_set = set(bits) if gt is None else set(gt)

@@ -25,8 +25,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from matquant.algorithms.training.distributed import barrier, init_distributed, pick_device
@@ -46,14 +48,9 @@ def qat_settings(objective: Objective, cfg: TrainingConfig, targets, calib: torc
                  layers: dict[str, FakeQuantLinear], world: int) -> dict:
     """Everything that determines the result of a QAT run (the work dir's fingerprint)."""
     keep = {k: v for k, v in asdict(cfg).items() if k not in ("save_every", "work_dir", "device", "extra")}
-    keep["betas"] = list(cfg.betas)
     return {"method": "qat", "objective": objective.to_dict(), "config": keep, "targets": list(targets),
             "world_size": world, "calib_shape": list(calib.shape), "calib_sha256": tensor_sha256(calib),
             "weights_sha256": tensor_sha256(*(m.weight for m in layers.values()))}
-
-
-def _param_table(layers: dict[str, FakeQuantLinear]) -> dict[str, nn.Parameter]:
-    return {f"{name}.{k}": p for name, m in layers.items() for k, p in m.trainable().items()}
 
 
 def save_training_state(wd: WorkDir, step: int, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
@@ -130,11 +127,6 @@ def _term_loss(term, logits, labels, teacher_logits) -> torch.Tensor:
     return sum(parts) / len(parts)
 
 
-def set_layer_bits(layers, bits: int) -> None:
-    for m in layers.values():
-        m.bits = bits
-
-
 def train_qat(model, targets: list[str], calib: torch.Tensor, objective: Objective, cfg: TrainingConfig, *,
               group_size: int, symmetric: bool, param_dtype: torch.dtype, progress: bool = True,
               step_callback=None, clip: str = "minmax", importance: dict | None = None,
@@ -183,7 +175,7 @@ def train_qat(model, targets: list[str], calib: torch.Tensor, objective: Objecti
     ddp = None
     try:
         model.to(device)
-        params = _param_table(layers)
+        params = {f"{name}.{k}": p for name, m in layers.items() for k, p in m.trainable().items()}
         opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         start, history = 0, []
         if wd is not None and wd.names(STEP_PREFIX):
@@ -193,8 +185,6 @@ def train_qat(model, targets: list[str], calib: torch.Tensor, objective: Objecti
             if d.main and progress:
                 print(f"QAT: resuming from {wd.path / name} (step {start}/{cfg.steps})")
         if d.on:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       broadcast_buffers=False)
         fwd = ddp if ddp is not None else model
@@ -238,8 +228,6 @@ def train_qat(model, targets: list[str], calib: torch.Tensor, objective: Objecti
                     if not torch.isfinite(lv):
                         stats[-1] += 1
             if d.on:
-                import torch.distributed as dist
-
                 s = stats.to(device) if device.type == "cuda" else stats
                 dist.all_reduce(s)
                 stats = s.cpu()
