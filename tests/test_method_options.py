@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import matquant
-from matquant.algorithms import METHODS, check_method_options, method_options, quantize_model
+from matquant.algorithms import METHODS, make_config, method_options, quantize_model
 
 
 def _tiny():
@@ -28,8 +28,8 @@ def test_unknown_option_is_an_error_naming_the_valid_ones(method):
 
 def test_close_match_is_suggested_and_valid_options_pass():
     with pytest.raises(ValueError, match="did you mean 'epochs'"):
-        check_method_options("omniquant", {"epoch": 5})
-    check_method_options("omniquant", {"epochs": 1, "lr_lwc": 0.1})
+        make_config("omniquant", epoch=5)
+    make_config("omniquant", epochs=1, lr_lwc=0.1)
     assert "epochs" in method_options("omniquant") and "steps" in method_options("qat")
     assert method_options("rtn") == ["clip", "slice_params"]
 

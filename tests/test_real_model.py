@@ -55,12 +55,14 @@ def test_demo_command_end_to_end(tmp_path):
                  "--calib-windows", "2", "--calib-seqlen", "128"]) == 0
     res = json.loads((out / "results.json").read_text())
     rows = {(r["method"], r["bits"], r["slicing"]): r["ppl"] for r in res["rows"]}
-    for b in (8, 4, 2):  # every slice of the one checkpoint (the default method), both slicing modes below int8
-        for mode in (("paper", "nested") if b < 8 else ("any",)):
-            assert math.isfinite(rows[("matgptq int8 sliced", b, mode)]) and rows[("matgptq int8 sliced", b, mode)] > 1
+    assert res["qconfig"]["method_args"] == {"clip": "weighted", "slice_params": "own"}  # the default: quality
+    for b in (8, 4, 2):  # every slice of the one checkpoint, nested slicing (the default) below int8
+        mode = "nested" if b < 8 else "any"
+        assert math.isfinite(rows[("matgptq int8 sliced", b, mode)]) and rows[("matgptq int8 sliced", b, mode)] > 1
+    assert not any(k[2] == "paper" for k in rows)  # --modes paper,nested adds the paper rows
     for b in (4, 2):  # the dedicated per-bit RTN baselines: present, finite, and models of their own
         ppl = rows[("rtn int%d dedicated" % b, b, "-")]
         assert math.isfinite(ppl) and ppl > 1
-        assert ppl not in (rows[("matgptq int8 sliced", b, "paper")], rows[("matgptq int8 sliced", b, "nested")])
+        assert ppl != rows[("matgptq int8 sliced", b, "nested")]
     assert (out / "ppl_vs_bits.png").stat().st_size > 10_000
     assert (out / "checkpoint" / "model.safetensors").exists()

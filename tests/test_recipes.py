@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import matquant
-from matquant.algorithms.recipes import RECIPE_OPTIONS, RECIPES, apply_recipe, check_recipe
+from matquant.algorithms.recipes import RECIPE_OPTIONS, RECIPES, check_recipe, resolve_config
 from matquant.cli import build_parser
 from matquant.commands.quantize import config_from_args
 
@@ -21,12 +21,12 @@ def test_recipes_only_set_known_options_and_methods():
 
 
 def test_caller_values_win_and_unknown_names_are_errors():
-    assert apply_recipe("quality", {"clip": "mse", "method": None, "rotate": "input"}) == {
-        "clip": "mse", "method": "matgptq", "rotate": "input", "slice_params": "own"}
-    assert apply_recipe("quality", {"clip": None, "method": None}) == {"clip": "weighted", "method": "matgptq",
-                                                                        "slice_params": "own"}
-    assert apply_recipe("quality", {"slice_params": "shared"})["slice_params"] == "shared"  # the caller's wins
-    assert apply_recipe(None, {"clip": None}) == {"clip": None}
+    c = resolve_config(recipe="quality", clip="mse", rotate="input")
+    assert (c.name, c.clip, c.rotate, c.slice_params) == ("matgptq", "mse", "input", "own")
+    c = resolve_config(recipe="quality", clip=None)  # None = not given: the recipe's
+    assert (c.clip, c.slice_params) == ("weighted", "own")
+    assert resolve_config(recipe="quality", slice_params="shared").slice_params == "shared"  # the caller's wins
+    assert resolve_config(method="rtn").clip == "minmax"  # a method alone: its own defaults
     with pytest.raises(ValueError, match=r"unknown recipe 'qualty' \(did you mean 'quality'\?\).*fast"):
         check_recipe("qualty")
 

@@ -15,7 +15,7 @@ from dataclasses import make_dataclass
 
 from matquant.algorithms.configs import (METHOD_CONFIGS, GPTQConfig, MatGPTQConfig, MethodConfig, OmniQuantConfig,
                                          QATConfig, RTNConfig, config_class, make_config, option, register_config)
-from matquant.algorithms.configs.base import LAYOUT, METHOD, RUNTIME
+from matquant.algorithms.configs.base import METHOD, RUNTIME
 from matquant.algorithms.gptq import gptq
 from matquant.algorithms.matgptq import matgptq
 from matquant.algorithms.omniquant import omniquant
@@ -57,12 +57,6 @@ def method_options(method: str) -> list[str]:
     return [f.name for f in config_class(method).option_fields((METHOD, RUNTIME))]
 
 
-def check_method_options(method: str, options: dict) -> None:
-    """Raise ValueError naming the valid options if `options` holds one that `method` does not take."""
-    cls = config_class(method)
-    cls.from_options(**{k: v for k, v in options.items() if k not in [f.name for f in cls.option_fields((LAYOUT,))]})
-
-
 def needs_calibration(method: str, options: dict) -> bool:
     """Whether `method` with these options reads calibration windows."""
     cls = config_class(method)
@@ -78,5 +72,5 @@ def quantize_model(model, method: str = "rtn", *, calib=None, progress: bool = T
 
 __all__ = ["METHODS", "METHOD_CONFIGS", "MethodConfig", "RTNConfig", "GPTQConfig", "MatGPTQConfig", "OmniQuantConfig",
            "QATConfig", "Calibration", "RECIPES", "make_config", "config_class", "recipe_config", "resolve_config",
-           "quantize", "quantize_loaded", "quantize_model", "register_method", "check_method_options",
+           "quantize", "quantize_loaded", "quantize_model", "register_method",
            "method_options", "needs_calibration", "rtn", "gptq", "matgptq", "omniquant", "qat"]

@@ -36,17 +36,6 @@ def check_recipe(name: str) -> dict:
     return dict(RECIPES[name])
 
 
-def apply_recipe(name: str | None, given: dict) -> dict:
-    """`given` (option -> value, None = not given) completed by recipe `name`: the caller's values win."""
-    out = dict(given)
-    if name is None:
-        return out
-    for key, value in check_recipe(name).items():
-        if out.get(key) is None:
-            out[key] = value
-    return out
-
-
 def resolve_config(method: str | None = None, recipe: str | None = None, **options) -> MethodConfig:
     """The validated config for `method` and/or `recipe` and explicit `options` (None = not given).
 
@@ -82,5 +71,5 @@ def recipe_config(name: str, **overrides) -> MethodConfig:
     return resolve_config(recipe=name, **overrides)
 
 
-__all__ = ["RECIPES", "RECIPE_OPTIONS", "DEFAULT_RECIPE", "apply_recipe", "check_recipe", "recipe_config",
+__all__ = ["RECIPES", "RECIPE_OPTIONS", "DEFAULT_RECIPE", "check_recipe", "recipe_config",
            "resolve_config"]

@@ -39,7 +39,7 @@ def run(args) -> int:
     from matquant.eval.perplexity import perplexity
     from matquant.eval.plot import plot_ppl_vs_bits
     from matquant.format.atomic import atomic_write_json, atomic_write_text
-    from matquant.format.checkpoint import checkpoint_size_bytes, save_checkpoint, state_dict_bytes
+    from matquant.format.checkpoint import checkpoint_size_bytes, state_dict_bytes
     from matquant.models import find_targets, linear_weight, load_model
     from matquant.nn.linear import MatQuantLinear
     from matquant.nn.replace import set_submodule
