@@ -35,7 +35,8 @@ def run(args) -> int:
 
     from matquant.algorithms.pipeline import quantize, set_threads
     from matquant.data import token_windows
-    from matquant.eval.grid import format_table, ppl_grid
+    from matquant.eval.grid import ppl_grid
+    from matquant.experiments.report import format_table
     from matquant.eval.perplexity import perplexity
     from matquant.eval.plot import plot_ppl_vs_bits
     from matquant.format.atomic import atomic_write_json, atomic_write_text

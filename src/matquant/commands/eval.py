@@ -48,7 +48,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from matquant.eval.grid import format_table, ppl_grid
+    from matquant.eval.grid import ppl_grid
+    from matquant.experiments.report import format_table
     from matquant.eval.zeroshot import check_tokenizer, format_zeroshot_table, zeroshot_grid
     from matquant.eval.zeroshot_tasks import check_tasks, task_data_file
     from matquant.format.atomic import atomic_write_json

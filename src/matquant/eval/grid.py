@@ -34,16 +34,3 @@ def ppl_grid(model, windows, bits_list, modes, bits_map=None, batch_size: int = 
                      "effective_bits": round(effective_bits(model), 4), "tokens": r.tokens, "seqlen": r.seqlen})
     set_bits(model, saved)
     return rows
-
-
-def format_table(rows: list[dict], ref_ppl: float | None = None, title: str | None = None) -> str:
-    """Markdown table of ppl rows (optionally with the ratio to a reference perplexity)."""
-    head = "| method | bits | slicing | eff. bits/weight | perplexity |" + (" ÷ fp32 |" if ref_ppl else "")
-    sep = "|---|---|---|---|---|" + ("---|" if ref_ppl else "")
-    lines = ([f"**{title}**", ""] if title else []) + [head, sep]
-    for r in rows:
-        ratio = f" {r['ppl'] / ref_ppl:.3f}× |" if ref_ppl else ""
-        eff = r.get("effective_bits")
-        lines.append(f"| {r.get('method', '')} | {r['bits']} | {r.get('slicing', '')} | "
-                     f"{eff if eff is not None else '—'} | {r['ppl']:.3f} |{ratio}")
-    return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Tables and plots from a results store (the plots drawn by `matquant.eval.plot`, the one plotting path).
+"""Tables and plots: every table matquant prints (`format_table` for the rows of one run — `matquant demo`,
+`matquant eval` — and a results store's tables), the plots drawn by `matquant.eval.plot`, the one plotting path.
 
 Tables (markdown, also printed by `matquant report`), per model and eval setting:
 - perplexity: one row per (method, scope, slicing), one column per precision (fp32 reference first);
@@ -43,6 +44,19 @@ def _setting(cfg: dict) -> str:
 def _latest(records: list[dict]) -> list[dict]:
     """One record per key (the last written wins, in the place of the key's first record)."""
     return list({r["key"]: r for r in records}.values())
+
+
+def format_table(rows: list[dict], ref_ppl: float | None = None, title: str | None = None) -> str:
+    """Markdown table of ppl rows (optionally with the ratio to a reference perplexity)."""
+    head = "| method | bits | slicing | eff. bits/weight | perplexity |" + (" ÷ fp32 |" if ref_ppl else "")
+    sep = "|---|---|---|---|---|" + ("---|" if ref_ppl else "")
+    lines = ([f"**{title}**", ""] if title else []) + [head, sep]
+    for r in rows:
+        ratio = f" {r['ppl'] / ref_ppl:.3f}× |" if ref_ppl else ""
+        eff = r.get("effective_bits")
+        lines.append(f"| {r.get('method', '')} | {r['bits']} | {r.get('slicing', '')} | "
+                     f"{eff if eff is not None else '—'} | {r['ppl']:.3f} |{ratio}")
+    return "\n".join(lines)
 
 
 def build_tables(records: list[dict]) -> str:
