@@ -79,7 +79,7 @@ class MethodConfig:
         check_bits(self.master_bits, "master bits")
         check_slicing(self.slicing)
         if not isinstance(self.group_size, int) or (self.group_size < 1 and self.group_size != -1):
-            raise ValueError(f"group_size must be a positive integer or -1 (per output channel), got "
+            raise ValueError(f"--group-size (group_size) must be a positive integer or -1 (per output channel), got "
                              f"{self.group_size!r}.")
         make_spec(self.rotate, self.group_size, self.rotate_seed)
         self.validate_method()
