@@ -57,3 +57,12 @@ def test_config_validate_gives_the_clear_errors():
     with pytest.raises(ValueError, match="unknown method 'matgpt' \\(did you mean 'matgptq'\\?\\)"):
         make_config("matgpt")
     assert matquant.recipe_config("quality").replace(group_size=128).group_size == 128
+
+
+def test_calibration_sizes_are_checked():
+    from matquant.algorithms import Calibration
+
+    for bad in ({"windows": 0}, {"seqlen": 1}, {"offset": -1}, {"windows": 2.5}):
+        with pytest.raises(ValueError, match="must be an integer"):
+            Calibration(**bad)
+    assert Calibration(windows=None).resolved(make_config("omniquant")).windows == 8  # the method's default

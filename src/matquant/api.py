@@ -1,6 +1,8 @@
 """The short Python paths: `matquant.load`, `matquant.quantize`, `matquant.set_bits`."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from matquant.format.checkpoint import load_checkpoint
@@ -82,8 +84,8 @@ def quantize(model=DEFAULT_MODEL, config=None, out=None, method: str | None = No
     from matquant.algorithms import Calibration, MethodConfig, resolve_config
     from matquant.algorithms.pipeline import quantize as run_pipeline
 
-    if isinstance(config, (str, bytes)) or (config is not None and not isinstance(config, MethodConfig)):
-        if out is not None or not isinstance(config, str):
+    if config is not None and not isinstance(config, MethodConfig):
+        if out is not None or not isinstance(config, (str, os.PathLike)):
             raise TypeError(f"config must be a MethodConfig (e.g. matquant.MatGPTQConfig()), got {config!r}.")
         config, out = None, config  # the old positional form quantize(model, out)
     if config is None:

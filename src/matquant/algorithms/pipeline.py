@@ -29,6 +29,12 @@ class Calibration:
     seqlen: int | None = None
     offset: int = 0  # windows of the text skipped first
 
+    def __post_init__(self):
+        for flag, v, least in (("--calib-windows", self.windows, 1), ("--calib-seqlen", self.seqlen, 2),
+                               ("calibration offset", self.offset, 0)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < least):
+                raise ValueError(f"{flag} must be an integer >= {least}, got {v!r}.")
+
     def resolved(self, config: MethodConfig) -> "Calibration":
         n, seqlen = config.calib_defaults
         return replace(self, windows=self.windows or n, seqlen=self.seqlen or seqlen)
@@ -93,9 +99,8 @@ def quantize(source, config: MethodConfig, *, out=None, overwrite: bool = False,
         raise FileExistsError(f"{out} already exists (a complete checkpoint: it is written atomically, so an "
                               "interrupted run leaves either nothing or all of it there); pass --overwrite "
                               "(overwrite=True) or choose another output folder.")
-    default_work = hasattr(config, "for_output") and getattr(config, "work_dir", None) is None and out is not None
-    if hasattr(config, "for_output"):
-        config = config.for_output(out)
+    default_work = out is not None and getattr(config, "work_dir", None) is None
+    config = config.for_output(out)
     set_threads(threads)
     t0 = time.time()
     if isinstance(source, (str, os.PathLike)):

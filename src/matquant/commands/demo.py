@@ -125,5 +125,4 @@ def run(args) -> int:
 
 def _options_text(config) -> str:
     """The options that differ from the method's defaults, e.g. 'clip=weighted slice_params=own'."""
-    plain = type(config)()
-    return " ".join(f"{k}={v}" for k, v in config.method_args().items() if getattr(plain, k) != v)
+    return " ".join(f"{k}={v}" for k, v in config.method_args().items())

@@ -118,6 +118,10 @@ class MethodConfig:
         module, fn = self.function.split(":")
         return getattr(importlib.import_module(module), fn)(model, targets, self, calib, progress, **hooks)
 
+    def for_output(self, out) -> "MethodConfig":
+        """The config as it runs when the checkpoint goes to `out` (a method with training state puts it there)."""
+        return self
+
     @property
     def torch_param_dtype(self):
         import torch
