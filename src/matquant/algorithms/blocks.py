@@ -29,6 +29,70 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
+def block_stream(model: nn.Module):
+    """The BlockStream of a streamed model (algorithms/streaming.py: blocks on the meta device, read from the source
+    when a pass reaches them), or None for a model held in memory."""
+    return getattr(model, "_matquant_stream", None)
+
+
+def onload_block(model: nn.Module, blocks: nn.ModuleList, i: int, device) -> nn.Module:
+    """Block i on `device`, ready to run: read from the source for a streamed model, moved otherwise."""
+    stream = block_stream(model)
+    return stream.onload(i, device) if stream is not None else blocks[i].to(device)
+
+
+def offload_block(model: nn.Module, blocks: nn.ModuleList, i: int, home) -> None:
+    """Undo `onload_block`: a streamed block's weights are dropped (back to meta), a held one moves back `home`."""
+    stream = block_stream(model)
+    if stream is not None:
+        stream.release(i)
+    else:
+        blocks[i].to(home)
+
+
+def new_results(model: nn.Module) -> dict:
+    """Where a method collects its {layer name: QuantizedWeight}: a dict, or for a streamed model a mapping kept on
+    disk in the run's work folder (so a 7B model's codes never sit in memory together, and a rerun resumes)."""
+    stream = block_stream(model)
+    return {} if stream is None else stream.new_results()
+
+
+def target_weights(model: nn.Module, targets: list[str], skip=()):
+    """Yield (name, weight [out, in]) of every target not in `skip`, in order; on a streamed model block by block,
+    each block read when its first target comes and dropped after its last (targets must lie inside blocks)."""
+    from matquant.models.targets import linear_weight
+
+    mods = dict(model.named_modules())
+    stream = block_stream(model)
+    if stream is None:
+        for name in targets:
+            if name not in skip:
+                yield name, linear_weight(mods[name]).detach()
+        return
+    _, blocks, by_block = targets_by_block(model, targets)
+    for i in sorted(by_block):
+        todo = [n for n in by_block[i] if n not in skip]
+        if not todo:
+            continue
+        onload_block(model, blocks, i, "cpu")
+        try:
+            for name in todo:
+                yield name, linear_weight(mods[name]).detach()
+        finally:
+            offload_block(model, blocks, i, None)
+
+
+def _move_real(module: nn.Module, device) -> None:
+    """module.to(device) for every tensor that is not on the meta device (a streamed model's blocks, norm and head)."""
+    for m in module.modules():
+        for k, p in m._parameters.items():
+            if p is not None and not p.is_meta and p.device != torch.device(device):
+                m._parameters[k] = nn.Parameter(p.data.to(device), requires_grad=p.requires_grad)
+        for k, b in m._buffers.items():
+            if b is not None and not b.is_meta:
+                m._buffers[k] = b.to(device)
+
+
 class _StopForward(Exception):
     """Raised by the recorder of the last block to stop the capture forward early."""
 
@@ -104,12 +168,14 @@ def capture_block_inputs(model: nn.Module, calib: torch.Tensor, device, batch_si
     cache_device = device if cache_device is None else cache_device
     name, blocks = decoder_blocks(model)
     orig = list(blocks)
-    home = next(model.parameters()).device
+    streamed = block_stream(model) is not None
+    move = _move_real if streamed else (lambda m, d: m.to(d))
+    home = next(p.device for p in model.parameters() if not p.is_meta)
     store: dict = {}
     for i in range(len(blocks)):
         blocks[i] = _Recorder(i, i == len(blocks) - 1, store)
     try:
-        model.to(device)
+        move(model, device)
         for s in range(0, calib.shape[0], batch_size):
             try:
                 model(input_ids=calib[s: s + batch_size].to(device), use_cache=False)
@@ -118,9 +184,10 @@ def capture_block_inputs(model: nn.Module, calib: torch.Tensor, device, batch_si
     finally:
         for i, b in enumerate(orig):
             blocks[i] = b
-        model.to(home)
-        for i, b in enumerate(orig):  # the blocks were not attached during model.to(home); keep them home too
-            b.to(home)
+        move(model, home)
+        if not streamed:
+            for i, b in enumerate(orig):  # the blocks were not attached during model.to(home); keep them home too
+                b.to(home)
     if "hidden" not in store:
         raise RuntimeError("the capture pass never reached the first transformer block.")
     hidden = [h.to(cache_device) for h in store.pop("hidden")]
@@ -143,6 +210,8 @@ class BlockContext:
     hidden: list[torch.Tensor]
     args: list[tuple]
     device: torch.device
+    # set by a callback that ran the block unchanged with keep_outputs: reused as the next block's inputs
+    outputs: list[torch.Tensor] | None = None
 
     @torch.no_grad()
     def run(self, hooks: dict[str, Callable[[str, torch.Tensor], None]] | None = None,
@@ -231,11 +300,14 @@ def targets_by_block(model: nn.Module, targets: list[str]) -> tuple[str, nn.Modu
 
 def run_blockwise(model: nn.Module, calib: torch.Tensor, targets: list[str],
                   quantize_block: Callable[[BlockContext], None], *, device=None, batch_size: int = 1,
-                  cache_device=None, progress: bool = True, desc: str = "blocks") -> None:
+                  cache_device=None, progress: bool = True, desc: str = "blocks", resumable: bool = False) -> None:
     """Call `quantize_block(ctx)` for every block that holds a target, in order, propagating the inputs.
 
     After the callback, the block's forward (with whatever weights the callback left in it) produces the next
-    block's inputs. Blocks after the last one holding a target are not run.
+    block's inputs (or `ctx.outputs`, when the callback set them). Blocks after the last one holding a target are not
+    run. On a streamed model each block is read from the source when its turn comes and dropped after; with
+    `resumable` (a pass whose callback keeps its results in `new_results(model)`), the inputs of the next block are
+    saved after each block, so a rerun after a kill starts after the last finished block.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     cache_device = device if cache_device is None else torch.device(cache_device)
@@ -245,20 +317,32 @@ def run_blockwise(model: nn.Module, calib: torch.Tensor, targets: list[str],
     if not by_block:
         return
     last = max(by_block)
+    stream = block_stream(model)
+    pass_no = stream.begin_pass() if stream is not None else None
     hidden, per_block = capture_block_inputs(model, calib, device, batch_size, cache_device)
-    home = next(blocks[0].parameters()).device
-    for i in tqdm(range(last + 1), desc=desc, disable=not progress):
-        block = blocks[i].to(device)
+    start = 0
+    if stream is not None and resumable:
+        resumed = stream.resume_point(pass_no)
+        if resumed is not None:
+            start, saved = resumed
+            hidden = [h.to(cache_device) for h in saved] if saved else hidden
+            if progress and start:
+                print(f"{desc}: resumed after block {start - 1} from {stream.work}", flush=True)
+    home = None if stream is not None else next(blocks[0].parameters()).device
+    for i in tqdm(range(start, last + 1), desc=desc, disable=not progress, initial=start, total=last + 1):
+        block = onload_block(model, blocks, i, device)
         ctx = BlockContext(i, f"{prefix}.{i}", block, by_block.get(i, {}), hidden, per_block[i], device)
         try:
             if ctx.targets:
                 quantize_block(ctx)
             if i < last:
-                outs = ctx.run(keep_outputs=True)
+                outs = ctx.outputs if ctx.outputs is not None else ctx.run(keep_outputs=True)
                 hidden = [o.to(cache_device) for o in outs]
                 for j, h in enumerate(hidden):
                     check_finite_activations(h, f"block {i + 1} (output of block {i}, calibration batch {j})")
         finally:
-            blocks[i].to(home)
+            offload_block(model, blocks, i, home)
+        if stream is not None and resumable:
+            stream.save_resume_point(pass_no, i + 1, hidden if i < last else [])
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from matquant.algorithms.blocks import BlockContext, run_blockwise
+from matquant.algorithms.blocks import BlockContext, block_stream, new_results, run_blockwise
 from matquant.models.targets import linear_weight
 from matquant.quant.minmax import QuantizedWeight, dequantize_codes
 
@@ -47,7 +47,7 @@ def hessian_pass(model, targets, calib, quantize_layer: LayerFn, *, true_sequent
     layers and blocks see the quantized model's activations; returns {name: QuantizedWeight} on the model's
     original device.
     """
-    out: dict[str, QuantizedWeight] = {}
+    out: dict[str, QuantizedWeight] = new_results(model)
 
     def per_block(ctx: BlockContext):
         groups = ctx.input_groups() if true_sequential else [list(ctx.targets)]
@@ -63,14 +63,14 @@ def hessian_pass(model, targets, calib, quantize_layer: LayerFn, *, true_sequent
                 del acc[n]
                 wq = dequantize_codes(qw.codes, qw.scales, qw.zeros) if propagate is None else propagate(qw, W)
                 wref.data.copy_(wq.to(wref.dtype))
-                home = wref.device
+                home = wref.device if block_stream(model) is None else "cpu"
                 own = None if not qw.slice_params else \
                     {r: (a.to(home), b.to(home)) for r, (a, b) in qw.slice_params.items()}
                 out[n] = QuantizedWeight(qw.codes.to(home), qw.scales.to(home), qw.zeros.to(home), qw.bits,
                                          qw.group_size, own)
 
     run_blockwise(model, calib, targets, per_block, device=device, batch_size=batch_size, progress=progress,
-                  desc=desc)
+                  desc=desc, resumable=True)
     missing = [t for t in targets if t not in out]
     if missing:
         raise RuntimeError(f"block-wise pass did not reach {missing[:3]}")

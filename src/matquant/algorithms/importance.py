@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from matquant.algorithms.blocks import block_stream, run_blockwise
+
 
 @torch.no_grad()
 def input_importance(model, targets: list[str], calib: torch.Tensor, progress: bool = True,
@@ -18,6 +20,8 @@ def input_importance(model, targets: list[str], calib: torch.Tensor, progress: b
     if not torch.is_tensor(calib) or calib.dim() != 2 or calib.shape[0] < 1:
         raise ValueError(f"{what} needs calibration token windows (a LongTensor [n_windows, seqlen]); pass calib=..., "
                          "or on the command line --calib-text / --calib-windows; or use clip='mse' (data-free).")
+    if block_stream(model) is not None:
+        return _blockwise_importance(model, targets, calib, progress)
     mods = dict(model.named_modules())
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -37,6 +41,27 @@ def input_importance(model, targets: list[str], calib: torch.Tensor, progress: b
     finally:
         for h in handles:
             h.remove()
+    missing = [n for n in targets if n not in sums]
+    if missing:
+        raise RuntimeError(f"the calibration forward never reached {missing[:3]}: cannot weight their clipping.")
+    return {n: sums[n] / counts[n] for n in targets}
+
+
+def _blockwise_importance(model, targets: list[str], calib: torch.Tensor, progress: bool) -> dict[str, torch.Tensor]:
+    """`input_importance` one block at a time (a streamed model): the same windows through the unquantized blocks,
+    one window per batch as the whole-model forward above, so the sums are accumulated in the same order."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def observe(name, x):
+        x = x.reshape(-1, x.shape[-1]).float()
+        sums[name] = sums.get(name, 0) + x.pow(2).sum(0).cpu()
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    def per_block(ctx):
+        ctx.outputs = ctx.run({n: observe for n in ctx.targets}, keep_outputs=True)
+
+    run_blockwise(model, calib, targets, per_block, device="cpu", batch_size=1, progress=progress, desc="importance")
     missing = [n for n in targets if n not in sums]
     if missing:
         raise RuntimeError(f"the calibration forward never reached {missing[:3]}: cannot weight their clipping.")

@@ -61,22 +61,34 @@ def quantize_loaded(model, config: MethodConfig, calib: torch.Tensor | None = No
         raise ValueError(f"method {config.name!r} needs calibration data (calib=token windows).")
     rotation = make_spec(config.rotate, config.group_size, config.rotate_seed)
     online = online_spec(rotation)
-    targets = find_targets(model, config.scope, config.modules)
-    for n in targets:  # the group size against every layer, before any work
-        resolve_group_size(linear_weight(model.get_submodule(n)).shape[1], config.group_size)
+    targets = checked_targets(model, config)
     if rotation is not None and rotation["mode"] == "residual":
         from matquant.algorithms.residual_rotation import fold_residual_rotation
 
         fold_residual_rotation(model, rotation["seed"])
     with rotated_targets(model, targets, online):
         qweights = config.run(model, targets, calib, progress, **hooks)
-    own = {tuple(sorted(qw.slice_params or ())) for qw in qweights.values()}
-    if len(own) > 1:
-        raise RuntimeError(f"the layers got different slice-own parameter sets {sorted(own)}; a bug, please report it.")
+    qcfg = quant_config(config, targets, qweights, rotation)
     replace_with_matquant(model, qweights, slicing=config.slicing)
     if online is not None:
         for n in targets:
             model.get_submodule(n).set_rotation(online)
+    return qcfg
+
+
+def checked_targets(model, config: MethodConfig) -> list[str]:
+    """The config's target layers of `model`, the group size checked against every one before any work."""
+    targets = find_targets(model, config.scope, config.modules)
+    for n in targets:
+        resolve_group_size(linear_weight(model.get_submodule(n)).shape[1], config.group_size)
+    return targets
+
+
+def quant_config(config: MethodConfig, targets: list[str], qweights, rotation=None) -> QuantConfig:
+    """The checkpoint's QuantConfig for a finished run of `config` (one slice-own parameter set for every layer)."""
+    own = {tuple(sorted(qweights[n].slice_params or ())) for n in targets}
+    if len(own) > 1:
+        raise RuntimeError(f"the layers got different slice-own parameter sets {sorted(own)}; a bug, please report it.")
     return QuantConfig(master_bits=config.master_bits, group_size=config.group_size, symmetric=config.symmetric,
                        slicing=config.slicing, scope=config.scope if config.modules is None else "custom",
                        modules=list(targets), default_bits=config.master_bits, method=config.name,
@@ -85,13 +97,20 @@ def quantize_loaded(model, config: MethodConfig, calib: torch.Tensor | None = No
 
 
 def quantize(source, config: MethodConfig, *, out=None, overwrite: bool = False, calib=None, tokenizer=None,
-             threads: int | None = None, device: str = "cpu", progress: bool = True, log=print, **hooks):
+             threads: int | None = None, device: str = "cpu", progress: bool = True, log=print,
+             stream: bool | None = None, max_shard_bytes: int | None = None, **hooks):
     """Load `source` (a model name/path, or a model already in memory with `tokenizer`), calibrate, quantize with
     `config`, save to `out` if given; returns (model, tokenizer, QuantConfig).
 
     `calib`: a Calibration (default: the embedded calibration text at the method's default size) or token windows
     [n, seqlen]. `threads`: torch CPU threads (results are deterministic per thread count). Under torchrun every
-    rank runs the method and rank 0 writes."""
+    rank runs the method and rank 0 writes.
+
+    `stream` (default: whenever `source` is a path and `out` is given and the config allows it): read and quantize
+    one decoder block at a time and write the checkpoint block by block (algorithms/streaming.py), so the model
+    never sits in memory whole; the returned model is then None (load the checkpoint with `matquant.load(out)`).
+    A rerun of a killed streamed run resumes after its last finished block. `max_shard_bytes`: the checkpoint's
+    shard size (default format/shards.DEFAULT_MAX_SHARD_BYTES)."""
     from matquant.algorithms.training.distributed import finish_distributed, is_main_process
 
     config.validate()
@@ -99,6 +118,18 @@ def quantize(source, config: MethodConfig, *, out=None, overwrite: bool = False,
         raise FileExistsError(f"{out} already exists (a complete checkpoint: it is written atomically, so an "
                               "interrupted run leaves either nothing or all of it there); pass --overwrite "
                               "(overwrite=True) or choose another output folder.")
+    is_path = isinstance(source, (str, os.PathLike))
+    forced = stream is True
+    if stream and (not is_path or out is None):
+        raise ValueError("stream=True needs a model path or name as the source and an output folder (out=...).")
+    if stream is None:
+        stream = is_path and out is not None and is_main_process() and config.name != "qat"
+    if stream:
+        done = quantize_streamed(str(source), config, out, overwrite=overwrite, calib=calib, threads=threads,
+                                 device=device, progress=progress, log=log, max_shard_bytes=max_shard_bytes,
+                                 required=forced, **hooks)
+        if done is not None:
+            return done
     default_work = out is not None and getattr(config, "work_dir", None) is None
     config = config.for_output(out)
     set_threads(threads)
@@ -154,3 +185,42 @@ def remove_tree(path) -> None:
     trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.deleting-", dir=path.parent))
     os.replace(path, trash / "w")
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def quantize_streamed(source: str, config: MethodConfig, out, *, overwrite: bool = False, calib=None,
+                      threads: int | None = None, device: str = "cpu", progress: bool = True, log=print,
+                      max_shard_bytes: int | None = None, required: bool = False, **hooks):
+    """`quantize` one decoder block at a time (algorithms/streaming.py); (None, tokenizer, QuantConfig), or None
+    when the config cannot run streamed and `required` is False (the caller then loads the whole model)."""
+    from matquant.algorithms import streaming
+    from matquant.models.source import open_source
+
+    set_threads(threads)
+    t0 = time.time()
+    src = open_source(source)
+    model = streaming.skeleton(src)
+    targets = checked_targets(model, config)
+    why = streaming.streamable(config, model, targets)
+    if why is not None:
+        if required:
+            raise ValueError(f"cannot quantize {source} streamed: {why}.")
+        log(f"loading the whole model ({why}) ...")
+        return None
+    tokenizer = src.tokenizer()
+    windows = None
+    if config.needs_calibration():
+        windows = calib if isinstance(calib, torch.Tensor) else (calib or Calibration()).token_windows(tokenizer, config)
+    work = streaming.work_folder(out)
+    settings = streaming.run_settings(config, src, targets, windows, torch.get_num_threads())
+    streaming.open_work(work, settings, log)
+    model._matquant_stream = streaming.BlockStream(model, src, work)
+    log(f"streaming {src.describe()}: {len(targets)} layers, one block at a time (work folder {work})")
+    qweights = config.run(model, targets, windows, progress, **hooks)
+    qcfg = quant_config(config, targets, qweights)
+    streaming.write_checkpoint(model, src, qweights, tokenizer, out, qcfg, slicing=config.slicing,
+                               overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress)
+    remove_tree(work)
+    log(f"wrote {out}: {len(qcfg.modules)} layers, {config.name}, int{qcfg.master_bits} master, group "
+        f"{qcfg.group_size}, slicing {qcfg.slicing} ({time.time() - t0:.0f}s, {torch.get_num_threads()} threads, "
+        "streamed)")
+    return None, tokenizer, qcfg

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
+from matquant.algorithms.blocks import new_results, target_weights
 from matquant.algorithms.slice_params import check_post_pass, fit_slice_params
-from matquant.models.targets import linear_weight
 from matquant.quant.clip_search import quantize_clipped
 from matquant.quant.minmax import QuantizedWeight, quantize_minmax
 
@@ -23,10 +23,10 @@ def rtn(model, targets: list[str], config, calib=None, progress: bool = True) ->
         from matquant.algorithms.importance import input_importance
 
         importance = input_importance(model, targets, calib, progress)
-    mods = dict(model.named_modules())
-    out = {}
-    for name in tqdm(targets, desc="RTN", disable=not progress, leave=False):
-        w = linear_weight(mods[name]).detach()
+    out = new_results(model)  # on a streamed rerun: the layers a killed run finished
+    done = set(out)
+    for name, w in tqdm(target_weights(model, targets, skip=done), desc="RTN", disable=not progress, leave=False,
+                        total=len(targets) - len(done)):
         if c.clip == "minmax":
             out[name] = quantize_minmax(w, c.master_bits, c.group_size, c.symmetric, param_dtype)
         else:

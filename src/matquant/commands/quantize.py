@@ -144,13 +144,30 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--in-memory", action="store_true",
+                   help="load the whole model first (default: one decoder block at a time, read from the source "
+                        "when its turn comes, which a rerun after a kill resumes; QAT, --rotate and omniquant --let "
+                        "always load the whole model)")
+    p.add_argument("--max-shard-size", type=shard_size, default=None, metavar="SIZE",
+                   help="largest checkpoint file, e.g. 2GB or 500MiB (default 2GiB); a larger checkpoint is written "
+                        "as HF-style shards with an index")
     add_quant_args(p)
     p.set_defaults(func=run)
+
+
+def shard_size(text: str) -> int:
+    from matquant.mixnmatch.budget import parse_budget
+
+    b = parse_budget(text)
+    if b.kind != "bytes":
+        raise argparse.ArgumentTypeError(f"--max-shard-size {text!r} needs a unit, e.g. 2GB or 500MiB.")
+    return int(b.value)
 
 
 def run(args) -> int:
     from matquant.algorithms.pipeline import quantize
 
     config, calibration = config_from_args(args)  # every option checked before any work
-    quantize(args.model, config, out=args.out, overwrite=args.overwrite, calib=calibration, threads=args.threads)
+    quantize(args.model, config, out=args.out, overwrite=args.overwrite, calib=calibration, threads=args.threads,
+             stream=False if args.in_memory else None, max_shard_bytes=args.max_shard_size)
     return 0

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from matquant.algorithms.blocks import capture_block_inputs, targets_by_block
+from matquant.algorithms.blocks import (capture_block_inputs, new_results, offload_block, onload_block,
+                                       targets_by_block)
 from matquant.algorithms.training.diverged import check_finite_loss
 from matquant.algorithms.training.lwc import BlockQuant, as_param, run_block
 from matquant.algorithms.training.objective import Objective
@@ -64,9 +65,9 @@ def calibrate_blocks(model, targets: list[str], calib: torch.Tensor, objective: 
     x0 = torch.stack(hidden)  # [n_windows, 1, seq, hidden]
     quant_streams = objective.needed() if hp.block_inputs == "quant" else ()
     streams = {"fp": x0, **{r: x0.clone() for r in quant_streams}}
-    result: dict[str, QuantizedWeight] = {}
+    result: dict[str, QuantizedWeight] = new_results(model)
     for i in range(max(per_block) + 1):
-        block = blocks[i].to(dev)
+        block = onload_block(model, blocks, i, dev)
         args = block_args[i]  # per window: (positional args after the hidden states, keyword args)
         with torch.no_grad():  # fp target: the unmodified block on fp inputs (also the next fp input)
             y_fp = _through(block, {}, streams["fp"], args)
@@ -101,7 +102,7 @@ def calibrate_blocks(model, targets: list[str], calib: torch.Tensor, objective: 
                     for t, q in qws.items()}
                 streams[r] = _through(block, params, streams[r], args)
         streams["fp"] = y_fp
-        blocks[i].to("cpu")
+        offload_block(model, blocks, i, "cpu")
         if _crash_after_block is not None and i == _crash_after_block:
             raise RuntimeError(f"simulated crash after block {i}")
     return result

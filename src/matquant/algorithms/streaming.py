@@ -1,0 +1,274 @@
+"""Streaming execution: quantize a model that does not fit in memory, one decoder block at a time.
+
+The model is built on the meta device from the source's config (nothing allocated); only the tensors the
+calibration capture needs before block 0 (the token embedding) are read. A `BlockStream` attached to the model lets
+every block-wise pass (algorithms/blocks.py: `run_blockwise`, `target_weights`) read block i's weights from the
+source when its turn comes (`models/source.py`: safetensors shards or a GGUF, one tensor at a time) and drop them
+after. The methods' results go to a work folder beside the output (`SpilledResults`), so the codes of all layers
+never sit in memory together, and each resumable pass saves the next block's inputs after every block: a rerun of
+the same command after a kill resumes after the last finished block. The checkpoint is then written block by block
+(`write_checkpoint`), sharded (format/shards.py), the folder appearing atomically.
+
+Peak memory is about one block in float32, its method state (Hessians), the calibration hidden states and the
+embedding, whatever the depth (docs/benchmarks.md, "Streaming").
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import MutableMapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from matquant.algorithms.blocks import decoder_blocks, targets_by_block
+from matquant.quant.minmax import QuantizedWeight
+
+WORK_SUFFIX = ".stream-work"
+
+
+def work_folder(out) -> Path:
+    """The streaming run's work folder for output `out` (beside it, removed after success)."""
+    out = Path(out)
+    return out.with_name(out.name + WORK_SUFFIX)
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+class SpilledResults(MutableMapping):
+    """{layer name: QuantizedWeight} kept as one safetensors file per layer in `folder` (read back on access)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, name: str) -> Path:
+        return self.folder / f"{name}.safetensors"
+
+    def __setitem__(self, name: str, qw: QuantizedWeight) -> None:
+        t = {"codes": qw.codes, "scales": qw.scales, "zeros": qw.zeros}
+        for r, (s, z) in (qw.slice_params or {}).items():
+            t[f"scales_{r}"], t[f"zeros_{r}"] = s, z
+        t = {k: v.detach().contiguous().cpu() for k, v in t.items()}
+        _atomic_save(t, self._path(name), {"bits": str(qw.bits), "group_size": str(qw.group_size)})
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        p = self._path(name)
+        if not p.exists():
+            raise KeyError(name)
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata()
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        own = {int(k[7:]): (t[k], t[f"zeros_{k[7:]}"]) for k in t if k.startswith("scales_")}
+        return QuantizedWeight(t["codes"], t["scales"], t["zeros"], int(meta["bits"]), int(meta["group_size"]),
+                               dict(sorted(own.items(), reverse=True)) or None)
+
+    def __contains__(self, name) -> bool:
+        return self._path(name).exists()
+
+    def __delitem__(self, name: str) -> None:
+        self._path(name).unlink()
+
+    def __iter__(self):
+        return iter(sorted(p.name[:-len(".safetensors")] for p in self.folder.glob("*.safetensors")))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.folder.glob("*.safetensors"))
+
+
+class BlockStream:
+    """Reads the decoder blocks of a meta-device `model` from `source` on demand; owns the run's work folder."""
+
+    def __init__(self, model: nn.Module, source, work: Path, dtype: torch.dtype = torch.float32):
+        self.model, self.source, self.work, self.dtype = model, source, Path(work), dtype
+        self.prefix, self.blocks = decoder_blocks(model)
+        self.passes = 0
+        self.result_sets = 0
+
+    def _params(self, i: int):
+        for mname, mod in self.blocks[i].named_modules():
+            for pname, p in mod._parameters.items():
+                if p is not None:
+                    yield mod, pname, p, ".".join(x for x in (self.prefix, str(i), mname, pname) if x)
+
+    def onload(self, i: int, device) -> nn.Module:
+        for mod, pname, p, full in self._params(i):
+            if p.is_meta:
+                mod._parameters[pname] = nn.Parameter(read_tensor(self.source, full, self.dtype).to(device),
+                                                      requires_grad=p.requires_grad)
+        return self.blocks[i]
+
+    def release(self, i: int) -> None:
+        for mod, pname, p, _ in self._params(i):
+            if not p.is_meta:
+                mod._parameters[pname] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                      requires_grad=p.requires_grad)
+
+    def new_results(self) -> SpilledResults:
+        self.result_sets += 1
+        return SpilledResults(self.work / f"results-{self.result_sets}")
+
+    def begin_pass(self) -> int:
+        self.passes += 1
+        return self.passes
+
+    def _resume_path(self, pass_no: int) -> Path:
+        return self.work / f"pass-{pass_no}-inputs.safetensors"
+
+    def save_resume_point(self, pass_no: int, next_block: int, hidden: list[torch.Tensor]) -> None:
+        _atomic_save({f"h{j}": h.detach().contiguous().cpu() for j, h in enumerate(hidden)},
+                     self._resume_path(pass_no), {"next_block": str(next_block)})
+
+    def resume_point(self, pass_no: int):
+        """(next block, its input hidden states) saved by an earlier run of this pass, or None."""
+        p = self._resume_path(pass_no)
+        if not p.exists():
+            return None
+        with safe_open(str(p), framework="pt") as f:
+            n = int(f.metadata()["next_block"])
+            hidden = [f.get_tensor(f"h{j}") for j in range(len(list(f.keys())))]
+        return n, hidden
+
+
+def read_tensor(source, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One source tensor, checked like `load_model` checks the whole model."""
+    t = source.get(name, dtype)
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise ValueError(f"the source model has NaN/Inf values in {name}; refusing to quantize a broken model.")
+    return t
+
+
+def skeleton(source, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The source's model with every parameter on the meta device except those outside the decoder blocks that the
+    capture pass runs before block 0 (the input embedding, tied head included); buffers (rotary tables) are real."""
+    from accelerate import init_empty_weights
+
+    from matquant.format.checkpoint import build_model
+
+    with init_empty_weights(include_buffers=False):
+        model = build_model(source.config, dtype)
+    model.eval()
+    emb = model.get_input_embeddings()
+    name = next(n for n, m in model.named_modules() if m is emb)
+    emb.weight = nn.Parameter(read_tensor(source, f"{name}.weight", dtype), requires_grad=False)
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
+
+
+def streamable(config, model: nn.Module, targets: list[str]) -> str | None:
+    """Why `config` on `model` cannot run streamed (None: it can)."""
+    if config.name == "qat":
+        return "QAT trains the whole model at once (use torchrun with --shard fsdp for large models)"
+    if config.rotate not in (None, "none"):
+        return f"--rotate {config.rotate} rotates every layer before the method runs"
+    if getattr(config, "let", False):
+        return "omniquant --let changes the norms in front of each block"
+    if getattr(config, "work_dir", None):
+        return "omniquant --work-dir keeps its own resume state"
+    try:
+        targets_by_block(model, targets)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def run_settings(config, source, targets, calib, threads: int) -> dict:
+    """What a resumed run must share with the killed one (else its work folder is stale and is discarded)."""
+    import dataclasses
+
+    from matquant.algorithms.training.workdir import tensor_sha256
+
+    files = []
+    src = getattr(source, "folder", None) or getattr(source, "path", None)
+    if src is not None:
+        p = Path(src)
+        for f in sorted([p] if p.is_file() else p.iterdir()):
+            if f.is_file():
+                st = f.stat()
+                files.append([f.name, st.st_size, st.st_mtime_ns])
+    cfg = {k: v for k, v in dataclasses.asdict(config).items()}
+    return json.loads(json.dumps({"config": cfg, "method": config.name, "source": source.describe(),
+                                  "source_files": files, "targets": list(targets), "threads": threads,
+                                  "calib_sha256": None if calib is None else tensor_sha256(calib)}, default=str))
+
+
+def open_work(work: Path, settings: dict, log=print) -> bool:
+    """Prepare the work folder; True when it holds a killed run of the same settings (which is then resumed)."""
+    sfile = work / "settings.json"
+    if work.exists():
+        try:
+            same = json.loads(sfile.read_text()) == settings
+        except (OSError, ValueError):
+            same = False
+        if same:
+            log(f"resuming the interrupted run from {work} (delete it to start over)")
+            return True
+        log(f"discarding {work}: it holds an interrupted run with other settings")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    tmp = sfile.with_name("settings.json.tmp")
+    tmp.write_text(json.dumps(settings, indent=1) + "\n")
+    os.replace(tmp, sfile)
+    return False
+
+
+def write_checkpoint(model: nn.Module, source, qweights, tokenizer, out, qconfig, *, slicing: str,
+                     overwrite: bool = False, max_shard_bytes: int | None = None, progress: bool = True,
+                     dtype: torch.dtype = torch.float32) -> Path:
+    """Write the checkpoint of a streamed run: the same tensors (names, dtypes, values) `save_checkpoint` writes for
+    the model held in memory, read and written one block at a time. Atomic: the folder appears whole or not at all."""
+    from tqdm.auto import tqdm
+
+    from matquant.format.atomic import atomic_dir
+    from matquant.format.checkpoint import tied_keys
+    from matquant.format.folder import CONFIG_NAME
+    from matquant.format.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter
+    from matquant.nn.replace import replace_with_matquant
+
+    qconfig.validate()
+    prefix, blocks, by_block = targets_by_block(model, list(qconfig.modules))
+    tied = tied_keys(model)
+    emb = model.get_input_embeddings().weight
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        cfg = model.config.to_dict()
+        cfg["quantization_config"] = qconfig.to_dict()
+        cfg.pop("_name_or_path", None)
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+        writer = ShardWriter(tmp, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+        try:
+            block_prefix = f"{prefix}."
+            for name, t in model.state_dict(keep_vars=True).items():  # everything outside the blocks
+                if name.startswith(block_prefix) or name in tied:
+                    continue
+                if t is emb and not t.is_meta:
+                    writer.add(name, t.detach())
+                elif isinstance(t, nn.Parameter) or t.is_meta:
+                    writer.add(name, read_tensor(source, name, dtype))
+                else:  # a persistent buffer, as built
+                    writer.add(name, t.detach())
+            for i in tqdm(range(len(blocks)), desc="writing", disable=not progress):
+                block = blocks[i]
+                names = by_block.get(i, [])
+                BlockStream(model, source, Path(tmp), dtype).onload(i, "cpu")
+                replace_with_matquant(model, {n: qweights[n] for n in names}, slicing=slicing)
+                for key, t in blocks[i].state_dict().items():
+                    writer.add(f"{prefix}.{i}.{key}", t)
+                blocks[i] = nn.Module()  # freed: the skeleton is not used again
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out)
