@@ -124,6 +124,8 @@ class TensorReader:
             self.weight_map = None
             files = [path / WEIGHTS_NAME]
         self._handles = {f.name: safe_open(str(f), framework="pt") for f in files}
+        self._paths = {f.name: f for f in files}
+        self._layout: dict[str, tuple[int, dict]] = {}
         self._where = {}
         for fname, h in self._handles.items():
             for k in h.keys():
@@ -144,5 +146,38 @@ class TensorReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
 
+    def dtype(self, name: str) -> str:
+        """The stored dtype's safetensors name ('BF16', 'F32', 'U8', ...)."""
+        return self._slice(name).get_dtype()
+
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self._where[name]].get_tensor(name)
+        """The tensor, read with plain file reads (not memory-mapped: pages of a mapped multi-GB file would stay in
+        the process's resident memory as it is read, growing with the model's size)."""
+        fname = self._where[name]
+        if fname not in self._layout:
+            self._layout[fname] = _data_layout(self._paths[fname])
+        base, header = self._layout[fname]
+        info = header[name]
+        start, end = info["data_offsets"]
+        buf = bytearray(end - start)
+        with open(self._paths[fname], "rb") as f:
+            f.seek(base + start)
+            if f.readinto(buf) != len(buf):
+                raise ValueError(f"{self._paths[fname]} ends inside tensor {name!r}: the file is truncated.")
+        dtype = _FROM_NAME[info["dtype"]]
+        if not buf:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+
+_FROM_NAME = {v: k for k, v in _DTYPES.items()}
+
+
+def _data_layout(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, the header's tensor entries) of a safetensors file (already opened once by
+    safetensors, which validated the header)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
