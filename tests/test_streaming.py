@@ -66,7 +66,10 @@ def test_sharded_output_loads_like_single_file(sharded_src, tmp_path):
     same_checkpoint(tmp_path / "one", tmp_path / "many")
 
 
-def test_kill_mid_pass_then_rerun_resumes_identically(sharded_src, tmp_path, monkeypatch):
+@pytest.mark.parametrize("calib_memory", [None, 1])
+def test_kill_mid_pass_then_rerun_resumes_identically(sharded_src, tmp_path, monkeypatch, calib_memory):
+    """Killed after block 1, rerun: the same checkpoint as an uninterrupted in-memory run; with calib_memory=1
+    byte every block's hidden states are kept on disk (and the resume point only names their folder)."""
     from matquant.algorithms import streaming
 
     config = resolve_config("gptq", None)
@@ -81,11 +84,14 @@ def test_kill_mid_pass_then_rerun_resumes_identically(sharded_src, tmp_path, mon
     monkeypatch.setattr(streaming.BlockStream, "save_resume_point", dying)
     with pytest.raises(KeyboardInterrupt):
         quantize(str(sharded_src), config, out=tmp_path / "s", calib=CAL, stream=True, progress=False,
-                 log=lambda *_: 0)
+                 log=lambda *_: 0, calib_memory_bytes=calib_memory)
+    if calib_memory:
+        assert list((tmp_path / "s.stream-work").glob("pass-1-states-*/0.safetensors"))
     assert not (tmp_path / "s").exists() and (tmp_path / "s.stream-work").exists()
     monkeypatch.setattr(streaming.BlockStream, "save_resume_point", real)
     seen = []
-    quantize(str(sharded_src), config, out=tmp_path / "s", calib=CAL, stream=True, progress=False, log=seen.append)
+    quantize(str(sharded_src), config, out=tmp_path / "s", calib=CAL, stream=True, progress=False, log=seen.append,
+             calib_memory_bytes=calib_memory)
     assert any("resuming" in str(m) for m in seen)
     quantize(str(sharded_src), config, out=tmp_path / "m", calib=CAL, stream=False, progress=False, log=lambda *_: 0)
     same_checkpoint(tmp_path / "s", tmp_path / "m")

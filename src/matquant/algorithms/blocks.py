@@ -215,10 +215,11 @@ class BlockContext:
 
     @torch.no_grad()
     def run(self, hooks: dict[str, Callable[[str, torch.Tensor], None]] | None = None,
-            keep_outputs: bool = False) -> list[torch.Tensor] | None:
+            keep_outputs: bool = False, sink=None) -> list[torch.Tensor] | None:
         """Forward every calibration batch through the block; `hooks[name](name, x)` gets each target's input.
 
-        Inputs of hooked layers are checked for NaN/Inf. Returns the block outputs when `keep_outputs`.
+        Inputs of hooked layers are checked for NaN/Inf. Returns the block outputs when `keep_outputs` (appended
+        to `sink` when given, e.g. a list kept on disk).
         """
         handles = []
         for n, fn in (hooks or {}).items():
@@ -227,7 +228,7 @@ class BlockContext:
                 check_finite_activations(x, n)
                 fn(n, x)
             handles.append(self.targets[n].register_forward_hook(hook))
-        outs = [] if keep_outputs else None
+        outs = (sink if sink is not None else []) if keep_outputs else None
         try:
             for h, (rest, kw) in zip(self.hidden, self.args):
                 y = self.block(h.to(self.device), *_to(rest, self.device), **_to(kw, self.device))
@@ -325,7 +326,10 @@ def run_blockwise(model: nn.Module, calib: torch.Tensor, targets: list[str],
         resumed = stream.resume_point(pass_no)
         if resumed is not None:
             start, saved = resumed
-            hidden = [h.to(cache_device) for h in saved] if saved else hidden
+            if isinstance(saved, list):
+                hidden = [h.to(cache_device) for h in saved] if saved else hidden
+            else:  # spilled to disk: read a batch at a time
+                hidden = saved
             if progress and start:
                 print(f"{desc}: resumed after block {start - 1} from {stream.work}", flush=True)
     home = None if stream is not None else next(blocks[0].parameters()).device
@@ -336,8 +340,9 @@ def run_blockwise(model: nn.Module, calib: torch.Tensor, targets: list[str],
             if ctx.targets:
                 quantize_block(ctx)
             if i < last:
-                outs = ctx.outputs if ctx.outputs is not None else ctx.run(keep_outputs=True)
-                hidden = [o.to(cache_device) for o in outs]
+                sink = stream.hidden_sink(pass_no, i, hidden) if stream is not None else None
+                outs = ctx.outputs if ctx.outputs is not None else ctx.run(keep_outputs=True, sink=sink)
+                hidden = outs if sink is not None and outs is sink else [o.to(cache_device) for o in outs]
                 for j, h in enumerate(hidden):
                     check_finite_activations(h, f"block {i + 1} (output of block {i}, calibration batch {j})")
         finally:

@@ -98,7 +98,8 @@ def quant_config(config: MethodConfig, targets: list[str], qweights, rotation=No
 
 def quantize(source, config: MethodConfig, *, out=None, overwrite: bool = False, calib=None, tokenizer=None,
              threads: int | None = None, device: str = "cpu", progress: bool = True, log=print,
-             stream: bool | None = None, max_shard_bytes: int | None = None, **hooks):
+             stream: bool | None = None, max_shard_bytes: int | None = None,
+             calib_memory_bytes: int | None = None, **hooks):
     """Load `source` (a model name/path, or a model already in memory with `tokenizer`), calibrate, quantize with
     `config`, save to `out` if given; returns (model, tokenizer, QuantConfig).
 
@@ -110,7 +111,9 @@ def quantize(source, config: MethodConfig, *, out=None, overwrite: bool = False,
     one decoder block at a time and write the checkpoint block by block (algorithms/streaming.py), so the model
     never sits in memory whole; the returned model is then None (load the checkpoint with `matquant.load(out)`).
     A rerun of a killed streamed run resumes after its last finished block. `max_shard_bytes`: the checkpoint's
-    shard size (default format/shards.DEFAULT_MAX_SHARD_BYTES)."""
+    shard size (default format/shards.DEFAULT_MAX_SHARD_BYTES). `calib_memory_bytes`: a streamed run keeps the
+    calibration hidden states on disk (read a batch at a time) once they exceed this (default
+    streaming.DEFAULT_CALIB_MEMORY)."""
     from matquant.algorithms.training.distributed import finish_distributed, is_main_process
 
     config.validate()
@@ -127,7 +130,7 @@ def quantize(source, config: MethodConfig, *, out=None, overwrite: bool = False,
     if stream:
         done = quantize_streamed(str(source), config, out, overwrite=overwrite, calib=calib, threads=threads,
                                  device=device, progress=progress, log=log, max_shard_bytes=max_shard_bytes,
-                                 required=forced, **hooks)
+                                 calib_memory_bytes=calib_memory_bytes, required=forced, **hooks)
         if done is not None:
             return done
     default_work = out is not None and getattr(config, "work_dir", None) is None
@@ -189,7 +192,8 @@ def remove_tree(path) -> None:
 
 def quantize_streamed(source: str, config: MethodConfig, out, *, overwrite: bool = False, calib=None,
                       threads: int | None = None, device: str = "cpu", progress: bool = True, log=print,
-                      max_shard_bytes: int | None = None, required: bool = False, **hooks):
+                      max_shard_bytes: int | None = None, calib_memory_bytes: int | None = None,
+                      required: bool = False, **hooks):
     """`quantize` one decoder block at a time (algorithms/streaming.py); (None, tokenizer, QuantConfig), or None
     when the config cannot run streamed and `required` is False (the caller then loads the whole model)."""
     from matquant.algorithms import streaming
@@ -213,7 +217,8 @@ def quantize_streamed(source: str, config: MethodConfig, out, *, overwrite: bool
     work = streaming.work_folder(out)
     settings = streaming.run_settings(config, src, targets, windows, torch.get_num_threads())
     streaming.open_work(work, settings, log)
-    model._matquant_stream = streaming.BlockStream(model, src, work)
+    cap = streaming.DEFAULT_CALIB_MEMORY if calib_memory_bytes is None else calib_memory_bytes
+    model._matquant_stream = streaming.BlockStream(model, src, work, hidden_cap_bytes=cap)
     log(f"streaming {src.describe()}: {len(targets)} layers, one block at a time (work folder {work})")
     qweights = config.run(model, targets, windows, progress, **hooks)
     qcfg = quant_config(config, targets, qweights)

@@ -17,18 +17,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from matquant.algorithms.blocks import decoder_blocks, targets_by_block
 from matquant.quant.minmax import QuantizedWeight
 
 WORK_SUFFIX = ".stream-work"
+DEFAULT_CALIB_MEMORY = 2 * 2**30  # calibration hidden states above this many bytes are kept on disk
 
 
 def work_folder(out) -> Path:
@@ -84,11 +85,39 @@ class SpilledResults(MutableMapping):
         return sum(1 for _ in self.folder.glob("*.safetensors"))
 
 
+class SpilledBatches(Sequence):
+    """Calibration hidden states kept on disk, one safetensors file per batch, read back one batch at a time (the
+    block inputs of a streamed run whose states exceed its memory cap)."""
+
+    def __init__(self, folder: Path, fresh: bool = True):
+        self.folder = Path(folder)
+        if fresh:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.n = len(list(self.folder.glob("*.safetensors")))
+
+    def append(self, t: torch.Tensor) -> None:
+        _atomic_save({"h": t.detach().contiguous().cpu()}, self.folder / f"{self.n}.safetensors")
+        self.n += 1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self[k] for k in range(*j.indices(self.n))]
+        if not -self.n <= j < self.n:
+            raise IndexError(j)
+        return load_file(str(self.folder / f"{j % self.n}.safetensors"))["h"]
+
+
 class BlockStream:
     """Reads the decoder blocks of a meta-device `model` from `source` on demand; owns the run's work folder."""
 
-    def __init__(self, model: nn.Module, source, work: Path, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: nn.Module, source, work: Path, dtype: torch.dtype = torch.float32,
+                 hidden_cap_bytes: int | None = None):
         self.model, self.source, self.work, self.dtype = model, source, Path(work), dtype
+        self.hidden_cap = hidden_cap_bytes
         self.prefix, self.blocks = decoder_blocks(model)
         self.passes = 0
         self.result_sets = 0
@@ -123,7 +152,19 @@ class BlockStream:
     def _resume_path(self, pass_no: int) -> Path:
         return self.work / f"pass-{pass_no}-inputs.safetensors"
 
-    def save_resume_point(self, pass_no: int, next_block: int, hidden: list[torch.Tensor]) -> None:
+    def hidden_sink(self, pass_no: int, block: int, inputs) -> SpilledBatches | None:
+        """Where block `block`'s outputs go: None (memory), or a SpilledBatches on disk once the states exceed the
+        cap (a pass's two folders alternate: one holds the block's inputs while the other takes its outputs)."""
+        if isinstance(inputs, SpilledBatches) or (
+                self.hidden_cap is not None and sum(h.numel() * h.element_size() for h in inputs) > self.hidden_cap):
+            return SpilledBatches(self.work / f"pass-{pass_no}-states-{block % 2}")
+        return None
+
+    def save_resume_point(self, pass_no: int, next_block: int, hidden) -> None:
+        if isinstance(hidden, SpilledBatches):  # already on disk: record where
+            _atomic_save({}, self._resume_path(pass_no), {"next_block": str(next_block),
+                                                          "spilled": hidden.folder.name})
+            return
         _atomic_save({f"h{j}": h.detach().contiguous().cpu() for j, h in enumerate(hidden)},
                      self._resume_path(pass_no), {"next_block": str(next_block)})
 
@@ -133,7 +174,10 @@ class BlockStream:
         if not p.exists():
             return None
         with safe_open(str(p), framework="pt") as f:
-            n = int(f.metadata()["next_block"])
+            meta = f.metadata()
+            n = int(meta["next_block"])
+            if "spilled" in meta:
+                return n, SpilledBatches(self.work / meta["spilled"], fresh=False)
             hidden = [f.get_tensor(f"h{j}") for j in range(len(list(f.keys())))]
         return n, hidden
 

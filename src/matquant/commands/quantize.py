@@ -148,19 +148,22 @@ def register(sub) -> None:
                    help="load the whole model first (default: one decoder block at a time, read from the source "
                         "when its turn comes, which a rerun after a kill resumes; QAT, --rotate and omniquant --let "
                         "always load the whole model)")
-    p.add_argument("--max-shard-size", type=shard_size, default=None, metavar="SIZE",
+    p.add_argument("--max-shard-size", type=byte_size, default=None, metavar="SIZE",
                    help="largest checkpoint file, e.g. 2GB or 500MiB (default 2GiB); a larger checkpoint is written "
                         "as HF-style shards with an index")
+    p.add_argument("--calib-memory", type=byte_size, default=None, metavar="SIZE",
+                   help="streamed runs keep the calibration hidden states on disk, read a batch at a time, once they "
+                        "exceed SIZE (default 2GiB)")
     add_quant_args(p)
     p.set_defaults(func=run)
 
 
-def shard_size(text: str) -> int:
+def byte_size(text: str) -> int:
     from matquant.mixnmatch.budget import parse_budget
 
     b = parse_budget(text)
     if b.kind != "bytes":
-        raise argparse.ArgumentTypeError(f"--max-shard-size {text!r} needs a unit, e.g. 2GB or 500MiB.")
+        raise argparse.ArgumentTypeError(f"{text!r} needs a unit, e.g. 2GB or 500MiB.")
     return int(b.value)
 
 
@@ -169,5 +172,6 @@ def run(args) -> int:
 
     config, calibration = config_from_args(args)  # every option checked before any work
     quantize(args.model, config, out=args.out, overwrite=args.overwrite, calib=calibration, threads=args.threads,
-             stream=False if args.in_memory else None, max_shard_bytes=args.max_shard_size)
+             stream=False if args.in_memory else None, max_shard_bytes=args.max_shard_size,
+             calib_memory_bytes=args.calib_memory)
     return 0
