@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 
 from matquant.algorithms.slice_params import check_post_pass, fit_slice_params
-from matquant.algorithms.training.distributed import init_distributed, is_main_process, pick_device
+from matquant.algorithms.training.distributed import (check_shard, init_distributed, is_main_process, pick_device,
+                                                      planned_world_size)
 from matquant.algorithms.training.objective import build_objective
-from matquant.algorithms.training.qat_config import TrainingConfig, make_config
+from matquant.algorithms.training.qat_config import TrainingConfig, make_config, per_process_batch
 from matquant.algorithms.training.qat_loop import train_qat
 from matquant.quant.minmax import QuantizedWeight
 
@@ -24,7 +25,11 @@ def training_config(c) -> TrainingConfig:
     cfg = make_config(steps=c.steps, lr=c.lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps,
                       min_lr_ratio=c.min_lr_ratio, batch_size_train=c.batch_size_train, grad_accum=c.grad_accum,
                       max_grad_norm=c.max_grad_norm, qparams=c.qparams, seed=c.seed, save_every=c.save_every,
-                      work_dir=c.work_dir, device=c.device, amp=c.amp)
+                      work_dir=c.work_dir, device=c.device, amp=c.amp, global_batch=c.global_batch, shard=c.shard,
+                      activation_checkpointing=c.activation_checkpointing)
+    world = planned_world_size()  # (torchrun's, before any work: --shard fsdp alone, a batch it cannot split)
+    check_shard(cfg.shard, world)
+    per_process_batch(cfg, world)
     if c.clip != "minmax" and cfg.qparams != "learnable":
         raise ValueError(f"qat with clip={c.clip!r} needs qparams='learnable' (--qparams learnable): with MinMax "
                          "qparams α and z are recomputed from the weights at every step, so a searched start "
@@ -49,7 +54,8 @@ def qat(model, targets: list[str], config, calib: torch.Tensor, progress: bool =
     res = train_qat(model, targets, calib, objective, cfg, group_size=c.group_size, symmetric=c.symmetric,
                     param_dtype=param_dtype, progress=progress, step_callback=step_callback, clip=c.clip,
                     importance=importance,
-                    clip_lambdas=None if c.clip_lambdas is None else tuple(map(float, c.clip_lambdas)))
+                    clip_lambdas=None if c.clip_lambdas is None else tuple(map(float, c.clip_lambdas)),
+                    keep_weights=False)
     if progress and is_main_process():
         run_tokens = (res.steps - res.resumed_from) * res.tokens // res.steps
         tps = run_tokens / max(res.seconds, 1e-9)

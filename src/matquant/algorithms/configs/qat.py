@@ -25,6 +25,9 @@ class QATConfig(MethodConfig):
     min_lr_ratio: float | None = option(None, "final lr / peak lr of the cosine (default 0.1)", type=float)
     batch_size_train: int | None = option(None, "windows per micro-batch per process (default 1)", type=int)
     grad_accum: int | None = option(None, "micro-batches per optimizer step (default 1)", type=int)
+    global_batch: int | None = option(None, "windows per optimizer step over all processes, instead of "
+                                      "--batch-size-train: the same training whatever the number of processes "
+                                      "(a multiple of processes x --grad-accum)", type=int)
     max_grad_norm: float | None = option(None, "gradient clipping norm, 0 = off (default 1)", type=float)
     qparams: str | None = option(None, "minmax: scale/zero recomputed from the weights every step (default); "
                                  "learnable: trained too", choices=("minmax", "learnable"))
@@ -39,6 +42,13 @@ class QATConfig(MethodConfig):
     device: str | None = option(None, "auto (default: this process's GPU if any), cpu or cuda", kind=RUNTIME,
                                 flag="--train-device")
     amp: bool | None = option(None, "no bf16 autocast on GPU", kind=RUNTIME, flag="--no-amp", action="store_false")
+    shard: str | None = option(None, "under torchrun: ddp (every process holds the whole model; the default) or "
+                               "fsdp (FSDP2: weights, gradients and optimizer state split across the processes, "
+                               "one decoder block gathered at a time, for a model too large for one device). "
+                               "docs/qat.md 'Sharding'", kind=RUNTIME, choices=("ddp", "fsdp"))
+    activation_checkpointing: bool = option(False, "recompute each decoder block's activations in backward instead "
+                                            "of keeping them (less memory, one more forward per step)",
+                                            kind=RUNTIME, action="store_true")
     clip: str = options.clip(": the learnable scale/zero's start (needs --qparams learnable)")
     clip_lambdas: list | None = options.clip_lambdas("--bits-list precision; the search is the start of the "
                                                      "learnable scale/zero")

@@ -41,6 +41,32 @@ def init_distributed(device_pref: str = "auto") -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local, initialized_here=True)
 
 
+SHARD_MODES = ("ddp", "fsdp")  # how several processes split the training (one process: neither)
+DEFAULT_SHARD = "ddp"  # docs/qat.md "Sharding": the faster of the two wherever the model fits on every device
+
+
+def planned_world_size() -> int:
+    """The number of processes of this job: the joined group's, else torchrun's WORLD_SIZE (1 without torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def check_shard(shard: str | None, world: int) -> str:
+    """The validated --shard mode for `world` processes (None: the default)."""
+    shard = DEFAULT_SHARD if shard is None else shard
+    if shard not in SHARD_MODES:
+        raise ValueError(f"--shard must be one of {', '.join(SHARD_MODES)}, got {shard!r}.")
+    if shard == "fsdp" and world <= 1:
+        raise ValueError("--shard fsdp needs several processes: start it with torchrun (e.g. torchrun "
+                         "--nproc_per_node 2 -m matquant quantize ...); one process trains unsharded, without "
+                         "--shard.")
+    return shard
+
+
 def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 

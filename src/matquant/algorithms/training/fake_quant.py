@@ -72,6 +72,7 @@ class FakeQuantLinear(nn.Module):
         self.group_size, self.master_bits, self.symmetric = group_size, master_bits, symmetric
         self.param_dtype, self.mode, self.slicing = param_dtype, qparams, slicing
         self.bits = master_bits
+        self.cache_qparams = True  # off under FSDP (its gathered weight is refilled without a version change)
         if qparams == "learnable":
             s, z = minmax_params(self.weight.detach(), master_bits, group_size, symmetric)
             if clip_init is not None:
@@ -87,7 +88,7 @@ class FakeQuantLinear(nn.Module):
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "minmax":  # cached until the optimizer changes the weight (in-place: _version moves)
             key = (self.weight._version, self.weight.data_ptr())
-            if getattr(self, "_qp_key", None) != key:
+            if getattr(self, "_qp_key", None) != key or not self.cache_qparams:
                 with torch.no_grad():
                     s, z = minmax_params(self.weight, self.master_bits, self.group_size, self.symmetric)
                     self._qp = (s.to(self.param_dtype).float(), z.to(self.param_dtype).float())

@@ -27,6 +27,9 @@ class TrainingConfig:
     work_dir: str | None = None  # None: no checkpoints (no resume)
     device: str = "auto"  # auto: cuda (this rank's GPU) if available, else cpu
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    global_batch: int | None = None  # windows per optimizer step over all processes (replaces batch_size)
+    shard: str | None = None  # under torchrun: ddp or fsdp (None: distributed.DEFAULT_SHARD)
+    activation_checkpointing: bool = False  # recompute each decoder block's activations in backward
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "TrainingConfig":
@@ -45,11 +48,27 @@ class TrainingConfig:
         need(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio!r}.")
         need(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm!r}.")
         need(self.qparams in QPARAM_MODES, f"--qparams must be one of {', '.join(QPARAM_MODES)}, got {self.qparams!r}.")
+        need(self.global_batch is None or (isinstance(self.global_batch, int) and self.global_batch >= 1),
+             f"--global-batch must be a positive integer, got {self.global_batch!r}.")
+        need(self.global_batch is None or self.batch_size == 1,
+             "give --global-batch or --batch-size-train, not both (--global-batch sets the per-process batch).")
         if self.warmup_steps is None:
             self.warmup_steps = max(1, self.steps // 20)
         need(0 <= self.warmup_steps <= self.steps,
              f"--warmup-steps must be in 0..steps ({self.steps}), got {self.warmup_steps!r}.")
         return self
+
+
+def per_process_batch(cfg: TrainingConfig, world: int) -> int:
+    """Windows per micro-batch per process: --batch-size-train, or --global-batch / (world × --grad-accum)."""
+    if cfg.global_batch is None:
+        return cfg.batch_size
+    split = world * cfg.grad_accum
+    if cfg.global_batch % split:
+        raise ValueError(f"--global-batch {cfg.global_batch} is not divisible by {world} process(es) x --grad-accum "
+                         f"{cfg.grad_accum} = {split}; use a multiple of {split} (e.g. "
+                         f"{max(split, cfg.global_batch // split * split)}).")
+    return cfg.global_batch // split
 
 
 def lr_at(cfg: TrainingConfig, step: int) -> float:

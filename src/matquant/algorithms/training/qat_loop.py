@@ -7,7 +7,9 @@ target weights (an fp32 master copy each, `fake_quant.FakeQuantLinear`); everyth
 frozen. AdamW; linear warm-up then cosine decay to `min_lr_ratio·lr`; gradient clipping; gradient accumulation;
 bf16 autocast on CUDA (fp32 master weights), fp32 on CPU. The global batch of step s is a pure function of
 (seed, s) and the RNG is reseeded at every step from (seed, step, rank) (`qat_config`). Under torchrun the model is
-wrapped in DistributedDataParallel; each rank takes its share of every global batch; rank 0 writes checkpoints.
+wrapped in DistributedDataParallel (`shard='ddp'`) or sharded with FSDP2 (`shard='fsdp'`, `fsdp`: per decoder
+block, then the root); each rank takes its share of every global batch; rank 0 writes checkpoints. Optionally each
+decoder block recomputes its activations in backward (`activation_checkpointing`).
 
 Checkpoints: every `save_every` steps and at the end, one unit ``step-XXXXXXXX`` of the work dir
 (`workdir.WorkDir`: trainable tensors, AdamW state and the loss history in one atomically written file); older
@@ -20,8 +22,8 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack, nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,11 +33,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from matquant.algorithms.training.distributed import barrier, init_distributed, pick_device
-from matquant.algorithms.training.diverged import check_finite_loss
+from matquant.algorithms.training.activation_checkpointing import activation_checkpointing, \
+    check_activation_checkpointing
+from matquant.algorithms.training.distributed import barrier, check_shard, init_distributed, pick_device
+from matquant.algorithms.training.diverged import TrainingDiverged, check_finite_loss
 from matquant.algorithms.training.fake_quant import FakeQuantLinear, set_layer_bits
+from matquant.algorithms.training.fsdp import full_tensor, is_fsdp, like_param, shard_model, unshard_model
 from matquant.algorithms.training.objective import Objective
-from matquant.algorithms.training.qat_config import TrainingConfig, lr_at, sample_indices, step_seed
+from matquant.algorithms.training.qat_config import TrainingConfig, lr_at, per_process_batch, sample_indices, \
+    step_seed
 from matquant.algorithms.training.workdir import WorkDir, tensor_sha256
 from matquant.models.targets import linear_weight
 from matquant.nn.replace import set_submodule
@@ -47,24 +53,38 @@ STEP_PREFIX = "step-"
 def qat_settings(objective: Objective, cfg: TrainingConfig, targets, calib: torch.Tensor,
                  layers: dict[str, FakeQuantLinear], world: int) -> dict:
     """Everything that determines the result of a QAT run (the work dir's fingerprint)."""
-    keep = {k: v for k, v in asdict(cfg).items() if k not in ("save_every", "work_dir", "device", "extra")}
+    # (how the work is split or recomputed is not part of it: a run resumes under --shard ddp or fsdp alike)
+    skip = ("save_every", "work_dir", "device", "extra", "global_batch", "shard", "activation_checkpointing")
+    keep = {k: v for k, v in asdict(cfg).items() if k not in skip}
     return {"method": "qat", "objective": objective.to_dict(), "config": keep, "targets": list(targets),
             "world_size": world, "calib_shape": list(calib.shape), "calib_sha256": tensor_sha256(calib),
             "weights_sha256": tensor_sha256(*(m.weight for m in layers.values()))}
 
 
-def save_training_state(wd: WorkDir, step: int, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
-                        state: dict) -> str:
-    """Atomically write checkpoint `step` (one unit); older checkpoints are then removed."""
+def save_training_state(wd: WorkDir | None, step: int, params: dict[str, nn.Parameter],
+                        opt: torch.optim.Optimizer, state: dict) -> str:
+    """Atomically write checkpoint `step` (one unit); older checkpoints are then removed. With FSDP every rank calls
+    it (each sharded tensor is gathered whole, one at a time) and the rank passing `wd` (rank 0) keeps and writes;
+    the other ranks pass None and hold one gathered tensor at a time."""
     name = f"{STEP_PREFIX}{step:08d}"
     sd = opt.state_dict()
-    tensors, scalars = {f"param/{k}": p for k, p in params.items()}, {}
+    tensors, scalars = {}, {}
+
+    def keep(key, t):
+        t = full_tensor(t, t.device if not hasattr(t, "device_mesh") else "cpu")
+        if wd is not None:
+            tensors[key] = t
+
+    for k, p in params.items():
+        keep(f"param/{k}", p)
     for idx, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"opt/{idx}/{k}"] = v
+                keep(f"opt/{idx}/{k}", v)
             else:
                 scalars[f"{idx}/{k}"] = v
+    if wd is None:
+        return name
     wd.save(name, tensors, {**state, "step": step, "optimizer_param_groups": sd["param_groups"],
                             "optimizer_scalars": scalars})
     for old in wd.names(STEP_PREFIX):
@@ -86,12 +106,14 @@ def load_training_state(wd: WorkDir, name: str, params: dict[str, nn.Parameter],
         raise ValueError(f"checkpoint {name} in {wd.path} lacks {missing[:3]}; delete {wd.path} to restart.")
     with torch.no_grad():
         for k, p in params.items():
-            p.copy_(tensors[f"param/{k}"].to(p.device))
+            p.copy_(like_param(tensors[f"param/{k}"], p))
     opt_state: dict = {}
+    plist = list(params.values())
     for key, v in tensors.items():
         if key.startswith("opt/"):
             _, idx, k = key.split("/", 2)
-            opt_state.setdefault(int(idx), {})[k] = v
+            # (a sharded parameter's moments go back as this rank's shard of them)
+            opt_state.setdefault(int(idx), {})[k] = like_param(v, plist[int(idx)]) if int(idx) < len(plist) else v
     for key, v in state.get("optimizer_scalars", {}).items():
         idx, k = key.split("/", 1)
         opt_state.setdefault(int(idx), {})[k] = v
@@ -101,6 +123,17 @@ def load_training_state(wd: WorkDir, name: str, params: dict[str, nn.Parameter],
             g["betas"] = tuple(g["betas"])
     opt.load_state_dict({"state": opt_state, "param_groups": groups})
     return state
+
+
+def _unshard(model, layers: dict[str, FakeQuantLinear], originals: dict[str, nn.Module], device,
+             gather: bool) -> None:
+    """Undo FSDP; with `gather` the original target modules get the trained weights (in their own dtype)."""
+    unshard_model(model, device, gather=gather)
+    if gather:
+        for n, m in originals.items():
+            w = layers[n].weight.detach()
+            m.weight = nn.Parameter((w.t() if type(m).__name__ == "Conv1D" else w).to(m.weight.dtype),
+                                    requires_grad=False)
 
 
 @dataclass
@@ -130,14 +163,22 @@ def _term_loss(term, logits, labels, teacher_logits) -> torch.Tensor:
 def train_qat(model, targets: list[str], calib: torch.Tensor, objective: Objective, cfg: TrainingConfig, *,
               group_size: int, symmetric: bool, param_dtype: torch.dtype, progress: bool = True,
               step_callback=None, clip: str = "minmax", importance: dict | None = None,
-              clip_lambdas: tuple | None = None) -> QATResult:
-    """Run (or resume) QAT; returns the final codes and the loss history. See the module docstring."""
+              clip_lambdas: tuple | None = None, keep_weights: bool = True) -> QATResult:
+    """Run (or resume) QAT; returns the final codes and the loss history. See the module docstring.
+
+    `keep_weights=False`: the result's `weights` is empty (the trained float weights are not kept beside the codes).
+    Afterwards the model has its own modules back; under FSDP the target layers then hold their trained float
+    weights (the untrained ones are not kept during training, to save memory)."""
     cfg.validate()
     if not torch.is_tensor(calib) or calib.dim() != 2 or calib.shape[1] < 2 or calib.shape[0] < 1 \
             or calib.dtype not in (torch.int64, torch.int32):
         raise ValueError("QAT needs training windows: an integer token-id tensor [n_windows, seqlen>=2].")
     calib = calib.long().cpu()
     d = init_distributed(cfg.device)
+    fsdp = check_shard(cfg.shard, d.world) == "fsdp" and d.on
+    per_rank = per_process_batch(cfg, d.world)
+    if cfg.activation_checkpointing:
+        check_activation_checkpointing(model)
     device = pick_device(cfg.device, d)
     use_amp = cfg.amp and device.type == "cuda"
     mods = dict(model.named_modules())
@@ -151,6 +192,10 @@ def train_qat(model, targets: list[str], calib: torch.Tensor, objective: Objecti
         layers[n] = FakeQuantLinear(w, getattr(m, "bias", None), gs, objective.master_bits, symmetric,
                                     param_dtype, cfg.qparams, objective.slicing, clip_init=ci)
         layers[n]._forward_pre_hooks.update(m._forward_pre_hooks)  # e.g. quantize_model's input rotation
+        if fsdp:  # qparams are cached by the weight's version; FSDP's gathered weight does not move it
+            layers[n].cache_qparams = False
+    if cfg.global_batch is not None:
+        cfg = replace(cfg, batch_size=per_rank)
     settings = qat_settings(objective, cfg, targets, calib, layers, d.world)
     if clip != "minmax":  # (absent for MinMax, so work dirs of earlier versions still resume)
         settings["clip"] = clip
@@ -172,9 +217,19 @@ def train_qat(model, targets: list[str], calib: torch.Tensor, objective: Objecti
         p.requires_grad_(False)
     for n, m in layers.items():
         set_submodule(model, n, m)
+    if fsdp:  # the untrained weights are not kept while sharded: only their shape and dtype (restored: trained ones)
+        for m in originals.values():
+            m.weight = nn.Parameter(torch.empty_like(m.weight, device="meta"), requires_grad=False)
     ddp = None
+    failed = None
+    weights = {}
+    stack = ExitStack()
     try:
-        model.to(device)
+        stack.enter_context(activation_checkpointing(model, cfg.activation_checkpointing))
+        if fsdp:
+            shard_model(model, device, d.world)
+        else:
+            model.to(device)
         params = {f"{name}.{k}": p for name, m in layers.items() for k, p in m.trainable().items()}
         opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         start, history = 0, []
@@ -184,13 +239,12 @@ def train_qat(model, targets: list[str], calib: torch.Tensor, objective: Objecti
             start, history = state["step"], state["history"]
             if d.main and progress:
                 print(f"QAT: resuming from {wd.path / name} (step {start}/{cfg.steps})")
-        if d.on:
+        if d.on and not fsdp:
             ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       broadcast_buffers=False)
         fwd = ddp if ddp is not None else model
         model.train()
         n_win, seqlen = calib.shape
-        per_rank = cfg.batch_size
         global_batch = per_rank * cfg.grad_accum * d.world
         t0 = time.time()
         bar = tqdm(range(start, cfg.steps), desc=f"QAT {objective.notation()}", disable=not (progress and d.main),
@@ -252,8 +306,8 @@ def train_qat(model, targets: list[str], calib: torch.Tensor, objective: Objecti
             bar.set_postfix_str(f"loss {total:.4f}")
             done = step + 1
             if wd is not None and (done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0)):
-                if d.main:
-                    save_training_state(wd, done, params, opt, {
+                if d.main or fsdp:  # (FSDP: every rank takes part in gathering the sharded state)
+                    save_training_state(wd if d.main else None, done, params, opt, {
                         "history": history, "tokens": done * global_batch * seqlen,
                         "rng": "torch.manual_seed(f(seed, step, rank)) at every step"})
                 barrier(d)
@@ -261,14 +315,30 @@ def train_qat(model, targets: list[str], calib: torch.Tensor, objective: Objecti
                 step_callback(done, model)
         seconds = time.time() - t0
         bar.close()
+        if fsdp:  # gather the whole model back, one tensor at a time
+            del opt, params
+            _unshard(model, layers, originals, orig_device, gather=True)
         qweights = {n: m.final() for n, m in layers.items()}
-        weights = {n: m.weight.detach().float().cpu().clone() for n, m in layers.items()}
+        if keep_weights:
+            weights = {n: m.weight.detach().float().cpu().clone() for n, m in layers.items()}
         return QATResult(qweights, history, cfg.steps, cfg.steps * global_batch * seqlen, seconds, start, weights)
+    except BaseException as e:
+        failed = e
+        raise
     finally:
         del ddp
+        whole = True
+        if fsdp and any(m.weight.is_meta for m in originals.values()):  # (an error before the end)
+            # after an error the ranks may be out of step: gather only when every rank stopped at the same point
+            # (a non-finite loss is all-reduced, so all ranks raise it together); otherwise the model is left
+            # sharded (reload it)
+            whole = not is_fsdp(model) or isinstance(failed, TrainingDiverged)
+            _unshard(model, layers, originals, orig_device, gather=whole)
+        stack.close()
         for n, m in originals.items():
             set_submodule(model, n, m)
-        model.to(orig_device)
+        if whole:
+            model.to(orig_device)
         for n, p in model.named_parameters():
             p.requires_grad_(grad_flags.get(n, p.requires_grad))
         model.train(was_training)
