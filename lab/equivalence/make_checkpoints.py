@@ -4,7 +4,10 @@ count), one checkpoint folder per case under OUT/. Run it with two versions of m
 old commit on PYTHONPATH) and compare the two OUT trees with compare_checkpoints.py: behaviour-preserving changes
 must give bit-identical codes and parameters.
 
-    python lab/equivalence/make_checkpoints.py OUT [--real] [--only NAME_SUBSTRING]
+    python lab/equivalence/make_checkpoints.py OUT [--real] [--only NAME_SUBSTRING] [--flags="--in-memory"]
+
+Streamed vs in-memory (issue 26): run it twice from the same tree, once with --flags=--in-memory, and compare.
+`--real-models` adds every method x both slicing modes on real models (e.g. smollm2-135m qwen2.5-coder-0.5b).
 
 Every case names its method explicitly (`--method` or `--recipe`), so the result does not depend on the defaults.
 """
@@ -43,6 +46,7 @@ TINY_CASES = {
     "qat_distill_learnable": ["--method", "qat", "--steps", "3", "--distill", "[8,4,2,8->2]", "--qparams",
                               "learnable"],
 }
+EXTRA: list[str] = []  # --flags
 TINY_COMMON = ["--scope", "ffn+attn", "--group-size", "32", "--calib-windows", "4", "--calib-seqlen", "32",
                "--threads", "1"]
 
@@ -78,11 +82,22 @@ def tiny_model_folder(folder: Path) -> Path:
     return folder
 
 
+# every PTQ method on a real model (--real-models), each at --slicing paper and nested; small calibration sets
+REAL_METHOD_CASES = {
+    "rtn": ["--method", "rtn"],
+    "rtn_weighted_own": ["--method", "rtn", "--clip", "weighted", "--slice-params", "own"],
+    "gptq": ["--method", "gptq"],
+    "matgptq": ["--method", "matgptq"],
+    "quality": ["--recipe", "quality"],
+    "omniquant": ["--method", "omniquant", "--epochs", "1", "--calib-windows", "2", "--calib-seqlen", "128"],
+}
+
+
 def run_case(out: Path, name: str, flags: list[str]) -> float:
     if (out / name / "config.json").exists():
         print(f"{name}: exists, skipped")
         return 0.0
-    cmd = [sys.executable, "-m", "matquant", "quantize", *flags, "--out", str(out / name)]
+    cmd = [sys.executable, "-m", "matquant", "quantize", *flags, *EXTRA, "--out", str(out / name)]
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
     if r.returncode != 0:
@@ -96,7 +111,10 @@ def main(argv=None) -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--real", action="store_true", help="also the SmolLM2 cases (minutes each)")
     p.add_argument("--only", default=None, help="run only cases whose name contains this")
+    p.add_argument("--flags", default="", help="more flags for every command, e.g. --flags=--in-memory")
+    p.add_argument("--real-models", nargs="*", default=[], help="every method x slicing on these models")
     args = p.parse_args(argv)
+    EXTRA[:] = args.flags.split()
     args.out.mkdir(parents=True, exist_ok=True)
     model = tiny_model_folder(args.out / "_tiny_model")
     calib = args.out / "_calib.txt"
@@ -112,6 +130,12 @@ def main(argv=None) -> int:
         for name, flags in REAL_CASES.items():
             if not args.only or args.only in name:
                 run_case(args.out, name, flags)
+    for real in args.real_models:
+        for name, flags in REAL_METHOD_CASES.items():
+            for slicing in ("paper", "nested"):
+                case = f"{real}_{name}_{slicing}"
+                if not args.only or args.only in case:
+                    run_case(args.out, case, [*flags, "--model", real, "--slicing", slicing, "--threads", "2"])
     return 0
 
 
