@@ -1,12 +1,12 @@
-"""GGUFSource (models/gguf_source.py): a GGUF read one tensor at a time, bit-identical to load_model."""
+"""GGUFSource (format/gguf_source.py): a GGUF read one tensor at a time, bit-identical to load_model."""
 import importlib.util
 
 import pytest
 import torch
 
-from matquant.models.gguf_source import GGUFSource
+from matquant.format.gguf_source import GGUFSource
 from matquant.models.loading import resolve_model
-from matquant.models.source import open_source
+from matquant.format.source import open_source
 
 pytestmark = pytest.mark.real_model
 

@@ -1,4 +1,4 @@
-"""GGUFSource (models/gguf_source.py) against load_model, and its memory reading a model one tensor at a time.
+"""GGUFSource (format/gguf_source.py) against load_model, and its memory reading a model one tensor at a time.
 
     python lab/benchmarks/gguf_source_check.py smollm2-135m qwen2.5-coder-0.5b gemma3-270m --dtypes float32 bfloat16
     python lab/benchmarks/gguf_source_check.py qwen2.5-coder-0.5b --memory-only
@@ -40,7 +40,7 @@ def identical(spec: str, dtypes: list[str]) -> list[dict]:
     import torch
 
     from matquant.models.loading import load_model
-    from matquant.models.source import open_source
+    from matquant.format.source import open_source
 
     t0 = time.perf_counter()
     src = open_source(spec)
@@ -73,7 +73,7 @@ def memory(spec: str, keep_pages: bool) -> dict:
     """In this process: open the source, reset the RSS high-water mark, read every tensor, report."""
     import torch
 
-    from matquant.models.source import open_source
+    from matquant.format.source import open_source
 
     src = open_source(spec)
     if keep_pages:

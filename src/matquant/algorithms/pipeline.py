@@ -197,7 +197,7 @@ def quantize_streamed(source: str, config: MethodConfig, out, *, overwrite: bool
     """`quantize` one decoder block at a time (algorithms/streaming.py); (None, tokenizer, QuantConfig), or None
     when the config cannot run streamed and `required` is False (the caller then loads the whole model)."""
     from matquant.algorithms import streaming
-    from matquant.models.source import open_source
+    from matquant.format.source import open_source
 
     set_threads(threads)
     t0 = time.time()

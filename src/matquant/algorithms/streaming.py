@@ -3,7 +3,7 @@
 The model is built on the meta device from the source's config (nothing allocated); only the tensors the
 calibration capture needs before block 0 (the token embedding) are read. A `BlockStream` attached to the model lets
 every block-wise pass (algorithms/blocks.py: `run_blockwise`, `target_weights`) read block i's weights from the
-source when its turn comes (`models/source.py`: safetensors shards or a GGUF, one tensor at a time) and drop them
+source when its turn comes (`format/source.py`: safetensors shards or a GGUF, one tensor at a time) and drop them
 after. The methods' results go to a work folder beside the output (`SpilledResults`), so the codes of all layers
 never sit in memory together, and each resumable pass saves the next block's inputs after every block: a rerun of
 the same command after a kill resumes after the last finished block. The checkpoint is then written block by block

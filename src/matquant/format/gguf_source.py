@@ -1,6 +1,6 @@
 """A GGUF file's weights read one tensor at a time, each exactly as `load_model` puts it in the model.
 
-`GGUFSource(path)` is the GGUF `WeightSource` of models/source.py. The tensor data stays in gguf-py's memory-mapped
+`GGUFSource(path)` is the GGUF `WeightSource` of format/source.py. The tensor data stays in gguf-py's memory-mapped
 `GGUFReader`; `get(name)` dequantizes only the GGUF tensor(s) behind one state-dict name (`gguf.dequantize`) and
 runs them through the same steps as transformers' GGUF loader (`load_gguf_checkpoint` in
 transformers/modeling_gguf_pytorch_utils.py): its GGUF -> HF name map (`get_gguf_hf_weights_map`, built on a
@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from matquant.models.source import WeightSource
 
 GGUF_MAGIC = b"GGUF"
 
@@ -78,7 +77,7 @@ def _config_from_gguf_dict(parsed_config: dict):
     return config
 
 
-class GGUFSource(WeightSource):
+class GGUFSource:  # the WeightSource interface of format/source.py (duck-typed: source.py imports this module)
     """A .gguf model file read through gguf-py's memory-mapped reader, one dequantized tensor per `get`."""
 
     def __init__(self, path):

@@ -4,7 +4,7 @@
 `WeightSource`: its transformers config, its tokenizer, the state-dict names it provides and `get(name)`, each tensor
 exactly as `load_model(spec)` puts it in the model (same dtype conversion), read without loading the rest. An HF
 folder is read through safetensors' memory-mapped `safe_open` (one file or shards with an index); a GGUF through
-models/gguf_source.py.
+format/gguf_source.py.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def open_source(spec: str) -> WeightSource:
     """The WeightSource of a model name, folder, .gguf file (or a hub id already in the local HF cache)."""
     src = resolve_model(spec)
     if src.gguf_file:
-        from matquant.models.gguf_source import GGUFSource
+        from matquant.format.gguf_source import GGUFSource
 
         return GGUFSource(Path(src.path) / src.gguf_file)
     folder = Path(src.path)
