@@ -1,5 +1,5 @@
-"""The CI slice of lab/benchmarks/fuzz_loader.py: two thousand mutants of a real tiny checkpoint, every outcome success
-or a one-line CheckpointError (the long run's figures are in docs/benchmarks.md)."""
+"""The CI slice of lab/benchmarks/fuzz_loader.py: two thousand mutants of a real tiny checkpoint (single-file and
+sharded), every outcome success or a one-line CheckpointError (the long run's figures are in docs/benchmarks.md)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -47,15 +47,40 @@ def test_mutations_are_reproducible_from_the_seed(tmp_path):
     fz = _fuzz()
     seed = fz.build_seed(tmp_path / "seed")
     a, b = tmp_path / "a", tmp_path / "b"
+    layouts = set()
     for i in range(20):
-        assert fz.mutate(seed, a, i) == fz.mutate(seed, b, i)
+        muts = fz.mutate(seed, a, i)
+        layouts.add((a / fz.INDEX).exists() and not (a / fz.WEIGHTS).exists() or "sharded seed" in muts)
+        assert fz.mutate(seed, b, i) == muts
         for f in sorted(p.name for p in a.iterdir() if p.is_file() and not p.is_symlink()):
             assert (a / f).read_bytes() == (b / f).read_bytes()
+    assert layouts == {True, False}  # both layouts are drawn
+
+
+def test_sharded_mutations_reach_the_index_checks(tmp_path):
+    import random
+    import shutil
+
+    import matquant
+
+    fz = _fuzz()
+    fz.build_seed(tmp_path / "seed")
+    outcomes = []
+    for i in range(40):
+        d = tmp_path / "m"
+        if d.exists():
+            shutil.rmtree(d)
+        shutil.copytree(tmp_path / fz.SHARDED_SEED, d)
+        fz._TARGET["weights"] = fz._shards(d)[0]
+        (fz.mut_index if i % 2 else fz.mut_shards)(d, random.Random(i))
+        outcomes.append(fz._classify(lambda: matquant.load(d), hf=False)[0])
+    assert set(outcomes) <= {"ok", "checkpoint-error"}, outcomes
+    assert outcomes.count("checkpoint-error") > 25  # nearly every index/shard mutation is refused
 
 
 def test_fuzz_slice_has_no_crash(tmp_path):
     out = tmp_path / "summary.json"
-    rc = _fuzz().main(["--inputs", str(N_INPUTS), "--seed", "7", "--hf-every", "10", "--eval-every", "0", "--nice", "0",
+    rc = _fuzz().main(["--inputs", str(N_INPUTS), "--seed", "7", "--hf-every", "10", "--eval-every", "0", "--stream-every", "10", "--nice", "0",
                        "--work", str(tmp_path / "work"), "--out", str(out)])
     s = json.loads(out.read_text())
     assert s["inputs"] == N_INPUTS

@@ -19,12 +19,18 @@ not hidden; on a folder that still looks like one (so `import matquant`'s pre-ch
 Mutations (1-3 per input, all drawn from the seed): config.json values and types (any key, the quantization_config's
 too), config.json bytes, the safetensors header JSON (dtype, shape, data_offsets, entries added/dropped/renamed,
 __metadata__), its length prefix, data bytes, truncation/appending, missing/extra files (a pickle, tokenizer files),
-and symlinks (dangling, to a directory, to /dev/zero, a FIFO, a loop).
+and symlinks (dangling, to a directory, to /dev/zero, a FIFO, a loop). A share of the inputs (`SHARDED_SHARE`)
+start from the same checkpoint saved as HF shards + model.safetensors.index.json: the mutations above then edit one
+shard, and two more apply: the index (its bytes, size and nesting; weight_map entries naming files out of the folder,
+absent shards or tensors, moved or dropped entries) and the shards against it (deleted, linked out of the folder, a
+tensor moved to or copied into another shard, shards swapped or renamed). Every `--stream-every`-th input is also
+loaded with `matquant.load(bits=4, keep_master=False)` (the streaming load, "load_stream").
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import io
 import json
@@ -42,7 +48,10 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
+WEIGHTS, CONFIG, INDEX = "model.safetensors", "config.json", "model.safetensors.index.json"
+SHARDED_SEED = "seed-sharded"  # next to the seed: the same checkpoint saved as HF shards + index
+SHARD_BYTES = 24_000  # the tiny seed's ~130 KB of tensors in a handful of shards
+SHARDED_SHARE = 0.4  # of the mutants start from the sharded seed
 MARK = "@@fuzz "
 TEXT = ("The quick brown fox jumps over the lazy dog. Matryoshka dolls nest inside each other, "
         "and so do the bits of an integer: the top two bits of an eight bit code are a two bit code. ")
@@ -70,8 +79,13 @@ def build_seed(out: Path) -> Path:
     tk.train_from_iterator([TEXT * 20], trainers.BpeTrainer(vocab_size=297, special_tokens=["<unk>", "<s>", "</s>"],
                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = T.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    twin = copy.deepcopy(model)
     qcfg = quantize_model(model, "rtn", group_size=16, scope="ffn+attn", progress=False)
     save_checkpoint(model, tok, out, qcfg, overwrite=True)
+    # the sharded seed at group 32, which the packed CPU runtime takes (group 16 it declines): its streaming loads
+    # (load_stream) pack each layer and free its master codes, where the single-file seed's keep them
+    qcfg = quantize_model(twin, "rtn", group_size=32, scope="ffn+attn", progress=False)
+    save_checkpoint(twin, tok, out.parent / SHARDED_SEED, qcfg, overwrite=True, max_shard_bytes=SHARD_BYTES)
     (out.parent / "eval.txt").write_text(TEXT * 4)
     return out
 
@@ -83,6 +97,13 @@ ODD_VALUES = [0, -1, 1, 2, 3, 7, 8, 9, 16, 64, 255, 256, 10**5, 10**7, 2**31, 2*
               [], [1], ["model.layers.0.mlp.up_proj"], {}, {"a": 1}, "model.layers.0.mlp.up_proj", "1", "8"]
 SAFE_DTYPES = ["F32", "F16", "BF16", "U8", "I8", "I16", "I32", "I64", "BOOL", "F64", "F8_E4M3", "F8_E5M2", "U16",
                "U32", "U64", "C64", "garbage", "", 7, None]
+
+
+_TARGET = {"weights": WEIGHTS}  # the weights file this mutant's mutations edit (a random shard when sharded)
+
+
+def _w() -> str:
+    return _TARGET["weights"]
 
 
 def _paths(obj, prefix=()):
@@ -179,7 +200,7 @@ def _join(header: dict, data: bytes, pad=True) -> bytes:
 
 
 def mut_header(d: Path, rng):
-    raw = (d / WEIGHTS).read_bytes()
+    raw = (d / _w()).read_bytes()
     header, data = _split(raw)
     names = [k for k in header if k != "__metadata__"]
     k = rng.choice(names)
@@ -217,21 +238,21 @@ def mut_header(d: Path, rng):
         e[rng.choice(["extra", "dtype", "shape"])] = _odd(rng)
     else:
         del e[rng.choice(["dtype", "shape", "data_offsets"])]
-    (d / WEIGHTS).write_bytes(_join(header, data, pad=rng.random() < 0.8))
+    (d / _w()).write_bytes(_join(header, data, pad=rng.random() < 0.8))
     return f"header op {op} on {k}"
 
 
 def mut_length_prefix(d: Path, rng):
-    raw = bytearray((d / WEIGHTS).read_bytes())
+    raw = bytearray((d / _w()).read_bytes())
     n = struct.unpack("<Q", raw[:8])[0]
     new = rng.choice([0, 1, n - 1, n + 1, n + 8, len(raw), 2**63, 2**32, rng.randrange(2**64)])
     raw[:8] = struct.pack("<Q", new)
-    (d / WEIGHTS).write_bytes(bytes(raw))
+    (d / _w()).write_bytes(bytes(raw))
     return f"length prefix {n} -> {new}"
 
 
 def mut_data_bytes(d: Path, rng):
-    raw = bytearray((d / WEIGHTS).read_bytes())
+    raw = bytearray((d / _w()).read_bytes())
     header, data = _split(bytes(raw))
     start = len(raw) - len(data)
     names = [k for k in header if k != "__metadata__"]
@@ -241,37 +262,40 @@ def mut_data_bytes(d: Path, rng):
         if b > a:
             i = start + rng.randrange(a, b)
             raw[i] = rng.choice([0x00, 0xFF, 0x7C, 0x7E, 0xFC, 0x80, rng.randrange(256)])
-    (d / WEIGHTS).write_bytes(bytes(raw))
+    (d / _w()).write_bytes(bytes(raw))
     return f"data bytes of {k}"
 
 
 def mut_truncate(d: Path, rng):
-    p = d / (WEIGHTS if rng.random() < 0.8 else rng.choice([CONFIG, "tokenizer.json"]))
+    p = d / (_w() if rng.random() < 0.8 else rng.choice([CONFIG, "tokenizer.json"]))
     if not p.exists():
         return "truncate (absent)"
     raw = p.read_bytes()
     if rng.random() < 0.7:
         p.write_bytes(raw[: rng.randrange(len(raw) + 1)])
         return f"truncate {p.name}"
-    p.write_bytes(raw + os.urandom(rng.randint(1, 64)))
+    p.write_bytes(raw + rng.randbytes(rng.randint(1, 64)))  # (os.urandom made --replay irreproducible)
     return f"append to {p.name}"
 
 
 def mut_files(d: Path, rng):
     op = rng.randrange(8)
     if op == 0:
-        name = rng.choice([CONFIG, WEIGHTS, "tokenizer.json", "tokenizer_config.json", "generation_config.json"])
+        name = rng.choice([CONFIG, _w(), "tokenizer.json", "tokenizer_config.json", "generation_config.json"])
         if (d / name).exists():
             (d / name).unlink()
         return f"delete {name}"
     if op == 1:
         (d / "pytorch_model.bin").write_bytes(b"\x80\x04\x95not a real pickle")
         if rng.random() < 0.5:
-            (d / WEIGHTS).unlink()
+            (d / _w()).unlink()
         return "pickle file"
     if op == 2:
-        (d / rng.choice(["model-00001-of-00002.safetensors", "model.safetensors.index.json", "extra.txt",
-                         "adapter_config.json"])).write_bytes(rng.choice([b"{}", b"garbage", b'{"weight_map": {}}']))
+        p = d / rng.choice(["model-00001-of-00002.safetensors", "model.safetensors.index.json", "extra.txt",
+                            "adapter_config.json"])
+        if p.is_symlink() or (p.exists() and not p.is_file()):
+            p.unlink()  # (a FIFO made by an earlier mutation: opening it to write would block the mutator)
+        p.write_bytes(rng.choice([b"{}", b"garbage", b'{"weight_map": {}}']))
         return "extra file"
     if op == 3:
         (d / "tokenizer.json").write_bytes(rng.choice([b"{}", b"garbage", b'{"model": 1}', b""]))
@@ -279,7 +303,7 @@ def mut_files(d: Path, rng):
     if op == 4:
         (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": rng.choice(["Nope", 1, "GPT2Tokenizer"])}))
         return "tokenizer_config corrupt"
-    target = rng.choice([WEIGHTS, CONFIG])
+    target = rng.choice([_w(), CONFIG])
     (d / target).unlink()
     kind = rng.choice(["dangling", "dir", "devzero", "fifo", "loop", "self"])
     if kind == "dangling":
@@ -293,25 +317,201 @@ def mut_files(d: Path, rng):
     elif kind == "loop":
         (d / target).symlink_to(d / target)
     else:
-        (d / target).symlink_to(d / (CONFIG if target == WEIGHTS else WEIGHTS))
+        (d / target).symlink_to(d / (CONFIG if target == _w() else _w()))
     return f"{target} -> {kind}"
+
+
+def _read_st(p: Path) -> tuple[dict, dict[str, bytes]]:
+    header, data = _split(p.read_bytes())
+    meta = header.pop("__metadata__", None)
+    tensors = {k: data[e["data_offsets"][0]: e["data_offsets"][1]] for k, e in header.items()}
+    return {"meta": meta, "entries": header}, tensors
+
+
+def _write_st(p: Path, info: dict, tensors: dict[str, bytes]) -> None:
+    """A valid safetensors file of `tensors` (entries' dtype/shape from info), data packed in order."""
+    header, data, off = {}, b"", 0
+    if info["meta"] is not None:
+        header["__metadata__"] = info["meta"]
+    for k, raw in tensors.items():
+        e = dict(info["entries"][k])
+        e["data_offsets"] = [off, off + len(raw)]
+        header[k] = e
+        data += raw
+        off += len(raw)
+    p.write_bytes(_join(header, data))
+
+
+def _shards(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if p.name.startswith("model-") and p.suffix == ".safetensors")
+
+
+def mut_index(d: Path, rng):
+    """The shard index: its bytes, its weight_map (paths out of the folder, wrong/absent shards, entries added,
+    dropped or moved), its metadata, its size and nesting."""
+    p = d / INDEX
+    index = json.loads(p.read_text())
+    wm = index["weight_map"]
+    names = sorted(wm)
+    k = rng.choice(names)
+    op = rng.randrange(14)
+    if op == 0:
+        wm[k] = rng.choice(["../" + wm[k], "/etc/passwd", "/dev/zero", str((d / wm[k]).resolve()), "sub/" + wm[k],
+                            "..", ".", "", "./" + wm[k], wm[k] + "/", "\\x.safetensors", "x\0.safetensors",
+                            "../seed/" + WEIGHTS, "../" + SHARDED_SEED + "/" + wm[k]])
+        what = f"weight_map[{k}] = {wm[k]!r}"
+    elif op == 1:
+        wm[k] = rng.choice([s for s in _shards(d) if s != wm[k]] or ["model-00009-of-00009.safetensors"])
+        what = f"weight_map[{k}] moved to {wm[k]}"
+    elif op == 2:
+        wm[k] = "model-00099-of-00099.safetensors"
+        what = "weight_map names a missing shard"
+    elif op == 3:
+        del wm[k]
+        what = f"weight_map drops {k}"
+    elif op == 4:
+        wm[rng.choice([k + ".extra", "model.ghost.qweight", k.replace("qweight", "weight"), ""])] = wm[k]
+        what = "weight_map lists an absent tensor"
+    elif op == 5:
+        wm[k] = _odd(rng, wm[k])
+        what = f"weight_map[{k}] = {repr(wm[k])[:40]}"
+    elif op == 6:
+        index["weight_map"] = rng.choice([[], None, {}, "x", 1, [[k, wm[k]]], {"a": {"b": 1}}])
+        what = f"weight_map = {repr(index['weight_map'])[:40]}"
+    elif op == 7:
+        if rng.random() < 0.5:
+            index["metadata"] = _odd(rng, index.get("metadata"))
+        else:
+            index["metadata"][rng.choice(["dtype", "total_size", "format"])] = _odd(rng)
+        what = "metadata odd"  # (no repr: the value may be nested thousands of levels deep)
+    elif op == 8:
+        del index[rng.choice(list(index))]
+        what = "index key deleted"
+    elif op == 9:
+        raw = bytearray(p.read_bytes())
+        sub = rng.randrange(4)
+        if sub == 0:
+            raw = raw[: rng.randrange(len(raw))]
+        elif sub == 1:
+            for _ in range(rng.randint(1, 4)):
+                raw[rng.randrange(len(raw))] = rng.randrange(256)
+        elif sub == 2:
+            raw = bytearray(rng.choice([b"[]", b"null", b"{}", b"\xff\xfe", b"[" * 100000, b'{"weight_map":' * 3000]))
+        else:
+            raw = raw + b"garbage"
+        p.write_bytes(bytes(raw))
+        return f"index bytes op {sub}"
+    elif op == 10:
+        index["padding"] = "x" * rng.choice([17 * 2**20, 100])  # beyond the index size bound (or not)
+        what = f"index padded by {len(index['padding'])}"
+    elif op == 11:
+        p.unlink()
+        p.symlink_to(rng.choice(["/dev/zero", str(d / CONFIG), str(d / "nowhere"), str(d)]))
+        return "index is a symlink"
+    elif op == 12:
+        a, b = rng.sample(names, 2) if len(names) > 1 else (k, k)
+        wm[a], wm[b] = wm[b], wm[a]
+        what = f"weight_map swaps {a} and {b}"
+    else:
+        p.write_text(json.dumps(index) + json.dumps(index))
+        return "index written twice"
+    try:
+        text = json.dumps(index, allow_nan=True)
+    except RecursionError:  # a value nested deeper than json.dumps goes: the same nesting, written by hand
+        text = '{"weight_map": {"%s": "%s"}, "metadata": %s}' % (names[0], _shards(d)[0], "[" * 5000 + "]" * 5000)
+        what = "index nested 5000 levels deep"
+    p.write_text(text)
+    return what
+
+
+def mut_shards(d: Path, rng):
+    """The shard files against the index: one deleted, linked out of the folder, a tensor moved to another shard
+    or copied into a second one, two shards swapped, an unlisted shard added, a tensor renamed in a shard."""
+    shards = _shards(d)
+    a = rng.choice(shards)
+    op = rng.randrange(8)
+    if op == 0:
+        (d / a).unlink()
+        return f"shard {a} deleted"
+    if op == 1:
+        raw = (d / a).read_bytes()
+        outside = d.parent / f"outside-{a}"
+        outside.write_bytes(raw)
+        (d / a).unlink()
+        (d / a).symlink_to(rng.choice([outside, Path("..") / outside.name]))
+        return f"shard {a} is a symlink out of the folder"
+    if op == 2:
+        raw = (d / a).read_bytes()
+        (d / a).unlink()
+        (d / f"real-{a}").write_bytes(raw)
+        (d / a).symlink_to(f"real-{a}")
+        return f"shard {a} is a symlink inside the folder"
+    if op in (3, 4) and len(shards) > 1:
+        b = rng.choice([s for s in shards if s != a])
+        ia, ta = _read_st(d / a)
+        ib, tb = _read_st(d / b)
+        if not ta:
+            return "shard empty (skipped)"
+        k = rng.choice(sorted(ta))
+        tb[k] = ta[k]
+        ib["entries"][k] = ia["entries"][k]
+        if op == 3:
+            del ta[k]
+            _write_st(d / a, ia, ta)
+        _write_st(d / b, ib, tb)
+        return f"tensor {k} {'moved' if op == 3 else 'copied'} from {a} to {b}"
+    if op == 5 and len(shards) > 1:
+        b = rng.choice([s for s in shards if s != a])
+        (d / a).rename(d / "swap.tmp")
+        (d / b).rename(d / a)
+        (d / "swap.tmp").rename(d / b)
+        return f"shards {a} and {b} swapped"
+    if op == 6:
+        shutil.copyfile(d / a, d / "model-00042-of-00042.safetensors")
+        return "an unlisted shard added"
+    info, tensors = _read_st(d / a)
+    if not tensors:
+        return "shard empty (skipped)"
+    k = rng.choice(sorted(tensors))
+    new = rng.choice([k + "x", "model.bad", k.upper()])
+    tensors = {(new if n == k else n): v for n, v in tensors.items()}
+    info["entries"][new] = info["entries"].pop(k)
+    _write_st(d / a, info, tensors)
+    return f"tensor {k} renamed to {new} in {a}"
 
 
 MUTATIONS = [(mut_config_value, 6), (mut_config_bytes, 1), (mut_header, 5), (mut_length_prefix, 1),
              (mut_data_bytes, 4), (mut_truncate, 1), (mut_files, 2)]
 
 
+SHARDED_MUTATIONS = MUTATIONS + [(mut_index, 6), (mut_shards, 4)]
+
+
 def mutate(seed_dir: Path, d: Path, seed: int) -> list[str]:
+    """Mutate a copy of the seed (or, for a share of the seeds, of the sharded seed next to it) into `d`. The layout
+    and the shard to edit are drawn from their own stream, so a single-file mutant is the same as before shards."""
     rng = random.Random(seed)
+    layout = random.Random(seed * 7919 + 1)
+    sharded = seed_dir.parent / SHARDED_SEED
+    use_shards = sharded.is_dir() and layout.random() < SHARDED_SHARE
+    src = sharded if use_shards else seed_dir
     if d.exists():
         shutil.rmtree(d)
-    shutil.copytree(seed_dir, d, symlinks=True)
-    done = []
-    fns, weights = zip(*MUTATIONS)
+    for p in d.parent.glob("outside-*"):
+        p.unlink()
+    shutil.copytree(src, d, symlinks=True)
+    _TARGET["weights"] = layout.choice(_shards(src)) if use_shards else WEIGHTS
+    done = ["sharded seed"] if use_shards else []
+    fns, weights = zip(*(SHARDED_MUTATIONS if use_shards else MUTATIONS))
     for _ in range(rng.choice([1, 1, 1, 2, 3])):
         fn = rng.choices(fns, weights)[0]
-        if fn is not mut_files and not all((d / n).is_file() and not (d / n).is_symlink() for n in (CONFIG, WEIGHTS)):
+        if fn is not mut_files and not all((d / n).is_file() and not (d / n).is_symlink() for n in (CONFIG, _w())):
             done.append(f"{fn.__name__} skipped (not a regular file)")  # never read /dev/zero or a FIFO here
+            continue
+        if fn in (mut_index, mut_shards) and not ((d / INDEX).is_file() and not (d / INDEX).is_symlink() and
+                                                  all((d / n).is_file() and not (d / n).is_symlink()
+                                                      for n in _shards(d))):
+            done.append(f"{fn.__name__} skipped (not a regular file)")
             continue
         try:
             done.append(fn(d, rng))
@@ -398,12 +598,14 @@ def _cli(argv):
     return f"crash:cli-rc{rc}-{len(lines)}lines", err.getvalue()[-2000:]
 
 
-def run_targets(d: Path, eval_text: Path, do_eval: bool, do_hf: bool = True) -> dict:
+def run_targets(d: Path, eval_text: Path, do_eval: bool, do_hf: bool = True, do_stream: bool = False) -> dict:
     import matquant
     from transformers import AutoModelForCausalLM
 
     res = {}
     res["load"] = _classify(lambda: matquant.load(d), hf=False)
+    if do_stream:  # the streaming load: each layer packed as it is read, its master codes freed
+        res["load_stream"] = _classify(lambda: matquant.load(d, bits=4, keep_master=False), hf=False)
     if do_hf:
         print(MARK + json.dumps({"target": "from_pretrained"}), flush=True)
         res["from_pretrained"] = _classify(lambda: AutoModelForCausalLM.from_pretrained(str(d)), hf=True, folder=d)
@@ -442,13 +644,14 @@ def worker(args):
     work = Path(args.work)
     seed_dir, eval_text = work / "seed", work / "eval.txt"
     d = work / "mutant"
-    run_targets(seed_dir, eval_text, True)  # warm up (imports, lazy inits) before the per-mutant clock starts
+    run_targets(seed_dir, eval_text, True, True, True)  # warm up (imports, lazy inits) before the per-mutant clock starts
     print(MARK + json.dumps({"ready": True}), flush=True)
     for i in range(args.start, args.end):
         print(MARK + json.dumps({"start": i}), flush=True)
         muts = mutate(seed_dir, d, args.seed * 10**9 + i)
         res = run_targets(d, eval_text, args.eval_every > 0 and i % args.eval_every == 0,
-                          args.hf_every > 0 and i % args.hf_every == 0)
+                          args.hf_every > 0 and i % args.hf_every == 0,
+                          args.stream_every > 0 and i % args.stream_every == 0)
         print(MARK + json.dumps({"i": i, "mutations": muts, "results": res}), flush=True)
 
 
@@ -456,7 +659,7 @@ def supervise(args) -> dict:
     import psutil
 
     work = Path(args.work or tempfile.mkdtemp(prefix="matquant-fuzz-"))
-    if not (work / "seed" / WEIGHTS).exists():
+    if not (work / "seed" / WEIGHTS).exists() or not (work / SHARDED_SEED).exists():
         build_seed(work / "seed")
     counts: dict[str, dict[str, int]] = {}
     crashes: dict[str, dict] = {}
@@ -465,7 +668,8 @@ def supervise(args) -> dict:
     saved = t0
     while nxt < args.inputs and time.time() - t0 < args.time_limit:
         cmd = [sys.executable, __file__, "--worker", "--work", str(work), "--start", str(nxt), "--end",
-               str(args.inputs), "--seed", str(args.seed), "--eval-every", str(args.eval_every), "--hf-every", str(args.hf_every)]
+               str(args.inputs), "--seed", str(args.seed), "--eval-every", str(args.eval_every), "--hf-every", str(args.hf_every),
+               "--stream-every", str(args.stream_every)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
                                 preexec_fn=lambda: os.nice(args.nice))
@@ -614,7 +818,7 @@ def replay(args):
     _instrument()
     d = work / "replay"
     print(mutate(work / "seed", d, args.seed * 10**9 + args.replay))
-    for target, (outcome, detail) in run_targets(d, work / "eval.txt", True).items():
+    for target, (outcome, detail) in run_targets(d, work / "eval.txt", True, True, True).items():
         print(target, outcome)
         if detail and outcome.startswith("crash"):
             print(detail)
@@ -631,6 +835,8 @@ def main(argv=None):
     p.add_argument("--max-rss-gib", type=float, default=2.0)
     p.add_argument("--eval-every", type=int, default=50, help="also run `matquant eval` on every N-th mutant (0: never)")
     p.add_argument("--hf-every", type=int, default=1, help="run from_pretrained on every N-th mutant (0: never)")
+    p.add_argument("--stream-every", type=int, default=2,
+                   help="also load every N-th mutant with keep_master=False (the streaming load; 0: never)")
     p.add_argument("--time-limit", type=float, default=float("inf"), help="stop after this many seconds")
     p.add_argument("--nice", type=int, default=10)
     p.add_argument("--work", default=None, help="work folder (the seed checkpoint is built there once)")

@@ -21,7 +21,8 @@ def load(ckpt_dir, bits=None, slicing: str | None = None, device: str = "cpu", d
     - `keep`: precisions also packed now and kept resident, so `set_bits` among them costs nothing (e.g. [8, 4]).
     - `keep_master=False`: free the uint8 master codes after packing; an int4 model then holds ~4.5 bits/weight,
       but only the resident precisions (`bits`, `keep`) can be switched to (set_bits raises otherwise).
-      Default: True, or False when `budget` is given.
+      Default: True, or False when `budget` is given. Without a budget each layer is packed as it is read and its
+      master codes freed at once, so loading never holds more than one layer's master codes.
     - `budget`: '100MB' / '95MiB' (total resident bytes of the model) or average storage bits ('6.0'): picks the
       pyramid Mix'n'Match map on (int4, int8) that fits (`mixnmatch.runtime_fit`; overrides `bits`) and checks the
       measured resident memory after loading (ValueError if over).
@@ -34,12 +35,14 @@ def load(ckpt_dir, bits=None, slicing: str | None = None, device: str = "cpu", d
         keep_master = budget is None
     if backend is None:
         backend = "auto" if torch.device(device).type == "cpu" else "torch"
-    model, tok, _ = load_checkpoint(ckpt_dir, bits=bits, slicing=slicing, device=device, dtype=dtype)
-    set_backend(model, backend, keep=keep, high_format=high_format)
     packed_here = backend in ("packed", "auto") and torch.device(device).type == "cpu"
     if (budget is not None or not keep_master) and not packed_here:
         raise ValueError("budget= and keep_master=False need the packed CPU runtime: device='cpu' and backend "
                          "'auto' or 'packed'.")
+    if not keep_master and budget is None:
+        return _load_streaming(ckpt_dir, bits, slicing, dtype, backend, keep, high_format)
+    model, tok, _ = load_checkpoint(ckpt_dir, bits=bits, slicing=slicing, device=device, dtype=dtype)
+    set_backend(model, backend, keep=keep, high_format=high_format)
     if budget is not None:
         from matquant.mixnmatch.runtime_fit import fit_bits_map
 
@@ -65,9 +68,28 @@ def load(ckpt_dir, bits=None, slicing: str | None = None, device: str = "cpu", d
     return model, tok
 
 
+def _load_streaming(ckpt_dir, bits, slicing, dtype, backend, keep, high_format):
+    """`load(keep_master=False)` without a budget: the meta skeleton gets its precisions and backend first, then each
+    quantized layer is packed and its master codes freed as soon as its tensors are read (format/checkpoint.py
+    `load_state(on_layer=...)`); the same model as loading everything and then `drop_master`."""
+    from matquant.format.checkpoint import load_state, load_tokenizer, open_checkpoint
+    from matquant.nn.bits import set_backend
+    from matquant.nn.memory import drop_layer_master, release_freed_memory
+
+    def pack(name, layer):
+        drop_layer_master(layer, keep or ())
+        release_freed_memory()
+
+    model, qconfig = open_checkpoint(ckpt_dir, bits, slicing, dtype)
+    set_backend(model, backend, keep=keep, high_format=high_format)
+    load_state(model, ckpt_dir, qconfig, on_layer=pack)
+    model.eval()
+    return model, load_tokenizer(ckpt_dir)
+
+
 def quantize(model=DEFAULT_MODEL, config=None, out=None, method: str | None = None, overwrite: bool = False,
              calib=None, recipe: str | None = None, calib_windows: int | None = None, tokenizer=None,
-             threads: int | None = None, progress: bool = True, **options):
+             threads: int | None = None, progress: bool = True, stream: bool | None = None, **options):
     """Quantize a model with one method config; returns (model, tokenizer, QuantConfig). The one pipeline
     (algorithms/pipeline.py) behind `matquant quantize`, `matquant demo` and experiment grids.
 
@@ -80,7 +102,11 @@ def quantize(model=DEFAULT_MODEL, config=None, out=None, method: str | None = No
     `config`: a MethodConfig; or build one from `method` / `recipe` and keyword `options` (neither method nor
     recipe: the 'quality' recipe; a recipe fills in only the options not given). `calib`: token windows
     [n, seqlen] or a Calibration; `calib_windows`: how many windows of the embedded calibration text (default:
-    the method's). `out`: write the checkpoint folder there (atomically)."""
+    the method's). `out`: write the checkpoint folder there (atomically).
+
+    `stream` (default: when `model` is a name or path and `out` is given): read, quantize and write one decoder block
+    at a time, so a model larger than memory can be quantized (algorithms/streaming.py); the returned model is then
+    None: load the checkpoint with `matquant.load(out)`. `stream=False` loads the whole model and returns it."""
     from matquant.algorithms import Calibration, MethodConfig, resolve_config
     from matquant.algorithms.pipeline import quantize as run_pipeline
 
@@ -96,4 +122,5 @@ def quantize(model=DEFAULT_MODEL, config=None, out=None, method: str | None = No
     if calib is None and calib_windows is not None:
         calib = Calibration(windows=calib_windows)
     return run_pipeline(model, config, out=out, overwrite=overwrite, calib=calib, tokenizer=tokenizer,
-                        threads=threads, progress=progress, log=print if progress else (lambda *_: None))
+                        threads=threads, progress=progress, log=print if progress else (lambda *_: None),
+                        stream=stream)

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from matquant.algorithms.blocks import decoder_blocks, targets_by_block
+from matquant.nn.memory import release_freed_memory
 from matquant.quant.minmax import QuantizedWeight
 
 WORK_SUFFIX = ".stream-work"
@@ -140,6 +141,7 @@ class BlockStream:
             if not p.is_meta:
                 mod._parameters[pname] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
                                                       requires_grad=p.requires_grad)
+        release_freed_memory()  # else glibc keeps the freed block-sized buffers and RSS creeps up with depth
 
     def new_results(self) -> SpilledResults:
         self.result_sets += 1
@@ -300,13 +302,13 @@ def write_checkpoint(model: nn.Module, source, qweights, tokenizer, out, qconfig
                 else:  # a persistent buffer, as built
                     writer.add(name, t.detach())
             for i in tqdm(range(len(blocks)), desc="writing", disable=not progress):
-                block = blocks[i]
                 names = by_block.get(i, [])
                 BlockStream(model, source, Path(tmp), dtype).onload(i, "cpu")
                 replace_with_matquant(model, {n: qweights[n] for n in names}, slicing=slicing)
                 for key, t in blocks[i].state_dict().items():
                     writer.add(f"{prefix}.{i}.{key}", t)
                 blocks[i] = nn.Module()  # freed: the skeleton is not used again
+                release_freed_memory()
             writer.close()
         except BaseException:
             writer.abort()

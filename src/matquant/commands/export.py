@@ -16,7 +16,8 @@ def register(sub) -> None:
                        description="Write the r-bit slice (--bits) or a per-layer bits map (--bits-map) of a matquant "
                                    "checkpoint in a format other software loads: hf (a plain HF model folder, weights "
                                    "dequantized to --dtype, that stock transformers loads without matquant), gguf (one "
-                                   "file, per-tensor GGML types, built on a template GGUF of the same model) or "
+                                   "file, per-tensor GGML types, built on a template GGUF of the same model or on the "
+                                   "checkpoint's own config and tokenizer) or "
                                    "compressed-tensors (pack-quantized folder as llm-compressor writes it). Exact where "
                                    "the format can hold the slice, nearest otherwise; the weight error is reported. "
                                    "docs/export.md.")
@@ -25,7 +26,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (hf, compressed-tensors) or .gguf file (gguf)")
     p.add_argument("--template", metavar="GGUF", default=None,
                    help="gguf: GGUF of the same model supplying metadata, tokenizer and the non-quantized tensors "
-                        "(default: the embedded SmolLM2-135M's shipped GGUF)")
+                        "(default: the embedded SmolLM2-135M's shipped GGUF for a checkpoint of that model; for any "
+                        "other model, or with 'none', metadata and tokenizer are written from the checkpoint's "
+                        "config and tokenizer: llama and qwen2 models)")
     p.add_argument("--k-quants", action="store_true",
                    help="gguf: write 6/3/2-bit slices as Q6_K/Q3_K/Q2_K (nearest, smaller) where the rows are "
                         "divisible by 256, instead of Q8_0 (nearest) / Q4_1 (exact)")
@@ -65,7 +68,7 @@ def register_slice_alias(sub) -> None:
 def run(args) -> int:
     if args.bits is not None and not 1 <= args.bits <= 8:
         raise ValueError(f"--bits must be in 1..8, got {args.bits}")
-    from matquant.integrations.export_slices import check_out_path, load_for_export
+    from matquant.integrations.export_slices import check_out_path
 
     check_out_path(args.out, args.overwrite)  # fail before loading anything
     if args.format != "gguf" and (args.template or args.k_quants):
@@ -78,31 +81,36 @@ def run(args) -> int:
 
     bits = args.bits if args.bits is not None else load_bits_map(args.bits_map)
     dtype = args.dtype or DEFAULT_DTYPE.get(args.format)
+    from matquant.integrations.export_slices import CheckpointSource
+
     if args.format == "hf":  # a plain HF folder of the slice (a checkpoint without a tokenizer is written without one)
-        from matquant.format.checkpoint import load_checkpoint
         from matquant.format.export import export_dequantized
 
-        model, tok, qcfg = load_checkpoint(args.checkpoint, bits=bits, slicing=args.slicing)
-        export_dequantized(model, tok, args.out, dtype=getattr(torch, dtype), overwrite=args.overwrite)
+        with CheckpointSource(args.checkpoint, bits, args.slicing, need_tokenizer=False) as src:
+            export_dequantized(src, None, args.out, dtype=getattr(torch, dtype), overwrite=args.overwrite,
+                               max_shard_bytes=src.out_shard_bytes())
+            slicing = args.slicing or src.qconfig.slicing
         what = f"int{args.bits}" if args.bits is not None else f"bits map {args.bits_map}"
-        print(f"wrote {args.out}: {what} ({args.slicing or qcfg.slicing} slicing), {dtype}; "
+        print(f"wrote {args.out}: {what} ({slicing} slicing), {dtype}; "
               f"load with AutoModelForCausalLM.from_pretrained({args.out!r})")
         return 0
-    model, tok, qcfg = load_for_export(args.checkpoint, bits, args.slicing)
-    what = {"checkpoint": str(args.checkpoint), "bits": args.bits, "bits_map": args.bits_map,
-            "slicing": args.slicing or qcfg.slicing, "method": qcfg.method, "group_size": qcfg.group_size}
-    if args.format == "gguf":
-        from matquant.integrations.gguf_export import export_gguf
+    with CheckpointSource(args.checkpoint, bits, args.slicing) as src:  # read one tensor at a time
+        qcfg = src.qconfig
+        what = {"checkpoint": str(args.checkpoint), "bits": args.bits, "bits_map": args.bits_map,
+                "slicing": args.slicing or qcfg.slicing, "method": qcfg.method, "group_size": qcfg.group_size}
+        if args.format == "gguf":
+            from matquant.integrations.gguf_export import export_gguf
 
-        rep = export_gguf(model, tok, args.out, template=args.template, k_quants=args.k_quants,
-                          overwrite=args.overwrite, metadata=what)
-        print(rep.summary())
-        print(f"serve: llama-cli -m {args.out}   |   read back: AutoModelForCausalLM.from_pretrained(DIR, gguf_file=NAME)")
-    else:
-        from matquant.integrations.compressed_tensors_export import export_compressed_tensors
+            rep = export_gguf(src, None, args.out, template=args.template, k_quants=args.k_quants,
+                              overwrite=args.overwrite, metadata=what)
+            print(rep.summary())
+            print(f"serve: llama-cli -m {args.out}   |   read back: AutoModelForCausalLM.from_pretrained(DIR, "
+                  "gguf_file=NAME)")
+        else:
+            from matquant.integrations.compressed_tensors_export import export_compressed_tensors
 
-        rep = export_compressed_tensors(model, tok, args.out, dtype=getattr(torch, dtype),
-                                        pack_bits=args.pack_bits, overwrite=args.overwrite, fit=args.zero_fit)
-        print(rep.summary())
-        print(f"serve: vllm serve {args.out}   |   read back: AutoModelForCausalLM.from_pretrained({args.out!r})")
+            rep = export_compressed_tensors(src, None, args.out, dtype=getattr(torch, dtype),
+                                            pack_bits=args.pack_bits, overwrite=args.overwrite, fit=args.zero_fit)
+            print(rep.summary())
+            print(f"serve: vllm serve {args.out}   |   read back: AutoModelForCausalLM.from_pretrained({args.out!r})")
     return 0

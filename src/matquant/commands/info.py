@@ -11,9 +11,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from matquant.format.checkpoint import checkpoint_size_bytes, read_quant_config
+    from matquant.format.checkpoint import check_checkpoint
 
-    cfg, q = read_quant_config(args.checkpoint)
+    # the checks `matquant.load` makes before reading tensor values (nothing allocated for weights): a folder whose
+    # config.json does not match its tensors is an error here too, not a normal-looking summary
+    cfg, q, headers = check_checkpoint(args.checkpoint)
     print(f"{args.checkpoint}: {cfg.get('model_type')} model, {len(q.modules)} quantized layers ({q.scope})")
     print(f"  method {q.method}, int{q.master_bits} master codes, group size {q.group_size}, "
           f"{'symmetric' if q.symmetric else 'asymmetric'}, slicing {q.slicing}, default bits {q.default_bits}"
@@ -25,7 +27,9 @@ def run(args) -> int:
         how = ("folded into the weights: nothing runs online" if q.rotation["mode"] == "residual"
                else "applied online at inference")
         print("  rotation: " + ", ".join(f"{k} {v}" for k, v in q.rotation.items()) + f" ({how})")
-    print(f"  weights file {checkpoint_size_bytes(args.checkpoint) / 2**20:.1f} MiB")
+    size = sum(p.stat().st_size for p in headers) / 2**20
+    print(f"  weights file {size:.1f} MiB" if len(headers) == 1 else
+          f"  weights {size:.1f} MiB in {len(headers)} shards")
     if args.modules:
         for m in q.modules:
             print("  ", m)

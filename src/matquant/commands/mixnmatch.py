@@ -200,8 +200,11 @@ def _search(args, qcfg, cost, cap, slicing, scfg):
     if cached:
         print(f"reusing the cached fp32 reference in {work}")
     fitness = KLFitness(model, ref)
-    st = (ckpt / "model.safetensors").stat()  # the checkpoint file as it is now: a rewrite invalidates the caches
-    identity = (f"{ckpt.resolve()}|{st.st_size}|{int(st.st_mtime)}|{json.dumps(meta, sort_keys=True)}|k{args.topk}"
+    from matquant.format.folder import checkpoint_files
+
+    # the checkpoint files as they are now: a rewrite invalidates the caches
+    stamps = "|".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in checkpoint_files(ckpt)[1])
+    identity = (f"{ckpt.resolve()}|{stamps}|{json.dumps(meta, sort_keys=True)}|k{args.topk}"
                 f"|{args.device}")
     return search(model, fitness, cost, cap, slicing, scfg, work_dir=work, identity=identity, progress=progress,
                   log=print)

@@ -37,4 +37,5 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "p
         nll_sum += loss.item()
         count += x[:, 1:].numel()
     nll = nll_sum / count
-    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=count, windows=n, seqlen=seqlen)
+    ppl = math.exp(nll) if nll < 700 else math.inf  # exp overflows a float above ~709.8
+    return PerplexityResult(ppl=ppl, nll=nll, tokens=count, windows=n, seqlen=seqlen)

@@ -3,6 +3,8 @@
     DIR/config.json         the model config + "quantization_config" (see QuantConfig)
     DIR/model.safetensors   <module>.qweight (uint8 [out, in]), <module>.scales, <module>.zeros ([out, in/G]),
                             <module>.bias, and every non-quantized tensor (embeddings, norms, ...)
+                            -- or, sharded as in HF, model-0000k-of-0000N.safetensors + model.safetensors.index.json
+                            (format/shards.py); every reader here takes both layouts
     DIR/tokenizer*, generation_config.json
 
 Tied tensors are stored once. Never pickle: only safetensors and JSON are read.
@@ -11,16 +13,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from matquant.format.atomic import atomic_dir
 from matquant.format.config import CheckpointError, QuantConfig
-from matquant.format.folder import (CONFIG_NAME, WEIGHTS_NAME, check_config_size, check_config_types, checkpoint_files,
-                                    read_config)
-from matquant.format.validate import read_header, validate_tensors
+from matquant.format.folder import (CONFIG_NAME, check_config_size, check_config_types, checkpoint_files,
+                                    read_config, weight_map_of)
+from matquant.format.shards import ShardWriter
+from matquant.format.validate import check_weights, iter_tensors, read_headers
 from matquant.nn.bits import set_bits
 from matquant.nn.linear import MatQuantLinear
 from matquant.nn.replace import set_submodule
@@ -44,8 +47,10 @@ def state_dict_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in _dedup_state_dict(model).values())
 
 
-def save_checkpoint(model, tokenizer, out_dir, qconfig: QuantConfig, overwrite: bool = False) -> Path:
-    """Write the checkpoint folder atomically; returns its path."""
+def save_checkpoint(model, tokenizer, out_dir, qconfig: QuantConfig, overwrite: bool = False,
+                    max_shard_bytes: int | None = None) -> Path:
+    """Write the checkpoint folder atomically; returns its path. `max_shard_bytes`: split the weights into HF-style
+    shards of at most that size (format/shards.py); None: one model.safetensors."""
     qconfig.validate()
     missing = [m for m in qconfig.modules if not isinstance(model.get_submodule(m), MatQuantLinear)]
     if missing:
@@ -55,9 +60,15 @@ def save_checkpoint(model, tokenizer, out_dir, qconfig: QuantConfig, overwrite: 
         cfg["quantization_config"] = qconfig.to_dict()
         cfg.pop("_name_or_path", None)
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str) + "\n")
-        # one metadata key: safetensors writes several in hash order, so two identical saves differed in their bytes
-        # (the format version lives in config.json's quantization_config)
-        save_file(_dedup_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        # one metadata key (the format version lives in config.json's quantization_config)
+        writer = ShardWriter(tmp, max_shard_bytes or 2**62, metadata={"format": "pt"})
+        try:
+            for k, t in _dedup_state_dict(model).items():
+                writer.add(k, t)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -150,18 +161,52 @@ def replace_skeleton(model, qconfig: QuantConfig, dtype=torch.float32, device=No
         set_submodule(model, name, new)
 
 
-def load_state(model, ckpt_dir, qconfig: QuantConfig) -> None:
-    """Load every tensor of the checkpoint into `model` (a meta skeleton), each checked by format/validate.py."""
-    _, wpath = checkpoint_files(ckpt_dir)
-    sd = validate_tensors(wpath, model, qconfig, tied_keys(model))
+def weight_headers(ckpt_dir) -> dict[Path, dict]:
+    """{weight file: its header} of a checkpoint folder in either layout, every file and the index checked
+    (format/folder.py, format/validate.py `read_headers`); no tensor data read."""
+    _, files = checkpoint_files(ckpt_dir)
+    return read_headers(files, weight_map_of(ckpt_dir))
+
+
+def merged_header(headers: dict[Path, dict]) -> dict:
+    """{tensor name: (dtype, shape)} over every weight file."""
+    return {k: v for h in headers.values() for k, v in h.items()}
+
+
+def load_state(model, ckpt_dir, qconfig: QuantConfig,
+               on_layer: Callable[[str, MatQuantLinear], None] | None = None) -> None:
+    """Load every tensor of the checkpoint into `model` (a meta skeleton), one at a time, each checked by
+    format/validate.py. `on_layer(name, layer)` is called as soon as every tensor of a quantized layer is in (the
+    streaming load packs it there and frees its master codes)."""
+    _, files = checkpoint_files(ckpt_dir)
+    headers = check_weights(files, model, qconfig, tied_keys(model), weight_map_of(ckpt_dir))
     expected = model.state_dict()
-    sd = {k: t.to(expected[k].dtype) if t.is_floating_point() else t for k, t in sd.items()}
-    model.load_state_dict(sd, strict=False, assign=True)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, MatQuantLinear)}
+    pending = {n: {k for k in expected if k.startswith(n + ".")} for n in layers}
+    for k, t in iter_tensors(headers, qconfig):
+        if t.is_floating_point():
+            t = t.to(expected[k].dtype)
+        owner, _, leaf = k.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        errors: list[str] = []
+        # this module's own tensor only (load_state_dict would also run its children's hooks, and a child already
+        # packed with its master codes freed refuses any load)
+        module._load_from_state_dict({leaf: t}, "", {"assign_to_params_buffers": True}, False, [], [], errors)
+        if errors:
+            raise CheckpointError(f"tensor {k} cannot be loaded: {errors[0].splitlines()[0][:200]}")
+        del t
+        if owner in pending:
+            pending[owner].discard(k)
+            if not pending[owner] and on_layer is not None:
+                on_layer(owner, layers[owner])
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    dropped = {f"{n}.{leaf}" for n, m in layers.items() if m.master_dropped for leaf in m.code_tensor_names()}
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.is_meta and n not in dropped]
     if left:
-        raise CheckpointError(f"{wpath} does not provide {len(left)} tensor(s) of this model, e.g. {left[:3]}.")
+        where = files[0] if len(files) == 1 else Path(ckpt_dir)
+        raise CheckpointError(f"{where} does not provide {len(left)} tensor(s) of this model, e.g. {left[:3]}.")
 
 
 def tied_keys(model) -> set[str]:
@@ -175,23 +220,31 @@ def tied_keys(model) -> set[str]:
 
 
 def precheck(ckpt_dir) -> None:
-    """Every check `load_checkpoint` makes before it builds anything (files, config.json, the architecture config
-    transformers would build, its size against the weights header), raising CheckpointError. Run by the
-    transformers hook before transformers parses config.json itself."""
+    """Every check `load_checkpoint` makes before it builds anything (files, the shard index, config.json, the
+    architecture config transformers would build, its size against the weights' headers), raising CheckpointError.
+    Run by the transformers hook before transformers parses config.json itself, and by `matquant info`."""
     cfg, _ = read_quant_config(ckpt_dir)
-    cfg_path, wpath = checkpoint_files(ckpt_dir)
-    check_config_size(cfg, read_header(wpath), cfg_path)
+    cfg_path, _ = checkpoint_files(ckpt_dir)
+    check_config_size(cfg, merged_header(weight_headers(ckpt_dir)), cfg_path)
     hf_config(cfg, cfg_path)
 
 
-def load_checkpoint(ckpt_dir, bits=None, slicing: str | None = None, device: str = "cpu",
-                    dtype: torch.dtype = torch.float32):
-    """(model, tokenizer, qconfig). `bits` (int or map) overrides the stored default precision / bits map."""
+def check_checkpoint(ckpt_dir) -> tuple[dict, QuantConfig, dict[Path, dict]]:
+    """(config.json, qconfig, {weight file: header}) after every check `load_checkpoint` makes short of reading the
+    tensors' values: files and index, config.json against the weights' headers, the model it describes built on the
+    meta device (nothing allocated for weights), every tensor's name, shape and dtype against it."""
     cfg, qconfig = read_quant_config(ckpt_dir)
-    _, wpath = checkpoint_files(ckpt_dir)
-    model = build_skeleton(cfg, qconfig, dtype, header=read_header(wpath))
-    load_state(model, ckpt_dir, qconfig)
-    model.to(device).eval()
+    headers = weight_headers(ckpt_dir)
+    model = build_skeleton(cfg, qconfig, header=merged_header(headers))
+    check_weights(list(headers), model, qconfig, tied_keys(model), weight_map_of(ckpt_dir))
+    return cfg, qconfig, headers
+
+
+def open_checkpoint(ckpt_dir, bits=None, slicing: str | None = None, dtype: torch.dtype = torch.float32):
+    """(skeleton, qconfig): the checked model on the meta device, its precision already chosen (the stored default
+    and bits map, then `bits`), ready for `load_state`."""
+    cfg, qconfig = read_quant_config(ckpt_dir)
+    model = build_skeleton(cfg, qconfig, dtype, header=merged_header(weight_headers(ckpt_dir)))
     set_bits(model, qconfig.default_bits, slicing or qconfig.slicing)
     try:
         if qconfig.bits_map:
@@ -200,6 +253,15 @@ def load_checkpoint(ckpt_dir, bits=None, slicing: str | None = None, device: str
         raise CheckpointError(f"quantization_config.bits_map: {e}") from None
     if bits is not None:
         set_bits(model, bits)
+    return model, qconfig
+
+
+def load_checkpoint(ckpt_dir, bits=None, slicing: str | None = None, device: str = "cpu",
+                    dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, qconfig). `bits` (int or map) overrides the stored default precision / bits map."""
+    model, qconfig = open_checkpoint(ckpt_dir, bits, slicing, dtype)
+    load_state(model, ckpt_dir, qconfig)
+    model.to(device).eval()
     return model, load_tokenizer(ckpt_dir), qconfig
 
 
@@ -217,4 +279,6 @@ def load_tokenizer(ckpt_dir):
 
 
 def checkpoint_size_bytes(ckpt_dir) -> int:
-    return os.path.getsize(Path(ckpt_dir) / WEIGHTS_NAME)
+    """Bytes of the weight file(s), either layout."""
+    _, files = checkpoint_files(ckpt_dir)
+    return sum(os.path.getsize(f) for f in files)

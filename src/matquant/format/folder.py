@@ -1,7 +1,9 @@
 """The checkpoint folder and its config.json, checked before any tensor is read (steps 1 and 3 of the load order in
 format/validate.py):
 
-- `checkpoint_files(d)`: config.json and model.safetensors are regular files of sane size; pickle is never read.
+- `checkpoint_files(d)`: config.json and the weights (model.safetensors, or the shards a
+  model.safetensors.index.json names) are regular files of sane size inside the folder; pickle is never read.
+- `read_index(d)`: the shard index, bounded in size, well-formed, naming only plain `.safetensors` files of `d`.
 - `looks_like_matquant(d)`: whether a folder is (or was, before corruption) a matquant checkpoint; never raises.
 - `read_config(path)`: config.json parsed, bounded in nesting, with a quantization_config.
 - `check_config_types(cfg, defaults)`: each value has the type of the architecture's default.
@@ -18,9 +20,11 @@ from pathlib import Path
 from matquant.format.config import CheckpointError
 
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_CONFIG_BYTES = 16 * 2**20  # a config.json is a few KB; anything this large is not one
+MAX_INDEX_BYTES = 16 * 2**20  # a shard index lists every tensor once: far below this for any real model
 # config keys that give a number of layers / a tensor dimension (the families in models/targets.py, and HF's aliases)
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers")
 DIM_KEYS = ("hidden_size", "intermediate_size", "vocab_size", "n_embd", "n_inner", "ffn_dim", "word_embed_proj_dim",
@@ -42,8 +46,10 @@ def _regular_file(p: Path, what: str, max_bytes: int | None = None) -> Path:
     return p
 
 
-def checkpoint_files(d) -> tuple[Path, Path]:
-    """(config.json, model.safetensors) of folder `d`, both regular files; refuses pickle-only folders."""
+def checkpoint_files(d) -> tuple[Path, list[Path]]:
+    """(config.json, [weight files]) of folder `d`, all regular files; refuses pickle-only folders. The weights are
+    model.safetensors when it exists (what transformers picks too), else the shards model.safetensors.index.json
+    names (`read_index`)."""
     d = Path(d)
     if not d.is_dir():
         raise CheckpointError(f"{d} is not a folder; pass a matquant checkpoint folder (from `matquant quantize`).")
@@ -53,10 +59,78 @@ def checkpoint_files(d) -> tuple[Path, Path]:
     _regular_file(cfg, CONFIG_NAME, MAX_CONFIG_BYTES)
     w = d / WEIGHTS_NAME
     if not w.exists() and not w.is_symlink():
+        index = d / INDEX_NAME
+        if index.exists() or index.is_symlink():
+            return cfg, [d / f for f in sorted(set(read_index(d).values()))]
         pickles = sorted(p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES)
         hint = f" (found pickle file(s) {pickles}; matquant never loads pickle)" if pickles else ""
-        raise CheckpointError(f"{d} has no {WEIGHTS_NAME}{hint}; re-create the checkpoint with `matquant quantize`.")
-    return cfg, _regular_file(w, WEIGHTS_NAME)
+        raise CheckpointError(f"{d} has no {WEIGHTS_NAME} nor {INDEX_NAME}{hint}; re-create the checkpoint with "
+                              "`matquant quantize`.")
+    return cfg, [_regular_file(w, WEIGHTS_NAME)]
+
+
+def weight_map_of(d) -> dict[str, str] | None:
+    """The checked {tensor: shard file} of a sharded folder, None for a single-file one (see `checkpoint_files`)."""
+    d = Path(d)
+    if (d / WEIGHTS_NAME).exists() or (d / WEIGHTS_NAME).is_symlink():
+        return None
+    return read_index(d)
+
+
+def _inside(d: Path, p: Path) -> bool:
+    """Whether p (symlinks followed) lies in folder d, or in the blob store of the HF cache snapshot d is."""
+    try:
+        real, root = p.resolve(), d.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+    if real.parent == root:
+        return True
+    blobs = root.parent.parent / "blobs"  # HF cache: snapshots/<rev>/<file> -> ../../blobs/<sha>
+    return root.parent.name == "snapshots" and real.parent == blobs
+
+
+def read_index(d) -> dict[str, str]:
+    """{tensor name: shard file} of `d`'s model.safetensors.index.json, checked: a bounded regular JSON file holding
+    {"metadata": {...}, "weight_map": {name: file}}, every file a plain `.safetensors` name in `d` (no path, no
+    symlink out of the folder) that exists and is a regular file."""
+    d = Path(d)
+    path = _regular_file(d / INDEX_NAME, INDEX_NAME, MAX_INDEX_BYTES)
+    try:
+        index = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({str(e).splitlines()[0][:200]}); the index is corrupt: "
+                              "re-create the checkpoint.") from None
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise CheckpointError(f"{path} has no weight_map object of tensor names to shard files; the index is "
+                              "corrupt: re-create the checkpoint.")
+    if not isinstance(index.get("metadata"), dict):  # transformers' loader requires it too
+        raise CheckpointError(f"{path} has no metadata object (HF indexes hold {{\"total_size\": bytes}}); the "
+                              "index is corrupt: re-create the checkpoint.")
+    dt = index["metadata"].get("dtype")
+    if dt is not None and not (isinstance(dt, str) and dt in FLOAT_DTYPE_NAMES):  # transformers may use it
+        raise CheckpointError(f"{path}: metadata.dtype is {dt!r:.60}, not one of {sorted(FLOAT_DTYPE_NAMES)}; the "
+                              "index is corrupt: re-create the checkpoint.")
+    files = set()
+    for name, f in wm.items():
+        if not isinstance(f, str):
+            raise CheckpointError(f"{path}: tensor {name!r:.80} maps to {f!r:.40}, not a file name; the index is "
+                                  "corrupt: re-create the checkpoint.")
+        files.add(f)
+    for f in sorted(files):
+        if not f.endswith(".safetensors") or Path(f).name != f or f.startswith(".") or "\\" in f or "\0" in f:
+            raise CheckpointError(f"{path} names shard {f!r:.80}, which is not a .safetensors file of this folder "
+                                  "(shards are plain file names next to the index); the index is corrupt or hostile: "
+                                  "re-create the checkpoint.")
+        p = d / f
+        if not p.exists() and not p.is_symlink():
+            raise CheckpointError(f"{path} names shard {f} but {d} has no such file; copy the missing shard (or the "
+                                  "whole checkpoint) again.")
+        if p.is_symlink() and not _inside(d, p):
+            raise CheckpointError(f"shard {p} is a symlink to a file outside the checkpoint folder; copy the shard "
+                                  "into the folder instead of linking it.")
+        _regular_file(p, "weights shard")
+    return {str(k): v for k, v in wm.items()}
 
 
 BOOL_KEYS = ("return_dict", "output_hidden_states", "output_attentions", "use_cache", "tie_word_embeddings")
@@ -79,7 +153,7 @@ def looks_like_matquant(d) -> bool:
     """Whether local folder `d` is (or was, before corruption) a matquant checkpoint: its config.json names matquant
     or holds matquant's own quantization_config keys (master_bits and slicing), or its safetensors header holds
     matquant's code tensors (`<module>.qweight` with `<module>.zeros`; GPTQ/AWQ folders store `qzeros`, so they do
-    not match). Never raises; reads at most a few MiB."""
+    not match); for a sharded folder, the index or the first shard's header. Never raises; reads at most a few MiB."""
     try:
         d = Path(d)
         if not d.is_dir():
@@ -89,7 +163,15 @@ def looks_like_matquant(d) -> bool:
     cfg = _head_bytes(d / CONFIG_NAME)
     if b'"matquant"' in cfg or (b'"master_bits"' in cfg and b'"slicing"' in cfg):  # also with quant_method edited
         return True
-    head = _head_bytes(d / WEIGHTS_NAME)
+    head = _head_bytes(d / WEIGHTS_NAME) + _head_bytes(d / INDEX_NAME)
+    if b'.qweight"' in head and b'.zeros"' in head:
+        return True
+    first = d / "model-00001-of-"  # a sharded folder whose index is gone: its first shard's header
+    try:
+        shards = sorted(p for p in d.iterdir() if p.name.startswith(first.name) and p.suffix == ".safetensors")[:1]
+    except OSError:
+        return False
+    head = b"".join(_head_bytes(p) for p in shards)
     return b'.qweight"' in head and b'.zeros"' in head
 
 
@@ -191,7 +273,7 @@ def check_config_size(cfg: dict, header, path: Path | str = CONFIG_NAME) -> None
             if (k in LAYER_KEYS or k in DIM_KEYS) and v < 1:
                 raise CheckpointError(f"{path}: {where}{k} = {v} must be at least 1 (edited or corrupt config.json).")
             if k in LAYER_KEYS and v > max(n_layers, 1):
-                raise CheckpointError(f"{path}: {where}{k} = {v} but the weights file holds {n_layers} block(s); the "
+                raise CheckpointError(f"{path}: {where}{k} = {v} but the weights hold {n_layers} block(s); the "
                                       "config does not match the weights (edited or corrupt config.json).")
             if k in DIM_KEYS and v > max_dim:
                 raise CheckpointError(f"{path}: {where}{k} = {v} exceeds every tensor dimension in the weights file "

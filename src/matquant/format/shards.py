@@ -58,8 +58,8 @@ class ShardWriter:
             self._data = open(self.folder / f".shard-{len(self.shards):05d}.data", "wb")
             self._header, self._offset = {}, 0
         if nbytes:
-            self._data.write(t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.dim() else
-                             t.reshape(1).view(torch.uint8).numpy().tobytes())
+            # flattened first: a [rows, 1] tensor counts as contiguous with any stride on its last dimension
+            self._data.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         self._header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
                               "data_offsets": [self._offset, self._offset + nbytes]}
         self._offset += nbytes

@@ -1,8 +1,12 @@
 """Export a slice (or a Mix'n'Match bits map) as a compressed-tensors `pack-quantized` folder (what llm-compressor
 writes and vLLM serves): group-wise, asymmetric, integer zero points, codes packed into int32 by the
 compressed-tensors package's own compressor, `quantization_config` written by its own ModelCompressor.
-The integer-zero grid of each module is fitted by `compressed_tensors_fit`; the written folder is read back with
-compressed-tensors' own decompressor to measure the weight error.
+The integer-zero grid of each module is fitted by `compressed_tensors_fit`; each module's compressed tensors (what
+the file holds) are decompressed with compressed-tensors' own decompressor to measure the weight error.
+
+Streaming: the model is read one module at a time (an export source, `export_slices.CheckpointSource`), and each
+module's tensors are compressed and written (format/shards.py ShardWriter) before the next is read; the dense model
+exists only as a meta-device skeleton that gives the names, dtypes and config files.
 """
 from __future__ import annotations
 
@@ -13,12 +17,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.initialization import no_init_weights
 
 from matquant.format.atomic import atomic_dir
-from matquant.format.export import plain_state_dict
+from matquant.format.checkpoint import tied_keys
 from matquant.integrations.compressed_tensors_fit import ZERO_FITS, integer_zero_fit
-from matquant.integrations.export_slices import ExportError, SliceTensor, check_out_path, model_slices
+from matquant.integrations.export_slices import ExportError, SliceLayout, SliceTensor, as_source, check_out_path
+from matquant.nn.memory import release_freed_memory
 from matquant.nn.rotation import online_rotation_refusal
 
 
@@ -37,7 +41,7 @@ PACKED_PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_sh
 FUSED_SHARDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def unfusable_shards(slices: dict[str, SliceTensor]) -> list[str]:
+def unfusable_shards(slices: dict[str, SliceTensor | SliceLayout]) -> list[str]:
     """Layers where a bits map gives the shards vLLM fuses (q/k/v, gate/up) different bits: vLLM refuses them."""
     bad = []
     for name in slices:
@@ -73,7 +77,7 @@ class CTExportReport:
                     "vLLM will refuse it" if self.unfusable else ""))
 
 
-def _config_groups(slices: dict[str, SliceTensor]) -> dict[str, dict]:
+def _config_groups(slices: dict[str, SliceTensor | SliceLayout]) -> dict[str, dict]:
     """One config group per (bits, group size), targets = exact module names (a bits map -> several groups)."""
     groups: dict[tuple[int, int], list[str]] = {}
     for name, st in slices.items():
@@ -90,70 +94,124 @@ def _config_groups(slices: dict[str, SliceTensor]) -> dict[str, dict]:
 
 
 def export_compressed_tensors(model, tokenizer, out, dtype: torch.dtype = torch.float16, pack_bits: int | None = None,
-                              overwrite: bool = False, fit: str = "search") -> CTExportReport:
-    """Write the model's current slice (per-module bits) as a compressed-tensors pack-quantized HF folder.
+                              overwrite: bool = False, fit: str = "search",
+                              max_shard_bytes: int | None = None) -> CTExportReport:
+    """Write the current slice (per-module bits) of `model` (a model in memory, or an export source such as
+    `CheckpointSource`: read one tensor at a time) as a compressed-tensors pack-quantized HF folder, one module at a
+    time: fit (`compressed_tensors_fit`), compress with compressed-tensors' own PackedQuantizationCompressor, write
+    through ShardWriter (`max_shard_bytes`: HF shards of at most that size; None: sharded like a sharded checkpoint
+    source, else one model.safetensors), measure against the slice by that compressor's own decompress.
     `fit`: how the integer-zero grid is fitted where it cannot hold the slice exactly (ZERO_FITS)."""
-    if (why := online_rotation_refusal(model, "a compressed-tensors engine (vLLM)")) is not None:
+    from matquant.format.export import plain_model_skeleton
+    from matquant.format.shards import ShardWriter
+
+    src = as_source(model, tokenizer)
+    if (why := online_rotation_refusal(src.model, "a compressed-tensors engine (vLLM)")) is not None:
         raise ExportError(why)
     try:
         from compressed_tensors.compressors import ModelCompressor
-        from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+        from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+        from compressed_tensors.quantization import (QuantizationConfig, QuantizationStatus,
+                                                     apply_quantization_config)
     except ImportError:
         raise ImportError("compressed-tensors export needs the compressed-tensors package: "
                           "pip install 'matquant[export]'") from None
     check_out_path(out, overwrite)
-    if tokenizer is None:
+    if src.tokenizer is None:
         raise ExportError("the exported folder needs a tokenizer; the checkpoint has none.")
-    slices = model_slices(model)
-    bad = [n for n, st in slices.items() if st.shape[1] % st.group_size]
+    layouts = {n: src.layout(n) for n in src.slice_names}
+    bad = [n for n, st in layouts.items() if st.shape[1] % st.group_size]
     if bad:
-        raise ExportError(f"{bad[0]}: input width {slices[bad[0]].shape[1]} is not a multiple of the group size.")
+        raise ExportError(f"{bad[0]}: input width {layouts[bad[0]].shape[1]} is not a multiple of the group size.")
     if fit not in ZERO_FITS:
         raise ExportError(f"unknown zero-point fit {fit!r}; choose one of {', '.join(ZERO_FITS)}.")
-    fits = {n: integer_zero_fit(st, dtype, pack_bits, fit) for n, st in slices.items()}
-    if pack_bits:
-        slices = {n: replace(st, bits=max(st.bits, pack_bits)) for n, st in slices.items()}  # the stored widths
+    for st in layouts.values():  # refuse what no grid holds before anything is written
+        big = max(st.bits, pack_bits or st.bits)
+        if big > 8 or st.levels > 2**big:
+            raise ExportError(f"{st.module}: '{st.mode}' slicing at {st.bits} bits has {st.levels} levels; a {big}-bit "
+                              f"compressed-tensors grid holds 2^{big}. Use --slicing nested/paper or a larger "
+                              "--pack-bits.")
+    stored = {n: replace(st, bits=max(st.bits, pack_bits)) for n, st in layouts.items()} if pack_bits else layouts
 
-    cfg = model.config.__class__.from_dict({k: v for k, v in model.config.to_dict().items()
-                                            if k != "quantization_config"})
-    with no_init_weights():
-        plain = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in plain_state_dict(model).items()}
-    missing, unexpected = plain.load_state_dict(sd, strict=False)
-    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
-        raise ExportError(f"model mismatch building the dense model: missing {missing[:3]}, unexpected "
-                          f"{unexpected[:3]}")
-    plain.tie_weights()
+    plain = plain_model_skeleton(src.config, dtype)  # meta: names, dtypes, the scheme of each module, no memory
     qcfg = QuantizationConfig.model_validate({
-        "config_groups": _config_groups(slices), "format": "pack-quantized", "quant_method": "compressed-tensors",
+        "config_groups": _config_groups(stored), "format": "pack-quantized", "quant_method": "compressed-tensors",
         "quantization_status": "initialized", "ignore": ["lm_head"], "kv_cache_scheme": None,
         "global_compression_ratio": None})
     apply_quantization_config(plain, qcfg)
-    report = CTExportReport(Path(out), config_groups=len(qcfg.config_groups), unfusable=unfusable_shards(slices))
-    for name, (scale, zp, q, exact) in fits.items():
-        mod = plain.get_submodule(name)
-        st = slices[name]
-        with torch.no_grad():
-            mod.weight_scale.copy_(scale)
-            mod.weight_zero_point.copy_(zp.to(mod.weight_zero_point.dtype))
-            # the dense weight ON the fitted grid, so the compressor's own quantize() recovers exactly q
-            w = scale.to(torch.float64).repeat_interleave(st.group_size, 1) * (
-                q.double() - zp.double().repeat_interleave(st.group_size, 1))
-            mod.weight.copy_(w.to(dtype))
-        report.modules.append(ModuleReport(name, st.bits, float(exact.float().mean()), 0.0, 0.0, 0.0))
     compressor = ModelCompressor.from_pretrained_model(plain, quantization_format="pack-quantized")
-    compressor.compress_model(plain)
+    compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED
+    report = CTExportReport(Path(out), config_groups=len(qcfg.config_groups), unfusable=unfusable_shards(stored))
+    target = plain.state_dict()
+    tied = tied_keys(plain)
+    if max_shard_bytes is None:
+        max_shard_bytes = src.out_shard_bytes()
+    qbytes = qnum = 0
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        plain.save_pretrained(tmp)
+        plain.config.dtype = str(dtype).split(".")[1]
+        plain.config.architectures = [plain.__class__.__name__]
+        plain.config.save_pretrained(tmp)
+        if plain.can_generate():
+            plain.generation_config.save_pretrained(tmp)
         compressor.update_config(str(tmp))
-        tokenizer.save_pretrained(tmp)
-        _record(tmp, slices)
+        writer = ShardWriter(tmp, max_shard_bytes or 2**62, metadata={"format": "pt"})
+        try:
+            for k in target:
+                owner, _, leaf = k.rpartition(".")
+                if owner in layouts:
+                    if leaf == "weight":  # the module's compressed tensors, all at once
+                        parts, ref = _compress_module(src, owner, plain.get_submodule(owner), dtype, pack_bits, fit,
+                                                      PackedQuantizationCompressor, report)
+                        for name, t in parts.items():  # (standard strides: a [rows, 1] scale may have others)
+                            writer.add(f"{owner}.{name}", torch.empty(t.shape, dtype=t.dtype).copy_(t))
+                        qbytes += sum(parts[x].nbytes for x in ("weight_packed", "weight_scale", "weight_zero_point"))
+                        qnum += ref
+                        del parts
+                        release_freed_memory()
+                    if leaf != "bias":
+                        continue
+                if k in tied:
+                    continue  # stored once, as transformers' save_pretrained does
+                v = src.plain(k)
+                writer.add(k, v.to(dtype).to(target[k].dtype) if v.is_floating_point() else v)
+                del v
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        src.tokenizer.save_pretrained(tmp)
+        _record(tmp, stored)
         report.weight_bytes = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
-    _measure(report, slices, out)
+    report.bits_per_weight = 8 * qbytes / max(qnum, 1)
     return report
 
 
-def _record(folder: Path, slices: dict[str, SliceTensor]) -> None:
+def _compress_module(src, name: str, module, dtype, pack_bits, fit, compressor, report: CTExportReport):
+    """(compressed tensors {weight_packed, weight_scale, weight_zero_point, weight_shape}, weights count) of one
+    module: its slice read, fitted onto the integer-zero grid, compressed by compressed-tensors, decompressed again
+    to measure the error (recorded in `report`)."""
+    st = src.slice(name)
+    scale, zp, q, exact = integer_zero_fit(st, dtype, pack_bits, fit)
+    if pack_bits:
+        st = replace(st, bits=max(st.bits, pack_bits))
+    scheme = module.quantization_scheme
+    scale = scale.to(module.weight_scale.dtype)
+    zp = zp.to(module.weight_zero_point.dtype)
+    # the dense weight ON the fitted grid, so the compressor's own quantize() recovers exactly q
+    w = scale.to(torch.float64).repeat_interleave(st.group_size, 1) * (
+        q.double() - zp.double().repeat_interleave(st.group_size, 1))
+    parts = compressor.compress({"weight": w.to(module.weight.dtype), "weight_scale": scale,
+                                 "weight_zero_point": zp}, scheme)
+    back = compressor.decompress(dict(parts), scheme)["weight"].double()
+    ref = st.reference.double()
+    err = back - ref
+    rms = float(err.pow(2).mean().sqrt())
+    report.modules.append(ModuleReport(name, st.bits, float(exact.float().mean()), rms, float(err.abs().max()),
+                                       rms / max(float(ref.pow(2).mean().sqrt()), 1e-30)))
+    return {k: v for k, v in parts.items() if k.startswith("weight_")}, st.reference.numel()
+
+
+def _record(folder: Path, slices: dict[str, SliceTensor | SliceLayout]) -> None:
     """What was exported, next to the model (config.json stays exactly as compressed-tensors writes it)."""
     info = {"bits": {n: st.bits for n, st in slices.items()}, "slicing": sorted({st.mode for st in slices.values()})}
     (Path(folder) / "matquant_export.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -204,19 +262,3 @@ def load_decompressed(folder, dtype: torch.dtype = torch.float32):
                           f"{unexpected[:3]})")
     model.tie_weights()
     return model.eval()
-
-
-def _measure(report: CTExportReport, slices: dict[str, SliceTensor], out) -> None:
-    """Weight error vs the slice, decompressing the written folder with compressed-tensors' own decompressor."""
-    schemes, tensors = _schemes_and_tensors(out)
-    qbytes = qnum = 0
-    for m in report.modules:
-        qbytes += sum(tensors[f"{m.module}.{k}"].nbytes for k in ("weight_packed", "weight_scale", "weight_zero_point"))
-        qnum += slices[m.module].reference.numel()
-        w = _decompressed_weight(tensors, m.module, schemes[m.module]).double()
-        ref = slices[m.module].reference.double()
-        err = w - ref
-        m.rms_error = float(err.pow(2).mean().sqrt())
-        m.max_error = float(err.abs().max())
-        m.rel_rms_error = m.rms_error / max(float(ref.pow(2).mean().sqrt()), 1e-30)
-    report.bits_per_weight = 8 * qbytes / max(qnum, 1)

@@ -8,6 +8,7 @@ whole).
 """
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import gguf
@@ -48,6 +49,68 @@ def arch_permutes_qk(arch: str) -> bool:
     return proc is not None and issubclass(proc, LlamaTensorProcessor)
 
 
+def gguf_arch(config) -> str:
+    """The GGUF general.architecture of a transformers config (llama.cpp's name for its model_type)."""
+    return HF_TO_GGUF_ARCH.get(config.model_type, config.model_type)
+
+
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def leading_scalar_fields(path) -> dict:
+    """The scalar metadata of a GGUF file before its tokenizer keys (arrays skipped), read with a few small reads:
+    whether a template can be of a model at all, without parsing its tokenizer (gguf-py's reader parses every
+    array, seconds for a large vocabulary)."""
+    out = {}
+    with open(path, "rb") as f:
+        magic, version = struct.unpack("<4sI", f.read(8))
+        if magic != b"GGUF" or version < 3:
+            return out
+        _, n_kv = struct.unpack("<QQ", f.read(16))
+        for _ in range(n_kv):
+            (n,) = struct.unpack("<Q", f.read(8))
+            key = f.read(n).decode("utf-8", "replace")
+            if key.startswith("tokenizer."):
+                break
+            (vtype,) = struct.unpack("<I", f.read(4))
+            if vtype == _STRING:
+                (n,) = struct.unpack("<Q", f.read(8))
+                out[key] = f.read(n).decode("utf-8", "replace")
+            elif vtype in _SCALAR:
+                fmt = _SCALAR[vtype]
+                (out[key],) = struct.unpack(fmt, f.read(struct.calcsize(fmt)))
+            elif vtype == _ARRAY:
+                itype, count = struct.unpack("<IQ", f.read(12))
+                if itype in _SCALAR:
+                    f.seek(count * struct.calcsize(_SCALAR[itype]), 1)
+                elif itype == _STRING:
+                    for _ in range(count):
+                        (n,) = struct.unpack("<Q", f.read(8))
+                        f.seek(n, 1)
+                else:
+                    break
+            else:
+                break
+    return out
+
+
+def could_be_template_of(path, config) -> bool:
+    """False when the GGUF's leading metadata already shows another architecture or size than `config`."""
+    try:
+        fields = leading_scalar_fields(path)
+    except (OSError, struct.error):
+        return False
+    arch = fields.get("general.architecture")
+    if arch != gguf_arch(config):
+        return False
+    for key, attr in ARCH_KEYS.items():
+        tv, cv = fields.get(f"{arch}.{key}"), getattr(config, attr, None)
+        if tv is not None and cv is not None and int(tv) != int(cv):
+            return False
+    return True
+
+
 def _field(reader, key, default=None):
     f = reader.fields.get(key)
     return default if f is None else f.contents()
@@ -56,7 +119,7 @@ def _field(reader, key, default=None):
 def check_template(reader, config, tokenizer, template: Path) -> str:
     """The template's architecture, after refusing one that is not the checkpoint's model."""
     arch = _field(reader, "general.architecture")
-    want = HF_TO_GGUF_ARCH.get(config.model_type, config.model_type)
+    want = gguf_arch(config)
     hint = (" Pass --template with a GGUF of the checkpoint's source model (made by llama.cpp's "
             "convert_hf_to_gguf.py, see docs/export.md).")
     if arch != want:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from matquant.integrations import gguf_blocks as gb
-from matquant.integrations.export_slices import ExportError, SliceTensor
+from matquant.integrations.export_slices import ExportError, SliceLayout, SliceTensor
 
 K_QUANT_FOR_BITS = {6: "Q6_K", 3: "Q3_K", 2: "Q2_K"}
 NEAREST_ENCODERS = {"Q8_0": gb.encode_q8_0, "Q6_K": gb.encode_q6_k, "Q3_K": gb.encode_q3_k}  # from the values alone
@@ -29,8 +29,8 @@ class TensorChoice:
     note: str = ""
 
 
-def choose_type(st: SliceTensor, k_quants: bool = False) -> TensorChoice:
-    """The GGML type an r-bit slice is written as (see the module docstring)."""
+def choose_type(st: SliceTensor | SliceLayout, k_quants: bool = False) -> TensorChoice:
+    """The GGML type an r-bit slice is written as (see the module docstring), from its layout alone."""
     cols = st.shape[1]
     note = ""
     if k_quants and st.bits in K_QUANT_FOR_BITS and st.levels == 2**st.bits:

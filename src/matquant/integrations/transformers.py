@@ -21,7 +21,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from matquant.format import folder as F, validate as V
-from matquant.format.checkpoint import build_model, precheck, replace_skeleton, tied_keys
+from matquant.format.checkpoint import build_model, merged_header, precheck, replace_skeleton, tied_keys, weight_headers
 from matquant.format.config import QUANT_METHOD, CheckpointError, QuantConfig
 from matquant.nn.bits import set_bits
 from matquant.nn.linear import MatQuantLinear
@@ -64,8 +64,8 @@ class MatQuantHfQuantizer(HfQuantizer):
         # tensors in the file), so a hostile config.json is refused before any module is created.
         d = getattr(config, "_name_or_path", None)
         if d and Path(d).is_dir():
-            cfg_path, wpath = F.checkpoint_files(d)
-            F.check_config_size(config.to_dict(), V.read_header(wpath), cfg_path)
+            cfg_path, _ = F.checkpoint_files(d)
+            F.check_config_size(config.to_dict(), merged_header(weight_headers(d)), cfg_path)
             F.check_config_types(config.to_dict(), type(config)().to_dict(), cfg_path)
         with torch.device("meta"):  # a trial build (no memory): transformers' own errors become CheckpointError
             build_model(config)
@@ -74,12 +74,17 @@ class MatQuantHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, dtype=None, checkpoint_files=None, **kwargs):
         if not checkpoint_files:
             raise CheckpointError("transformers found no weights file for this matquant checkpoint; it needs "
-                                  f"{F.WEIGHTS_NAME}.")
+                                  f"{F.WEIGHTS_NAME} or {F.INDEX_NAME} and its shards.")
         qconfig = self.quantization_config.qconfig
         replace_skeleton(model, qconfig, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
         _skip_parent_init(model)
-        # every tensor checked exactly as `matquant.load` checks it, before transformers reads any of them
-        V.validate_tensors(checkpoint_files, model, qconfig, tied_keys(model))
+        # every tensor checked exactly as `matquant.load` checks it (one at a time), before transformers reads any
+        files = [Path(f) for f in checkpoint_files]
+        folder = files[0].parent
+        weight_map = F.weight_map_of(folder) if files != [folder / F.WEIGHTS_NAME] else None
+        headers = V.check_weights(files, model, qconfig, tied_keys(model), weight_map)
+        for _ in V.iter_tensors(headers, qconfig):
+            pass
         return model
 
     def get_new_dtype(self, converter, param, dtype):

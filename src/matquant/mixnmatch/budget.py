@@ -109,15 +109,12 @@ class CostModel:
     @classmethod
     def from_checkpoint(cls, ckpt_dir, slicing: str | None = None, ladder: Sequence[int] = ()) -> "CostModel":
         """From config.json and the safetensors header only (codes are read only for `extra` overflow)."""
-        from matquant.format.checkpoint import WEIGHTS_NAME, read_quant_config
-        from matquant.format.validate import read_header
+        from matquant.format.checkpoint import merged_header, read_quant_config, weight_headers
 
         cfg, q = read_quant_config(ckpt_dir)
         slicing = check_slicing(slicing or q.slicing)
-        path = Path(ckpt_dir) / WEIGHTS_NAME
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist; the checkpoint is incomplete.")
-        header = read_header(path)  # {name: (dtype, shape)}
+        path = Path(ckpt_dir)
+        header = merged_header(weight_headers(ckpt_dir))  # {name: (dtype, shape)}, either layout
 
         def nbytes(info):
             return math.prod(info[1]) * info[0].itemsize
@@ -135,14 +132,14 @@ class CostModel:
         unq = sum(nbytes(info) for k, info in header.items() if k not in owned)
         cm = cls(numel, pbits, unq, q.master_bits, slicing)
         if slicing == "extra" and ladder:
-            from safetensors import safe_open
+            from matquant.format.shards import TensorReader
 
-            with safe_open(str(path), framework="pt") as f:
-                for m in q.modules:
-                    codes = f.get_tensor(f"{m}.qweight")
-                    for r in ladder:
-                        if r < q.master_bits:
-                            cm.overflow[(m, r)] = overflow_fraction(codes, q.master_bits, r, "extra")
+            reader = TensorReader(ckpt_dir)
+            for m in q.modules:
+                codes = reader.get(f"{m}.qweight")
+                for r in ladder:
+                    if r < q.master_bits:
+                        cm.overflow[(m, r)] = overflow_fraction(codes, q.master_bits, r, "extra")
         return cm
 
     # ---- pricing ----

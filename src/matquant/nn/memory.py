@@ -52,6 +52,23 @@ def quantized_resident_bytes(model: nn.Module) -> int:
     return _unique_bytes(t for m in matquant_modules(model).values() for _, t in resident_tensors(m))
 
 
+def prepare_layer(m: MatQuantLinear, keep: Sequence[int] = (), planes: bool = True) -> str | None:
+    """`prepare_packed` for one layer: pack its current precision and the `keep` precisions now (nothing for a
+    layer not on the packed/auto backend on CPU). Returns the reason the packed runtime declines it, else None."""
+    if m.backend not in ("packed", "auto") or m.scales.device.type != "cpu":
+        return None
+    wanted = [m.bits] + [b for b in keep if b != m.bits and b <= m.master_bits]
+    for b in wanted:
+        reason = layer_reason(m, b, high_format=m.compute_backend.options.high_format)
+        if reason is not None:
+            return reason
+    if planes and planes_eligible(m):
+        m.hold_master_packed()
+    for b in reversed(wanted):  # the current precision last, so it is never evicted
+        m.compute_backend.prepare(m, b, m.slicing)
+    return None
+
+
 def prepare_packed(model: nn.Module, keep: Sequence[int] = (), planes: bool = True) -> dict[str, str]:
     """Pack every packed/auto-backend layer's current precision and the `keep` precisions now (instead of at the
     first forward). With `planes` (default), a nested-sliced layer's master codes are held as two packed planes
@@ -60,28 +77,49 @@ def prepare_packed(model: nn.Module, keep: Sequence[int] = (), planes: bool = Tr
     declines."""
     declined = {}
     for name, m in matquant_modules(model).items():
-        if m.backend not in ("packed", "auto") or m.scales.device.type != "cpu":
-            continue
-        wanted = [m.bits] + [b for b in keep if b != m.bits and b <= m.master_bits]
-        for b in wanted:
-            reason = layer_reason(m, b, high_format=m.compute_backend.options.high_format)
-            if reason is not None:
-                declined[name] = reason
-                break
-        else:
-            if planes and planes_eligible(m):
-                m.hold_master_packed()
-            for b in reversed(wanted):  # the current precision last, so it is never evicted
-                m.compute_backend.prepare(m, b, m.slicing)
+        reason = prepare_layer(m, keep, planes)
+        if reason is not None:
+            declined[name] = reason
     return declined
+
+
+def drop_layer_master(m: MatQuantLinear, keep: Sequence[int] = ()) -> tuple[int, str | None]:
+    """`prepare_layer(keep)` without planes, then free the layer's master codes if its wanted precisions are all
+    packed (a declined layer keeps them: it needs them to run). Returns (bytes freed, the reason it was declined).
+    The streaming load (`matquant.load(keep_master=False)`) calls this as each layer is read."""
+    reason = prepare_layer(m, keep, planes=False)
+    if reason is None and m.compute_backend.resident_precisions():
+        return m.drop_master(), None
+    return 0, reason
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's freed pages back to the OS (glibc `malloc_trim`; nothing elsewhere). The streaming load frees
+    one layer's master codes at a time; without this, freed blocks below glibc's mmap threshold stay in the
+    process as fragmentation and its RSS creeps up layer by layer."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def drop_master(model: nn.Module, keep: Sequence[int] = ()) -> tuple[int, dict[str, str]]:
     """`prepare_packed(keep)`, then free the master codes of every layer whose wanted precisions are all packed.
     Declined layers keep their master codes (they need them to run). Returns (bytes freed, {declined: reason})."""
-    declined = prepare_packed(model, keep, planes=False)
-    freed = 0
+    freed, declined = 0, {}
     for name, m in matquant_modules(model).items():
-        if name not in declined and m.compute_backend.resident_precisions():
-            freed += m.drop_master()
+        n, reason = drop_layer_master(m, keep)
+        freed += n
+        if reason is not None:
+            declined[name] = reason
     return freed, declined
