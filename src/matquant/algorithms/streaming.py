@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 from matquant.algorithms.blocks import decoder_blocks, targets_by_block
@@ -68,7 +68,7 @@ class SpilledResults(MutableMapping):
             raise KeyError(name)
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata()
-            t = {k: f.get_tensor(k) for k in f.keys()}
+        t = load(p.read_bytes())  # read, not memory-mapped (a mapping could outlive the layer in the RSS)
         own = {int(k[7:]): (t[k], t[f"zeros_{k[7:]}"]) for k in t if k.startswith("scales_")}
         return QuantizedWeight(t["codes"], t["scales"], t["zeros"], int(meta["bits"]), int(meta["group_size"]),
                                dict(sorted(own.items(), reverse=True)) or None)
@@ -307,7 +307,10 @@ def write_checkpoint(model: nn.Module, source, qweights, tokenizer, out, qconfig
                 replace_with_matquant(model, {n: qweights[n] for n in names}, slicing=slicing)
                 for key, t in blocks[i].state_dict().items():
                     writer.add(f"{prefix}.{i}.{key}", t)
-                blocks[i] = nn.Module()  # freed: the skeleton is not used again
+                # freed: the skeleton is not used again. Its tensors go first, so that a reference cycle among the
+                # modules (freed only by a later garbage collection) cannot keep a block's weights alive
+                blocks[i].to_empty(device="meta")
+                blocks[i] = nn.Module()
                 release_freed_memory()
             writer.close()
         except BaseException:
