@@ -274,50 +274,35 @@ def write_checkpoint(model: nn.Module, source, qweights, tokenizer, out, qconfig
     the model held in memory, read and written one block at a time. Atomic: the folder appears whole or not at all."""
     from tqdm.auto import tqdm
 
-    from matquant.format.atomic import atomic_dir
-    from matquant.format.checkpoint import tied_keys
-    from matquant.format.folder import CONFIG_NAME
-    from matquant.format.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter
+    from matquant.format.checkpoint import tied_keys, write_checkpoint_folder
+    from matquant.format.shards import DEFAULT_MAX_SHARD_BYTES
     from matquant.nn.replace import replace_with_matquant
 
     qconfig.validate()
     prefix, blocks, by_block = targets_by_block(model, list(qconfig.modules))
     tied = tied_keys(model)
     emb = model.get_input_embeddings().weight
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        cfg = model.config.to_dict()
-        cfg["quantization_config"] = qconfig.to_dict()
-        cfg.pop("_name_or_path", None)
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str) + "\n")
-        writer = ShardWriter(tmp, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
-        try:
-            block_prefix = f"{prefix}."
-            for name, t in model.state_dict(keep_vars=True).items():  # everything outside the blocks
-                if name.startswith(block_prefix) or name in tied:
-                    continue
-                if t is emb and not t.is_meta:
-                    writer.add(name, t.detach())
-                elif isinstance(t, nn.Parameter) or t.is_meta:
-                    writer.add(name, read_tensor(source, name, dtype))
-                else:  # a persistent buffer, as built
-                    writer.add(name, t.detach())
-            for i in tqdm(range(len(blocks)), desc="writing", disable=not progress):
-                names = by_block.get(i, [])
-                BlockStream(model, source, Path(tmp), dtype).onload(i, "cpu")
-                replace_with_matquant(model, {n: qweights[n] for n in names}, slicing=slicing)
-                for key, t in blocks[i].state_dict().items():
-                    writer.add(f"{prefix}.{i}.{key}", t)
-                # freed: the skeleton is not used again. Its tensors go first, so that a reference cycle among the
-                # modules (freed only by a later garbage collection) cannot keep a block's weights alive
-                blocks[i].to_empty(device="meta")
-                blocks[i] = nn.Module()
-                release_freed_memory()
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(out)
+    def tensors():
+        block_prefix = f"{prefix}."
+        for name, t in model.state_dict(keep_vars=True).items():  # everything outside the blocks
+            if name.startswith(block_prefix) or name in tied:
+                continue
+            if t is emb and not t.is_meta:
+                yield name, t.detach()
+            elif isinstance(t, nn.Parameter) or t.is_meta:
+                yield name, read_tensor(source, name, dtype)
+            else:  # a persistent buffer, as built
+                yield name, t.detach()
+        for i in tqdm(range(len(blocks)), desc="writing", disable=not progress):
+            BlockStream(model, source, Path(out), dtype).onload(i, "cpu")
+            replace_with_matquant(model, {n: qweights[n] for n in by_block.get(i, [])}, slicing=slicing)
+            for key, t in blocks[i].state_dict().items():
+                yield f"{prefix}.{i}.{key}", t
+            # freed: the skeleton is not used again. Its tensors go first, so that a reference cycle among the
+            # modules (freed only by a later garbage collection) cannot keep a block's weights alive
+            blocks[i].to_empty(device="meta")
+            blocks[i] = nn.Module()
+            release_freed_memory()
+
+    return write_checkpoint_folder(out, model, tokenizer, qconfig, tensors(), overwrite=overwrite,
+                                   max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)

@@ -55,15 +55,24 @@ def save_checkpoint(model, tokenizer, out_dir, qconfig: QuantConfig, overwrite: 
     missing = [m for m in qconfig.modules if not isinstance(model.get_submodule(m), MatQuantLinear)]
     if missing:
         raise CheckpointError(f"modules listed in the config are not MatQuantLinear: {missing[:3]}")
+    return write_checkpoint_folder(out_dir, model, tokenizer, qconfig, _dedup_state_dict(model).items(),
+                                   overwrite=overwrite, max_shard_bytes=max_shard_bytes or 2**62)
+
+
+def write_checkpoint_folder(out_dir, model, tokenizer, qconfig: QuantConfig, tensors, *, overwrite: bool = False,
+                            max_shard_bytes: int = 2**62) -> Path:
+    """The checkpoint folder, atomically: config.json (the model's config + `qconfig`), the (name, tensor) pairs of
+    `tensors` (any iterable: the streamed pipeline yields them one block at a time) through ShardWriter, the
+    generation config and the tokenizer."""
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         cfg = model.config.to_dict()
         cfg["quantization_config"] = qconfig.to_dict()
         cfg.pop("_name_or_path", None)
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str) + "\n")
         # one metadata key (the format version lives in config.json's quantization_config)
-        writer = ShardWriter(tmp, max_shard_bytes or 2**62, metadata={"format": "pt"})
+        writer = ShardWriter(tmp, max_shard_bytes, metadata={"format": "pt"})
         try:
-            for k, t in _dedup_state_dict(model).items():
+            for k, t in tensors:
                 writer.add(k, t)
             writer.close()
         except BaseException:
