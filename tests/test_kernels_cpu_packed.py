@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import matquant
-from matquant.kernels import cpu_packed, dispatch, torch_ref
+from matquant.kernels import cpu_packed, dispatch, packed_backend, torch_ref
 from matquant.nn.linear import MatQuantLinear
 from matquant.nn.memory import resident_tensors
 from matquant.quant.minmax import quantize_minmax
@@ -52,7 +52,8 @@ def test_packed_layer_equals_reference_slice(out_f, in_f, group, bias, high_form
                     # two 4-bit planes are each dequantized in bf16 inside the kernel: up to ~1.4 % at r = 5
                     _close(lin(x), ref, tol=1.2e-2 if bits <= 4 or high_format == "bf16" else 2e-2)
                 ps = lin.compute_backend.packed_slice(lin)
-                assert ps.kind == ("int4" if bits <= 4 else high_format)
+                lowbit_kind = f"int{bits}" if packed_backend.uses_lowbit(lin, bits, mode) else "int4"
+                assert ps.kind == (lowbit_kind if bits <= 4 else high_format)
 
 
 def test_bf16_and_noncontiguous_inputs():

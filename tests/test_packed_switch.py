@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import matquant
-from matquant.kernels import cpu_packed, master_planes, torch_ref
+from matquant.kernels import cpu_packed, lowbit, master_planes, torch_ref
 from matquant.nn.linear import MatQuantLinear
 from matquant.nn.memory import prepare_packed, quantized_resident_bytes, resident_bytes, resident_tensors
 from matquant.quant.minmax import quantize_minmax
@@ -81,8 +81,12 @@ def test_layer_switches_back_and_forth_from_its_planes(out_f, in_f, group, bias)
         assert lin.compute_backend.resident_precisions() == [(bits, "nested" if bits < 8 else "paper")]
         # memory: planes (8 bits) + at most one masked plane + tables + fp16 scales/zeros + bias; no dense weight
         n, k = out_f, in_f
-        tables = sum(t.numel() * 2 for _, t in lin.compute_backend.packed_slice(lin).parts)
-        expect = n * k + (0 if master_planes.shares_planes(bits, 8) else n * k // 2) + tables
+        ps = lin.compute_backend.packed_slice(lin)
+        if isinstance(ps, lowbit.LowbitSlice):  # int2/int3 at their own size (kernels/lowbit.py)
+            expect = n * k + lowbit.slice_bytes(n, k, group, bits)
+        else:
+            tables = sum(t.numel() * 2 for _, t in ps.parts)
+            expect = n * k + (0 if master_planes.shares_planes(bits, 8) else n * k // 2) + tables
         expect += 2 * qw.scales.numel() * 2 + (n * 4 if bias else 0)
         assert quantized_resident_bytes(lin) == expect
         assert not [t for _, t in resident_tensors(lin) if t.is_floating_point() and t.numel() >= n * k // 4]

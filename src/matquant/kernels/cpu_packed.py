@@ -4,8 +4,9 @@ No dense weight of the layer is ever built: the slice is cut from the master cod
 with `torch.ops.aten._convert_weight_to_int4pack_for_cpu` and multiplied by `_weight_int4pack_mm_for_cpu`
 (tinygemm's CPU twin; dequant (q − 8)·scale + zero per group, bf16 activations, fp32 accumulation).
 
-- r ≤ 4   one 4-bit plane. int3 and int2 slices are stored and run as 4-bit codes with their own (A, B): they use
-          exactly the memory and time of int4 (the kernel has no 2/3-bit variant).
+- r ≤ 4   one 4-bit plane. int3 and int2 slices stored here run as 4-bit codes with their own (A, B), the memory
+          and time of int4 (the kernel has no 2/3-bit variant); the packed backend holds them in `kernels.lowbit`'s
+          2/3-bit format instead when that kernel is built and takes the layer.
 - r = 5–8 ``int4x2`` (default): the r-bit code q_r is split into hi = q_r >> 4 and lo = q_r & 15, two 4-bit
           planes, y = int4mm(x, hi; 16·A, B + 128·A) + int4mm(x, lo; A, 8·A). Exact in the same sense as the
           4-bit path; 8 bits per weight + two bf16 (scale, zero) pairs per group. ``bf16``: a dense bf16 weight of

@@ -1,5 +1,7 @@
 """The 'packed' backend, the memory-true CPU runtime: each layer holds its slice as packed 4-bit codes (two 4-bit
-planes, or a bf16 weight, for r > 4; `kernels.cpu_packed`) and runs torch's int4 CPU kernel; no dense weight.
+planes, or a bf16 weight, for r > 4; `kernels.cpu_packed`) and runs torch's int4 CPU kernel; int2 and int3 slices
+are held at 2 and 3 bits per weight and run by the low-bit kernel (`kernels.lowbit`) when it is built (otherwise,
+after one warning, as 4-bit codes like int4); no dense weight.
 
 Precisions listed in ``keep`` stay packed side by side (switching among them is free); others are re-packed from
 the master codes on the next forward or, when the layer holds its master as packed planes
@@ -12,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from matquant.kernels import cpu_packed, master_planes
+from matquant.kernels import cpu_packed, lowbit, master_planes
 from matquant.kernels.backend import Backend, BackendOptions, warn_once
 from matquant.kernels.cpu_backend import CpuBackend
 
@@ -30,6 +32,23 @@ def planes_eligible(layer) -> bool:
     return (layer.slicing == "nested" and not layer.master_dropped and layer.scales.device.type == "cpu"
             and master_planes.planes_supported()
             and layer_reason(layer, layer.master_bits, "paper") is None)
+
+
+def uses_lowbit(layer, bits: int, mode: str) -> bool:
+    """Whether the packed runtime holds `layer` at (bits, mode) in the low-bit format (`kernels.lowbit`): int2/int3,
+    a shape it takes where it is smaller than int4, and the kernel built (False after its one warning if it cannot
+    be)."""
+    n, k, g = layer.out_features, layer.in_features, layer.group_size
+    return (bits in lowbit.BITS and lowbit.layer_reason(n, k, g, bits, mode, layer.master_bits) is None
+            and lowbit.smaller_than_int4(n, k, g, bits) and lowbit.available())
+
+
+def slice_bytes(layer, bits: int, mode: str | None = None) -> int | None:
+    """Bytes of the low-bit slice the packed runtime would hold at `bits` (None: not the low-bit format)."""
+    mode = layer.slicing if mode is None else mode
+    if not uses_lowbit(layer, bits, mode):
+        return None
+    return lowbit.slice_bytes(layer.out_features, layer.in_features, layer.group_size, bits)
 
 
 @contextlib.contextmanager
@@ -61,8 +80,9 @@ class PackedBackend(Backend):
     def reason(self, layer, bits: int | None = None, mode: str | None = None) -> str | None:
         return layer_reason(layer, bits, mode, self.options.high_format)
 
-    def packed_slice(self, layer, bits: int | None = None, mode: str | None = None) -> cpu_packed.PackedSlice:
-        """The layer's PackedSlice at (bits, mode), built from the master codes if not resident. Precisions not in
+    def packed_slice(self, layer, bits: int | None = None, mode: str | None = None
+                     ) -> cpu_packed.PackedSlice | lowbit.LowbitSlice:
+        """The layer's PackedSlice (or LowbitSlice, int2/int3) at (bits, mode), built from the master codes if not resident. Precisions not in
         ``keep`` (other than the one asked for) are dropped, so at most len(keep) + 1 stay resident."""
         bits = layer.bits if bits is None else bits
         mode = layer.slicing if mode is None else mode
@@ -71,6 +91,14 @@ class PackedBackend(Backend):
         key = (bits, mode)
         ps = self.slices.get(key)
         planes = layer.master_planes
+        if ps is None and not layer.master_dropped and uses_lowbit(layer, bits, mode):
+            ps = self._lowbit_slice(layer, bits, mode)
+            if ps.mode == "nested":  # nested int2 and int3 share the 2-bit plane (kernels/lowbit.py)
+                other = next((p for p in self.slices.values() if isinstance(p, lowbit.LowbitSlice)
+                              and p.mode == "nested" and p.codes.shape == ps.codes.shape), None)
+                if other is not None:
+                    ps.codes = other.codes
+            self.slices[key] = ps
         if (ps is None and planes is not None and (mode == "nested" or bits >= layer.master_bits)
                 and not (bits > 4 and self.options.high_format == "bf16")):  # a switch: at most one AND
             sz = layer.group_params(bits, mode)  # a slice with its own (α, z) shares no scale tables
@@ -92,13 +120,28 @@ class PackedBackend(Backend):
                 del self.slices[k]
         return ps
 
+    @staticmethod
+    def _lowbit_slice(layer, bits: int, mode: str) -> lowbit.LowbitSlice:
+        """int2/int3 in the low-bit format: cut from the master's hi plane (nested; one C++ pass) or packed from
+        the uint8 codes."""
+        planes = layer.master_planes
+        sz = layer.group_params(bits, mode)
+        if planes is not None and (mode == "nested" or bits >= layer.master_bits) and lowbit.planes_convertible():
+            with single_thread():
+                return lowbit.from_planes(planes.hi, layer.out_features, layer.in_features, *sz, layer.master_bits,
+                                          bits, layer.group_size)
+        return lowbit.pack_slice(layer.master_codes(), *sz, layer.master_bits, bits, mode, layer.group_size)
+
     def prepare(self, layer, bits: int, mode: str) -> None:
         self.packed_slice(layer, bits, mode)
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         reason = self.reason(layer) or cpu_packed.input_reason(x)
         if reason is None:
-            return cpu_packed.linear(x, self.packed_slice(layer), layer.bias)
+            ps = self.packed_slice(layer)
+            if isinstance(ps, lowbit.LowbitSlice):
+                return lowbit.linear(x, ps, layer.bias)
+            return cpu_packed.linear(x, ps, layer.bias)
         if layer.master_dropped:
             raise ValueError(f"this layer cannot run its packed slice on {reason} and its master codes were dropped "
                              "(keep_master=False); reload with keep_master=True to use other backends.")
