@@ -146,3 +146,48 @@ def test_lsq_zero_fit_never_worse_than_search(ckpts, tmp_path):
     with pytest.raises(ExportError, match="unknown zero-point fit"):
         export_compressed_tensors(model, tok, tmp_path / "bad", fit="nope")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.fixture(scope="module")
+def integer_ckpt(tmp_path_factory, tiny_tokenizer):
+    """Integer zero points for the master and the int4 slice, with slice-own parameters (--recipe quality
+    --zero-points integer)."""
+    m = tiny_model("llama")
+    calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(2))
+    q = quantize_model(m, "matgptq", scope="ffn+attn", group_size=32, calib=calib, slice_params="own",
+                       zero_points="integer", progress=False)
+    return save_checkpoint(m, tiny_tokenizer, tmp_path_factory.mktemp("ctint") / "ckpt", q)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_integer_zero_checkpoint_exports_exactly(integer_ckpt, tmp_path, bits):
+    """Every group on the grid: written without a fit, and compressed-tensors' own decompression of the file is
+    matquant's slice up to the fp16 rounding of the scale·(q − zp) product (the scales themselves are exact)."""
+    from matquant.integrations.compressed_tensors_export import _decompressed_weight, _schemes_and_tensors
+    from matquant.integrations.compressed_tensors_fit import integer_zero_fit
+    from matquant.integrations.export_slices import model_slices
+    from matquant.quant.slicing import slice_master
+
+    model, tok, _ = load_for_export(integer_ckpt, bits)
+    out = tmp_path / f"w{bits}"
+    rep = export_compressed_tensors(model, tok, out)  # the default: float16 scales
+    assert all(m.exact_groups == 1.0 for m in rep.modules) and f"{len(rep.modules)} exact" in rep.summary()
+    schemes, tensors = _schemes_and_tensors(out)
+    for name, mod in matquant_modules(model).items():
+        ref = mod.dequantized_weight(torch.float32).double()
+        a, _ = (x.float() for x in mod.group_params(bits))
+        scale = tensors[f"{name}.weight_scale"]
+        assert torch.equal(scale.float(), a * 2 ** (8 - bits))  # the slice's own A, exactly
+        back = _decompressed_weight(tensors, name, schemes[name]).double()
+        # up to fp16 rounding of each product (|w| ≤ max|w|): half an fp16 ulp, relative 2^-11
+        assert (back - ref).abs().max() <= 2**-11 * ref.abs().max() * 1.01, name
+    # the integers written, in float64: scale·(q − zp) IS α·(S_r(q) − z) of the checkpoint, bit for bit
+    for name, st in model_slices(model).items():
+        s, zp, q, exact = integer_zero_fit(st, torch.float16)
+        g = st.group_size
+        ct = s.double().repeat_interleave(g, 1) * (q.double() - zp.double().repeat_interleave(g, 1))
+        alpha, z = (x.double().repeat_interleave(g, 1) for x in model.get_submodule(name).group_params(bits))
+        master = model.get_submodule(name).master_codes()
+        assert torch.equal(ct, alpha * (slice_master(master, 8, bits, "nested").double() - z)), name
+    back = _read_back(out)
+    assert _logit_gap(model, back) < 2e-3

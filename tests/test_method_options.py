@@ -31,7 +31,7 @@ def test_close_match_is_suggested_and_valid_options_pass():
         make_config("omniquant", epoch=5)
     make_config("omniquant", epochs=1, lr_lwc=0.1)
     assert "epochs" in method_options("omniquant") and "steps" in method_options("qat")
-    assert method_options("rtn") == ["clip", "slice_params"]
+    assert method_options("rtn") == ["clip", "slice_params", "zero_points"]
 
 
 def test_public_quantize_refuses_before_loading_the_model(tmp_path):

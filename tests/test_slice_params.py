@@ -103,7 +103,7 @@ def test_own_params_keep_the_codes_and_fit_every_precision_to_its_own_error():
     base, own = _tiny(), _tiny()
     quantize_model(base, "gptq", group_size=32, scope="ffn", calib=CALIB, progress=False)
     qcfg = quantize_model(own, "gptq", group_size=32, scope="ffn", calib=CALIB, progress=False,
-                          slice_params="own")
+                          slice_params="own", zero_points="free")  # (integer master zeros: tests/test_integer_zero.py)
     assert qcfg.slice_params == [2, 3, 4, 6]
     n = qcfg.modules[0]
     a, b = base.get_submodule(n), own.get_submodule(n)

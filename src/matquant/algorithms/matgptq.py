@@ -56,7 +56,7 @@ def matgptq(model, targets: list[str], config, calib=None, progress: bool = True
     def q(name, W, H):
         qw, _ = matgptq_quantize_weight(W, H, rounder, c.group_size, c.symmetric, param_dtype, c.damp, c.act_order,
                                         c.group_params, c.blocksize, name, c.clip, c.refit, c.clip_lambdas)
-        return with_slice_params(qw, W, H, c.slice_params, c.slicing, c.symmetric, param_dtype)
+        return with_slice_params(qw, W, H, c.slice_params, c.slicing, c.symmetric, param_dtype, c.zero_points)
 
     return hessian_pass(model, targets, calib, q, true_sequential=c.true_sequential, device=c.device,
                         batch_size=c.batch_size, progress=progress, propagate=prop,

@@ -4,9 +4,9 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from matquant.algorithms.blocks import new_results, target_weights
-from matquant.algorithms.slice_params import check_post_pass, fit_slice_params
+from matquant.algorithms.slice_params import check_post_pass, fit_slice_params, integer_zero_pairs
 from matquant.quant.clip_search import quantize_clipped
-from matquant.quant.minmax import QuantizedWeight, quantize_minmax
+from matquant.quant.minmax import QuantizedWeight, dequantize_codes, quantize_minmax
 
 
 def rtn(model, targets: list[str], config, calib=None, progress: bool = True) -> dict[str, QuantizedWeight]:
@@ -35,5 +35,10 @@ def rtn(model, targets: list[str], config, calib=None, progress: bool = True) ->
                                          slicing=c.slicing, param_dtype=param_dtype)
     if c.slice_params == "own":
         return fit_slice_params(model, targets, out, calib, slicing=c.slicing, symmetric=c.symmetric,
-                                param_dtype=param_dtype, progress=progress)
+                                param_dtype=param_dtype, progress=progress, zero_points=c.zero_points)
+    if c.zero_points == "integer" and not c.symmetric:  # no calibration pass: the master's shared pair is moved
+        for name in list(out):  # onto its integer grid against the plain weight error (a dict, or results on disk)
+            qw = out[name]
+            W = dequantize_codes(qw.codes, qw.scales, qw.zeros)
+            out[name] = integer_zero_pairs(qw, W, None, c.slicing, param_dtype, master_only=True)
     return out

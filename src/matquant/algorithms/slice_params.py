@@ -10,6 +10,14 @@ pass over the calibration windows after the method (algorithms/hessian_pass.py):
 in the model whose earlier targets already hold their dequantized master (as GPTQ sees them), and W = the target's
 full-precision weight as the method leaves it in the model (the original weight; the LET-folded one for
 omniquant --let).
+
+Integer zero points (`zero_points`, rtn / gptq / matgptq): pairs moved onto their slice's integer-zero grid for the
+same codes (quant/integer_zero.py), so that the compressed-tensors (vLLM) export of those slices is exact
+(docs/export.md). `master` (the default): the master's pair where it serves the master alone (slice_params='own',
+the quality recipe); with shared parameters every slice reads the master's pair, so it stays as the method set it.
+`integer`: the master's pair in either case, and the own pair of every slice an integer-zero engine serves
+(quant/integer_zero.INTEGER_ZERO_BITS: int4, with slice_params='own'), at a measured cost to that slice
+(docs/export.md). `free`: fractional zeros everywhere.
 """
 from __future__ import annotations
 
@@ -17,11 +25,43 @@ import torch
 
 from matquant.algorithms.hessian_pass import hessian_pass
 from matquant.quant.clip_search import DEFAULT_SERVED
+from matquant.quant.integer_zero import INTEGER_ZERO_BITS, grid_storable, integer_zero_params
 from matquant.quant.minmax import QuantizedWeight
 from matquant.quant.refit import refit_params
 
 SLICE_PARAMS = ("shared", "own")
 DEFAULT_SLICE_PARAMS = "shared"  # the paper's: every slice reads its codes with the master's (α, z)
+ZERO_POINTS = ("master", "integer", "free")
+# the configs' default (rtn, gptq, matgptq): the master's integer zeros cost it ~nothing where it reads them alone; the
+# int4 slice's cost it clearly (measured in docs/export.md), so those are asked for with 'integer'
+DEFAULT_ZERO_POINTS = "master"
+
+
+def check_zero_points(zero_points: str) -> str:
+    if zero_points not in ZERO_POINTS:
+        raise ValueError(f"unknown zero_points {zero_points!r}; choose one of {', '.join(ZERO_POINTS)} (master: the "
+                         "master's zero points on its integer grid, its compressed-tensors/vLLM export is exact; "
+                         "integer: also the int4 slice's own; free: fractional zero points).")
+    return zero_points
+
+
+def integer_zero_pairs(qw: QuantizedWeight, W, H, slicing: str, param_dtype, master_only: bool = False
+                       ) -> QuantizedWeight:
+    """`qw` with the pairs of the INTEGER_ZERO_BITS slices (the master's shared pair if its width is one; unless
+    `master_only`, the own pair of such a slice below it) moved onto their integer-zero grids for the same codes
+    (quant/integer_zero.integer_zero_params; H None: the plain weight error, group by group). A grid the storage
+    dtype cannot hold (bfloat16's for the nested int4 slice) leaves that pair free (its export is then fitted)."""
+    kw = dict(master_bits=qw.bits, group_size=qw.group_size, slicing=slicing, param_dtype=param_dtype)
+
+    def fits(r):  # (a grid the storage dtype cannot hold, e.g. bfloat16's for int4: the pair stays free)
+        return r in INTEGER_ZERO_BITS and grid_storable(qw.bits, r, slicing, param_dtype)
+
+    if fits(qw.bits):
+        qw.scales, qw.zeros = integer_zero_params(W, H, qw.codes, qw.scales, qw.zeros, bits=qw.bits, **kw)
+    for r, (s, z) in list((qw.slice_params or {}).items() if not master_only else ()):
+        if fits(r):
+            qw.slice_params[r] = integer_zero_params(W, H, qw.codes, s, z, bits=r, **kw)
+    return qw
 
 
 def check_slice_params(slice_params: str) -> str:
@@ -33,26 +73,31 @@ def check_slice_params(slice_params: str) -> str:
 
 
 def with_slice_params(qw: QuantizedWeight, W, H, slice_params: str, slicing: str, symmetric: bool,
-                      param_dtype) -> QuantizedWeight:
+                      param_dtype, zero_points: str = "free") -> QuantizedWeight:
     """`qw` with slice-own (α_r, z_r) for the served slices below its master (clip_search.DEFAULT_SERVED), fitted by
     least squares on each slice's output error ‖(W − Ŵ_r)X‖² for the fixed codes, and its shared (α, z), which
     serve the master alone from here on, refit to the master's error alone (one `refit_params` pass, one fit per
     slice; a row keeps its values where the fit does not lower its error); unchanged for slice_params='shared'.
 
     The codes stay the master's bit prefixes; only how slice r reads them back changes, still one affine map per
-    group in master code units: ŵ_r = α_r·(S_r(q) − z_r)."""
-    if slice_params == "shared":
-        return qw
+    group in master code units: ŵ_r = α_r·(S_r(q) − z_r).
+
+    zero_points: 'master' moves the master's own pair (slice_params='own') onto its integer grid, 'integer' also a
+    shared one and the int4 slice's own pair (`integer_zero_pairs`; never for a symmetric quantizer, whose zero stays
+    the mid-point)."""
+    mode = check_zero_points(zero_points)
+    integer, master_only = mode != "free" and not symmetric, mode == "master"
     slices = [b for b in DEFAULT_SERVED if b < qw.bits]
-    if not slices:
-        return qw
+    if slice_params == "shared" or not slices:
+        return integer_zero_pairs(qw, W, H, slicing, param_dtype, master_only=True) if mode == "integer" and integer \
+            else qw
     fits = refit_params(W, H, qw.codes, qw.scales, qw.zeros, master_bits=qw.bits, group_size=qw.group_size,
                         slicing=slicing, slices=[qw.bits] + slices, symmetric=symmetric, param_dtype=param_dtype,
                         separate=True)
     own = {r: (s.to(param_dtype), z.to(param_dtype)) for r, (s, z, _) in fits.items()}
     qw.scales, qw.zeros = own.pop(qw.bits)
     qw.slice_params = own
-    return qw
+    return integer_zero_pairs(qw, W, H, slicing, param_dtype, master_only=master_only) if integer else qw
 
 
 def check_post_pass(slice_params: str, calib, method: str) -> None:
@@ -67,13 +112,13 @@ def check_post_pass(slice_params: str, calib, method: str) -> None:
 
 def fit_slice_params(model, targets: list[str], qweights: dict[str, QuantizedWeight], calib, *, slicing: str,
                      symmetric: bool, param_dtype, progress: bool = True, device=None,
-                     desc: str = "slice-own (α, z)") -> dict[str, QuantizedWeight]:
+                     desc: str = "slice-own (α, z)", zero_points: str = "free") -> dict[str, QuantizedWeight]:
     """`qweights` (codes unchanged) with slice-own (α_r, z_r) fitted in one block-wise pass over `calib`; every
     target's weight in `model` is left as its dequantized master, which the caller replaces by MatQuantLinear."""
     def fit(name, W, H):
         q = qweights[name]
         qw = QuantizedWeight(q.codes.to(W.device), q.scales.to(W.device), q.zeros.to(W.device), q.bits,
                              q.group_size)
-        return with_slice_params(qw, W, H, "own", slicing, symmetric, param_dtype)
+        return with_slice_params(qw, W, H, "own", slicing, symmetric, param_dtype, zero_points)
 
     return hessian_pass(model, targets, calib, fit, device=device, progress=progress, desc=desc)

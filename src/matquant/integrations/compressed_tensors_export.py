@@ -1,7 +1,9 @@
 """Export a slice (or a Mix'n'Match bits map) as a compressed-tensors `pack-quantized` folder (what llm-compressor
 writes and vLLM serves): group-wise, asymmetric, integer zero points, codes packed into int32 by the
 compressed-tensors package's own compressor, `quantization_config` written by its own ModelCompressor.
-The integer-zero grid of each module is fitted by `compressed_tensors_fit`; each module's compressed tensors (what
+A module whose slice already lies on the integer-zero grid (checkpoints quantized with zero_points='integer', at the
+int8 master and an int4 slice with its own pair) is written exactly as it is; any other is fitted by
+`compressed_tensors_fit`; each module's compressed tensors (what
 the file holds) are decompressed with compressed-tensors' own decompressor to measure the weight error.
 
 Streaming: the model is read one module at a time (an export source, `export_slices.CheckpointSource`), and each
@@ -66,8 +68,12 @@ class CTExportReport:
     def summary(self) -> str:
         exact = sum(m.exact_groups == 1.0 for m in self.modules)
         worst = max(self.modules, key=lambda m: m.rel_rms_error)
+        hint = "" if exact == len(self.modules) else (
+            "; exact are the int8 slice and, with --slice-params own, the int4 slice of a checkpoint quantized "
+            "with --zero-points integer")
         return (f"wrote {self.path}: pack-quantized, {self.config_groups} config group(s), {len(self.modules)} "
-                f"modules ({exact} exact, {len(self.modules) - exact} nearest-fitted integer zero points), "
+                f"modules ({exact} exact: the slice itself, written without a fit; {len(self.modules) - exact} "
+                f"nearest-fitted integer zero points{hint}), "
                 f"{self.bits_per_weight:.3f} bits/weight over the quantized modules\n"
                 f"  weight error vs the slice: worst relative rms {worst.rel_rms_error:.2e} ({worst.module}), "
                 f"worst max abs {max(m.max_error for m in self.modules):.2e}; model.safetensors "

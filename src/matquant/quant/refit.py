@@ -29,6 +29,48 @@ from matquant.quant.slicing import slice_master
 DAMP = 1e-6  # Levenberg damping, relative to each diagonal entry of the row's system
 
 
+def hessian_blocks(H: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Hb [G, gs, in]: H's rows by group, T [G, G]: Σ_{i∈g, j∈h} H_ij) in float64, what `slice_system` reads."""
+    in_f = H.shape[0]
+    G = in_f // group_size
+    H = H.double()  # (a column never seen in calibration has a zero row and column: it adds nothing)
+    return H.view(G, group_size, in_f), H.view(G, group_size, G, group_size).sum((1, 3))
+
+
+def slice_system(q: torch.Tensor, Hb: torch.Tensor, Hw: torch.Tensor, T: torch.Tensor, *, master_bits: int, slices,
+                 lambdas, slicing: str):
+    """The blocks of each row's quadratic E(α, t) = Σ_r λ_r (w − ŵ_r) H (w − ŵ_r)ᵀ (up to a constant), ŵ_r =
+    α·S_r(q) − t per group, for codes q [n, in] and Hw = w·H [n, in] of the same rows (float64):
+    (Kaa, Kat [n, G, G], ba, bt [n, G], Ktt [n, G, G]) with E = pᵀKp − 2pᵀb, p = (α, t),
+    K = [[Kaa, Kat], [Katᵀ, Ktt]], b = (ba, bt)."""
+    n = q.shape[0]
+    G, gs = Hb.shape[0], Hb.shape[1]
+    Kaa = torch.zeros(n, G, G, dtype=torch.float64)
+    Kat = torch.zeros(n, G, G, dtype=torch.float64)
+    ba = torch.zeros(n, G, dtype=torch.float64)
+    for r, lr in zip(slices, lambdas):
+        if lr == 0:
+            continue
+        v = slice_master(q, master_bits, r, slicing).double().view(n, G, gs)  # [n, G, gs]
+        Y = torch.einsum("rgk,gkj->rgj", v, Hb).view(n, G, G, gs)  # Σ_{i∈g} v_i H_ij, columns j by group h
+        Kaa += lr * torch.einsum("rghk,rhk->rgh", Y, v)  # (faster than the product-and-sum on CPU)
+        Kat -= lr * Y.sum(-1)
+        ba += lr * (v * Hw.view(n, G, gs)).sum(-1)
+    L = sum(lambdas)
+    bt = -L * Hw.view(n, G, gs).sum(-1)
+    Ktt = (L * T).expand(n, G, G)
+    return Kaa, Kat, ba, bt, Ktt
+
+
+def fixed_zero_system(Kaa, Kat, ba, bt, Ktt, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K [n, G, G], b [n, G]) of E as a quadratic in α alone for fixed zeros z [n, G] (E = αᵀKα − 2αᵀb + const).
+
+    z fixed: ŵ_r = α(S_r − z) = α·S_r − α·z, so with Kat[g, h] = −Σ_{i∈g, j∈h} S_i H_ij the α-α system is
+    Kaa + Kat·z_h + z_g·Katᵀ + z_g z_h Ktt, and its right-hand side ba + z·bt."""
+    K = Kaa + Kat * z.unsqueeze(1) + z.unsqueeze(2) * Kat.transpose(1, 2) + z.unsqueeze(2) * z.unsqueeze(1) * Ktt
+    return K, ba + z * bt
+
+
 def _error(K: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """pᵀKp − 2pᵀb per row (E(p) up to a constant of the row)."""
     return (p.unsqueeze(1) @ K @ p.unsqueeze(2))[:, 0, 0] - 2 * (p * b).sum(1)
@@ -56,9 +98,8 @@ def refit_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
         if not 1 <= r <= master_bits:
             raise ValueError(f"refit: slice int{r} is not a slice of the int{master_bits} master (1..{master_bits}).")
     lam = (1.0,) * len(bits) if lambdas is None else tuple(float(x) for x in lambdas)
-    H = H.double()  # (a column never seen in calibration has a zero row and column: it adds nothing)
-    Hb = H.view(G, gs, in_f)
-    T = H.view(G, gs, G, gs).sum((1, 3))  # Σ_{i∈g, j∈h} H_ij: the t-t block, the same for every row
+    H = H.double()
+    Hb, T = hessian_blocks(H, gs)  # T: the t-t block, the same for every row
     smin, zmax = param_limits(param_dtype)
     problems = [((r,), (1.0,)) for r in bits] if separate else [(bits, lam)]
     new = [[scales.clone(), zeros.clone(), 0] for _ in problems]
@@ -70,26 +111,10 @@ def refit_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
         q = codes[r0:r1]
         s0, z0 = scales[r0:r1].double(), zeros[r0:r1].double()
         for (pbits, plam), acc in zip(problems, new):
-            Kaa = torch.zeros(n, G, G, dtype=torch.float64)
-            Kat = torch.zeros(n, G, G, dtype=torch.float64)
-            ba = torch.zeros(n, G, dtype=torch.float64)
-            for r, lr in zip(pbits, plam):
-                if lr == 0:
-                    continue
-                v = slice_master(q, master_bits, r, slicing).double().view(n, G, gs)  # [n, G, gs]
-                Y = torch.einsum("rgk,gkj->rgj", v, Hb).view(n, G, G, gs)  # Σ_{i∈g} v_i H_ij, columns j by group h
-                Kaa += lr * torch.einsum("rghk,rhk->rgh", Y, v)  # (faster than the product-and-sum on CPU)
-                Kat -= lr * Y.sum(-1)
-                ba += lr * (v * Hw.view(n, G, gs)).sum(-1)
-            L = sum(plam)
-            bt = -L * Hw.view(n, G, gs).sum(-1)
-            Ktt = (L * T).expand(n, G, G)
+            Kaa, Kat, ba, bt, Ktt = slice_system(q, Hb, Hw, T, master_bits=master_bits, slices=pbits,
+                                                 lambdas=plam, slicing=slicing)
             if symmetric:
-                # z fixed: ŵ_r = α(S_r − z) = α·S_r − α·z, so with Kat[g, h] = −Σ_{i∈g, j∈h} S_i H_ij the α-α system
-                # is Kaa + Kat·z_h + z_g·Katᵀ + z_g z_h Ktt, and its right-hand side ba + z·bt
-                K = Kaa + Kat * z0.unsqueeze(1) + z0.unsqueeze(2) * Kat.transpose(1, 2) + \
-                    z0.unsqueeze(2) * z0.unsqueeze(1) * Ktt
-                b = ba + z0 * bt
+                K, b = fixed_zero_system(Kaa, Kat, ba, bt, Ktt, z0)
                 p0 = s0
             else:
                 K = torch.cat([torch.cat([Kaa, Kat], 2), torch.cat([Kat.transpose(1, 2), Ktt], 2)], 1)

@@ -31,9 +31,12 @@ class GPTQConfig(MethodConfig):
     clip_lambdas: list | None = options.clip_lambdas("served slice, the master and 6,4,3,2 below it (e.g. 1,0,0 at "
                                                      "--bits-master 4: the search for int4 alone)")
     slice_params: str = options.slice_params()
+    zero_points: str = options.zero_points()
 
     def validate_method(self) -> None:
         from matquant.algorithms.gptq import check_gptq_clip_lambdas
+        from matquant.algorithms.slice_params import check_zero_points
 
         super().validate_method()
         check_gptq_clip_lambdas(self.clip_lambdas, self.clip, self.master_bits)
+        check_zero_points(self.zero_points)

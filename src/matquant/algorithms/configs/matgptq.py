@@ -31,11 +31,12 @@ class MatGPTQConfig(GPTQConfig):
     def validate_method(self) -> None:
         from matquant.algorithms.matgptq import check_group_params, propagate_fn
         from matquant.algorithms.multislice_codes import resolve_bits_lambdas
-        from matquant.algorithms.slice_params import check_slice_params
+        from matquant.algorithms.slice_params import check_slice_params, check_zero_points
         from matquant.quant.clip_search import check_clip_lambdas
 
         check_group_params(self.group_params, self.clip)
         check_slice_params(self.slice_params)
+        check_zero_points(self.zero_points)
         if self.error_feedback not in ERROR_FEEDBACK:
             raise ValueError(f"error_feedback must be one of {', '.join(ERROR_FEEDBACK)}, got "
                              f"{self.error_feedback!r}.")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from matquant.algorithms.configs.base import RUNTIME, option
-from matquant.algorithms.slice_params import DEFAULT_SLICE_PARAMS, SLICE_PARAMS
+from matquant.algorithms.slice_params import DEFAULT_SLICE_PARAMS, DEFAULT_ZERO_POINTS, SLICE_PARAMS, ZERO_POINTS
 from matquant.quant.clip_search import CLIP_MODES, DEFAULT_CLIP
 
 
@@ -18,6 +18,13 @@ def slice_params():
                   "paper's), or each served precision's own, fitted by least squares to that precision's calibration "
                   "output error for the unchanged codes. A served slice costs the same bits either way; the "
                   "checkpoint holds one more pair per group and slice (docs/gptq.md)", choices=SLICE_PARAMS)
+
+
+def zero_points():
+    return option(DEFAULT_ZERO_POINTS, "group zero points: master = the master's own pair (--slice-params own) on its "
+                  "integer code grid for the same codes, so its compressed-tensors/vLLM export is exact; integer = "
+                  "also a shared master pair and the int4 slice's own pair, exact int4 export at a cost to the int4 "
+                  "slice; free = fractional (docs/export.md)", choices=ZERO_POINTS)
 
 
 def clip_lambdas(served: str):

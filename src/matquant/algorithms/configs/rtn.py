@@ -17,3 +17,10 @@ class RTNConfig(MethodConfig):
 
     clip: str = options.clip("; weighted reads calibration text")
     slice_params: str = options.slice_params()
+    zero_points: str = options.zero_points()
+
+    def validate_method(self) -> None:
+        from matquant.algorithms.slice_params import check_zero_points
+
+        super().validate_method()
+        check_zero_points(self.zero_points)
