@@ -156,8 +156,8 @@ def test_load_holds_the_master_as_planes_and_switches_every_nested_precision(tmp
             assert not [t for _, t in resident_tensors(lay) if t.is_floating_point()
                         and t.numel() >= lay.out_features * lay.in_features // 4]
     # budget with keep_master=True: the runtime memory model counts the planes (predicted == measured)
-    m4, _ = matquant.load(tmp_path / "ck", bits=4, keep_master=True)
-    m8, _ = matquant.load(tmp_path / "ck", bits=8, keep_master=True)
+    m4, _ = matquant.load(tmp_path / "ck", bits=4, keep_master=True, quantize_embeddings=True)  # as budget= does
+    m8, _ = matquant.load(tmp_path / "ck", bits=8, keep_master=True, quantize_embeddings=True)
     budget = (resident_bytes(m4) + resident_bytes(m8)) // 2
     mixed, _ = matquant.load(tmp_path / "ck", budget=f"{budget}B", keep_master=True)
     info = mixed.matquant_budget

@@ -84,8 +84,8 @@ def test_keep_lists_the_switchable_precisions(ckpt):
 
 
 def test_budget_picks_a_map_that_fits_and_is_measured(ckpt):
-    m4, _ = matquant.load(ckpt, bits=4, keep_master=False)
-    m8, _ = matquant.load(ckpt, bits=8, keep_master=False)
+    m4, _ = matquant.load(ckpt, bits=4, keep_master=False, quantize_embeddings=True)  # as a budget= load holds them
+    m8, _ = matquant.load(ckpt, bits=8, keep_master=False, quantize_embeddings=True)
     lo, hi = resident_bytes(m4), resident_bytes(m8)
     budget = (lo + hi) // 2
     m, _ = matquant.load(ckpt, budget=f"{budget}B")

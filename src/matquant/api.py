@@ -11,7 +11,7 @@ from matquant.models.loading import DEFAULT_MODEL
 
 def load(ckpt_dir, bits=None, slicing: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
          backend: str | None = None, keep=None, keep_master: bool | None = None, budget=None,
-         high_format: str | None = None):
+         high_format: str | None = None, quantize_embeddings: bool | None = None):
     """Load a matquant checkpoint; returns (model, tokenizer). `bits`: int or {module pattern: bits}.
 
     `backend` (default: 'auto' on CPU = the packed runtime, 'torch' elsewhere): on CPU each quantized layer then
@@ -27,12 +27,17 @@ def load(ckpt_dir, bits=None, slicing: str | None = None, device: str = "cpu", d
       pyramid Mix'n'Match map on (int4, int8) that fits (`mixnmatch.runtime_fit`; overrides `bits`) and checks the
       measured resident memory after loading (ValueError if over).
     - `high_format`: 'int4x2' (default) or 'bf16' for slices above 4 bits (see docs/runtime.md).
+    - `quantize_embeddings`: hold the token embedding and the output head as one int8 per-row table (shared when
+      tied; `nn.quantized_embedding`) instead of the checkpoint's float weights. Default: True with `budget`
+      (the budget then counts the int8 tables), else False. Do not save such a model as a checkpoint.
     """
     from matquant.nn.bits import set_backend, set_bits
     from matquant.nn.memory import drop_master, prepare_packed, quantized_resident_bytes, resident_bytes
 
     if keep_master is None:
         keep_master = budget is None
+    if quantize_embeddings is None:
+        quantize_embeddings = budget is not None
     if backend is None:
         backend = "auto" if torch.device(device).type == "cpu" else "torch"
     packed_here = backend in ("packed", "auto") and torch.device(device).type == "cpu"
@@ -40,9 +45,11 @@ def load(ckpt_dir, bits=None, slicing: str | None = None, device: str = "cpu", d
         raise ValueError("budget= and keep_master=False need the packed CPU runtime: device='cpu' and backend "
                          "'auto' or 'packed'.")
     if not keep_master and budget is None:
-        return _load_streaming(ckpt_dir, bits, slicing, dtype, backend, keep, high_format)
+        return _load_streaming(ckpt_dir, bits, slicing, dtype, backend, keep, high_format, quantize_embeddings)
     model, tok, _ = load_checkpoint(ckpt_dir, bits=bits, slicing=slicing, device=device, dtype=dtype)
     set_backend(model, backend, keep=keep, high_format=high_format)
+    if quantize_embeddings:
+        _quantize_embeddings(model)
     if budget is not None:
         from matquant.mixnmatch.runtime_fit import fit_bits_map
 
@@ -68,7 +75,15 @@ def load(ckpt_dir, bits=None, slicing: str | None = None, device: str = "cpu", d
     return model, tok
 
 
-def _load_streaming(ckpt_dir, bits, slicing, dtype, backend, keep, high_format):
+def _quantize_embeddings(model) -> None:
+    from matquant.nn.memory import release_freed_memory
+    from matquant.nn.quantized_embedding import quantize_embeddings
+
+    quantize_embeddings(model)
+    release_freed_memory()
+
+
+def _load_streaming(ckpt_dir, bits, slicing, dtype, backend, keep, high_format, quantize_embeddings=False):
     """`load(keep_master=False)` without a budget: the meta skeleton gets its precisions and backend first, then each
     quantized layer is packed and its master codes freed as soon as its tensors are read (format/checkpoint.py
     `load_state(on_layer=...)`); the same model as loading everything and then `drop_master`."""
@@ -83,6 +98,8 @@ def _load_streaming(ckpt_dir, bits, slicing, dtype, backend, keep, high_format):
     model, qconfig = open_checkpoint(ckpt_dir, bits, slicing, dtype)
     set_backend(model, backend, keep=keep, high_format=high_format)
     load_state(model, ckpt_dir, qconfig, on_layer=pack)
+    if quantize_embeddings:
+        _quantize_embeddings(model)
     model.eval()
     return model, load_tokenizer(ckpt_dir)
 

@@ -7,6 +7,10 @@ import time
 from matquant.commands.common import load_bits_map
 
 
+EMBEDDING_CHOICES = ("int8", "fp32")
+DEFAULT_CHECKPOINT_EMBEDDINGS = "int8"
+
+
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint slice on the packed CPU runtime",
                        description="Stream tokens from the r-bit slice (or a bits map, or the best map within a "
@@ -36,6 +40,10 @@ def register(sub) -> None:
                    help="free the uint8 master codes after packing (the int4 model then holds ~4.5 bits/weight)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="dtype of the unquantized parts (embeddings, norms) and activations (default float32)")
+    p.add_argument("--embeddings", default=None, choices=EMBEDDING_CHOICES,
+                   help="token embedding and output head: int8 (one per-row int8 table, shared when tied; the "
+                        "default for checkpoints) or fp32 (unquantized, in --dtype; the default with --model). "
+                        "docs/runtime.md")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the forward with a static KV cache: faster decode on CPU after a first "
@@ -74,17 +82,24 @@ def load_for_generation(args):
         from matquant.models.loading import load_model
 
         model, tok, src = load_model(args.model, dtype=dtype)
-        return model.eval(), tok, f"{src.describe()} ({args.dtype}, full precision)"
+        what = f"{src.describe()} ({args.dtype}, full precision)"
+        if args.embeddings == "int8":
+            from matquant.nn.quantized_embedding import quantize_embeddings
+
+            quantize_embeddings(model)
+            what += ", int8 embeddings and head"
+        return model.eval(), tok, what
     if args.checkpoint is None:
         raise ValueError("give a matquant checkpoint folder, or --model SPEC for a full-precision model.")
     import matquant
     from matquant.nn.bits import average_bits
 
     bits = args.bits if args.bits is not None else load_bits_map(args.bits_map)
+    embeddings = args.embeddings or DEFAULT_CHECKPOINT_EMBEDDINGS
     model, tok = matquant.load(args.checkpoint, bits=bits, slicing=args.slicing, dtype=dtype, backend=args.backend,
                                keep_master=False if (args.drop_master or args.budget) else True,
-                               budget=args.budget)
-    what = f"{args.checkpoint} at {average_bits(model):.2f} average bits"
+                               budget=args.budget, quantize_embeddings=embeddings == "int8")
+    what = f"{args.checkpoint} at {average_bits(model):.2f} average bits, {embeddings} embeddings and head"
     if args.budget:
         from matquant.mixnmatch.runtime_fit import describe
 
@@ -179,7 +194,10 @@ def run(args) -> int:
         print(f"compiled in {time.perf_counter() - t0:.0f} s", flush=True)
     r = generate(model, tok, ids, mask, args.max_new_tokens, args.temperature, args.top_p, args.seed)
     print()
+    from matquant.nn.memory import describe_resident, resident_bytes_by_part
+
     print(f"model: {what}")
+    print(describe_resident(resident_bytes_by_part(model)))
     print(f"prefill: {r['prompt_tokens']} tokens, {r['prefill_tok_s']:.1f} tok/s | decode: {r['new_tokens']} "
           f"tokens, {r['decode_tok_s']:.1f} tok/s | RSS after load {rss_load:.0f} MiB, after generation "
           f"{_rss_mib():.0f} MiB | {torch.get_num_threads()} threads{' | compiled' if args.compile else ''}")

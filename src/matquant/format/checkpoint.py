@@ -55,6 +55,12 @@ def save_checkpoint(model, tokenizer, out_dir, qconfig: QuantConfig, overwrite: 
     missing = [m for m in qconfig.modules if not isinstance(model.get_submodule(m), MatQuantLinear)]
     if missing:
         raise CheckpointError(f"modules listed in the config are not MatQuantLinear: {missing[:3]}")
+    from matquant.nn.quantized_embedding import has_quantized_embeddings
+
+    if has_quantized_embeddings(model):
+        raise CheckpointError("this model's embeddings and head were quantized to int8 at load "
+                              "(quantize_embeddings=True), which a checkpoint does not store: load it with "
+                              "quantize_embeddings=False to save it.")
     return write_checkpoint_folder(out_dir, model, tokenizer, qconfig, _dedup_state_dict(model).items(),
                                    overwrite=overwrite, max_shard_bytes=max_shard_bytes or 2**62)
 

@@ -52,6 +52,29 @@ def quantized_resident_bytes(model: nn.Module) -> int:
     return _unique_bytes(t for m in matquant_modules(model).values() for _, t in resident_tensors(m))
 
 
+def embedding_resident_bytes(model: nn.Module) -> int:
+    """Bytes held by the token embedding and the output head (fp32 weights or int8 tables; a tied pair once)."""
+    from matquant.nn.quantized_embedding import embedding_modules
+
+    return _unique_bytes(t for m in embedding_modules(model).values() for _, t in resident_tensors(m))
+
+
+def resident_bytes_by_part(model: nn.Module) -> dict[str, int]:
+    """{'quantized layers', 'embeddings and head', 'other', 'total'}: `resident_bytes` split by part (norms, rotary
+    tables and any unquantized linear layer are 'other')."""
+    total = resident_bytes(model)
+    quantized = quantized_resident_bytes(model)
+    embeddings = embedding_resident_bytes(model)
+    return {"quantized layers": quantized, "embeddings and head": embeddings,
+            "other": total - quantized - embeddings, "total": total}
+
+
+def describe_resident(parts: dict[str, int]) -> str:
+    """One line for a report: 'resident 92.1 MiB (quantized layers 60.0, embeddings and head 27.0, other 5.1)'."""
+    inner = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in parts.items() if k != "total")
+    return f"resident {parts['total'] / 2**20:.1f} MiB ({inner})"
+
+
 def prepare_layer(m: MatQuantLinear, keep: Sequence[int] = (), planes: bool = True) -> str | None:
     """`prepare_packed` for one layer: pack its current precision and the `keep` precisions now (nothing for a
     layer not on the packed/auto backend on CPU). Returns the reason the packed runtime declines it, else None."""
