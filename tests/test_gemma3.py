@@ -6,8 +6,11 @@ sqrt(hidden)-scaled embedding), plus the assembled real GGUF's parts when they a
   states on windows longer than the sliding window (where the sliding and full masks differ);
 - checkpoint round trip (still tied) and the packed CPU runtime (`matquant.load(bits=4)`), FFN + attention;
 - GGUF export into a Gemma-3 template laid out as llama.cpp's converter writes it (RMSNorm weights stored as
-  1 + w, no q/k row permutation, no output tensor), read back by transformers' own GGUF loader (the norms are an
-  expected failure until gguf_export writes Gemma norms as 1 + w).
+  1 + w, no q/k row permutation, no output tensor), read back by transformers' own GGUF loader: quantized weights,
+  norms (the export writes Gemma's as 1 + w) and logits;
+- the template's vocabulary check reads SentencePiece's spelling: a USER_DEFINED token the converter stored with
+  spaces matches the tokenizer's '\u2581' spelling (Gemma's runs of spaces, ids 138-167); any other difference is
+  still refused.
 """
 from __future__ import annotations
 
@@ -180,10 +183,9 @@ def test_gguf_export_quantized_weights_read_back_as_the_slice(ckpt, gguf_int4):
         assert (got - ref).abs().max() <= 1e-3 * ref.abs().max(), name
 
 
-@pytest.mark.xfail(strict=True, reason="gguf_export writes the checkpoint's Gemma RMSNorm weights w as they are, "
-                                       "but a Gemma GGUF holds 1 + w (llama.cpp's converter adds 1, transformers' "
-                                       "loader subtracts it): the norms read back as w - 1 (issue 26 report)")
 def test_gguf_export_keeps_gemma_norms_and_logits(ckpt, gguf_int4):
+    """The export writes Gemma's RMSNorm weights as 1 + w (llama.cpp's converter; transformers' loader subtracts
+    the 1): read back they are the checkpoint's w, and the int4 logits are the slice's."""
     model, _ = ckpt
     sd = model.state_dict()
     for n, p in gguf_int4.named_parameters():
@@ -206,3 +208,71 @@ def test_real_gemma3_parts_add_up():
     assert sum(p.stat().st_size for p in paths) == m.size
     with open(paths[0], "rb") as f:
         assert f.read(4) == b"GGUF"
+
+
+class ListTokenizer:
+    """The two things the template check asks of a tokenizer."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.tokens[i] for i in ids]
+
+
+def vocab_template(path, tokens, types):
+    """A tensor-less Gemma-3 GGUF with only the metadata the template check reads and a SentencePiece vocabulary."""
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_block_count(6)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types([int(t) for t in types])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return gguf.GGUFReader(str(path))
+
+
+SPM_VOCAB = ["<pad>", "<eos>", "<bos>", "▁the", "<table>"]
+
+
+@pytest.mark.parametrize("ours_spaces,theirs_spaces", [("▁▁▁", "   "), ("   ", "▁▁▁"), ("▁ ▁", "   ")])
+def test_template_check_reads_sentencepiece_spaces_of_user_defined_tokens(tmp_path, ours_spaces, theirs_spaces):
+    """llama.cpp's converter stores USER_DEFINED tokens with '▁' written as ' ' (Gemma's runs of spaces)."""
+    from types import SimpleNamespace
+
+    import gguf
+
+    from matquant.integrations.gguf_template import check_template
+
+    T = gguf.TokenType
+    reader = vocab_template(tmp_path / "t.gguf", SPM_VOCAB + [theirs_spaces],
+                            [T.CONTROL] * 3 + [T.NORMAL, T.USER_DEFINED, T.USER_DEFINED])
+    cfg = SimpleNamespace(model_type="gemma3_text", num_hidden_layers=6)
+    assert check_template(reader, cfg, ListTokenizer(SPM_VOCAB + [ours_spaces]), tmp_path / "t.gguf") == "gemma3"
+
+
+@pytest.mark.parametrize("theirs,ttype,ours", [
+    ("   ", "NORMAL", "▁▁▁"),            # a NORMAL SentencePiece token keeps its '▁': the spelling matters there
+    ("<table>", "USER_DEFINED", "<tabel>"),  # a real difference in a user-defined token
+    ("  a", "USER_DEFINED", "▁▁b"),          # spaces read alike, the rest differs
+    ("   ", "USER_DEFINED", "▁▁"),           # one space fewer
+])
+def test_template_check_still_refuses_real_vocabulary_differences(tmp_path, theirs, ttype, ours):
+    from types import SimpleNamespace
+
+    import gguf
+
+    from matquant.integrations.export_slices import ExportError
+    from matquant.integrations.gguf_template import check_template
+
+    T = gguf.TokenType
+    reader = vocab_template(tmp_path / "t.gguf", SPM_VOCAB + [theirs], [T.CONTROL] * 3 + [T.NORMAL] * 2 + [T[ttype]])
+    cfg = SimpleNamespace(model_type="gemma3_text", num_hidden_layers=6)
+    with pytest.raises(ExportError, match=r"vocabulary differs .*\(first at id 5:"):
+        check_template(reader, cfg, ListTokenizer(SPM_VOCAB + [ours]), tmp_path / "t.gguf")

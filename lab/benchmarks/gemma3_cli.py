@@ -8,7 +8,9 @@ perplexities, each step a separate process whose wall time, peak RSS and output 
 
 Each step is one command (`matquant quantize --model gemma3-270m ...`, `matquant eval`, `matquant export`,
 `matquant generate`, or one of this script's own in-process helpers: `fp32` = the source model's perplexity on the
-same windows as `matquant eval`, `load` = `matquant.load(ckpt, bits=4)` + a greedy generation). A step's row (JSON
+same windows as `matquant eval`; with `--model FILE.gguf` the same for an exported GGUF read back by transformers'
+GGUF loader, `load` = `matquant.load(ckpt, bits=4)` + a greedy generation; `llama-ppl` = llama.cpp's own
+`llama-perplexity` on the source GGUF and the exported ones, where its binary is found: $LLAMA_CPP_BIN). A step's row (JSON
 line in WORK/gemma3/results.jsonl) has its command, exit status, wall seconds, peak RSS of the process (wait4's
 ru_maxrss), the size of what it wrote, and the tail of its output; `run` skips steps with a successful row (pass
 --again to redo them) and steps another runner is running (a claim file per step), so two runners can share a
@@ -36,6 +38,7 @@ EVAL_WINDOWS = 2  # windows of the embedded 'eval' text (few: a window costs min
 EVAL_SEQLEN = 1024  # tokens per window: the [seqlen, 262144] fp32 logits of a 2048-token window (2 GiB, plus copies
 #                     in the loss) got a perplexity pass OOM-killed on the shared 24 GiB machine
 PROMPT = "The capital of France is"
+LLAMA_PPL_CHARS, LLAMA_PPL_CTX, LLAMA_PPL_CHUNKS = 60_000, 1024, 4  # llama-perplexity: text, chunk, chunks
 
 
 def source_gguf() -> Path:
@@ -57,6 +60,12 @@ def steps(w: Path) -> dict[str, list[str]]:
         "eval-rtn": ["matquant", "eval", ck("rtn"), *ev, "--json", ck("eval-rtn.json")],
         "export-gguf": ["matquant", "export", ck("rtn"), "--format", "gguf", "--bits", "4", "--template",
                         str(source_gguf()), "--out", ck("rtn-int4.gguf")],
+        "export-gguf-int8": ["matquant", "export", ck("rtn"), "--format", "gguf", "--bits", "8", "--template",
+                             str(source_gguf()), "--out", ck("rtn-int8.gguf")],
+        "ppl-gguf-int8": me + ["fp32", "--model", ck("rtn-int8.gguf"), "--json", ck("ppl-gguf-int8.json")],
+        "ppl-gguf-int4": me + ["fp32", "--model", ck("rtn-int4.gguf"), "--json", ck("ppl-gguf-int4.json")],
+        "llama-ppl": me + ["llama-ppl", str(source_gguf()), ck("rtn-int8.gguf"), ck("rtn-int4.gguf"),
+                           "--json", ck("llama-ppl.json")],
         "export-ct": ["matquant", "export", ck("rtn"), "--format", "compressed-tensors", "--bits", "4",
                       "--out", ck("rtn-int4-ct")],
         "export-hf": ["matquant", "export", ck("rtn"), "--format", "hf", "--bits", "4", "--out", ck("rtn-int4-hf")],
@@ -66,8 +75,11 @@ def steps(w: Path) -> dict[str, list[str]]:
         "quality": q + ["--recipe", "quality", "--out", ck("quality")],
         "eval-quality": ["matquant", "eval", ck("quality"), *ev, "--json", ck("eval-quality.json")],
         "matgptq": q + ["--method", "matgptq", "--out", ck("matgptq")],
+        "eval-matgptq": ["matquant", "eval", ck("matgptq"), *ev, "--json", ck("eval-matgptq.json")],
         "gptq": q + ["--method", "gptq", "--out", ck("gptq")],
-        "omniquant": q + ["--method", "omniquant", "--epochs", "1", "--calib-windows", "8", "--out", ck("omniquant")],
+        "eval-gptq": ["matquant", "eval", ck("gptq"), *ev, "--json", ck("eval-gptq.json")],
+        "omniquant": q + ["--method", "omniquant", "--epochs", "1", "--out", ck("omniquant")],
+        "eval-omniquant": ["matquant", "eval", ck("omniquant"), *ev, "--json", ck("eval-omniquant.json")],
         "qat": q + ["--method", "qat", "--steps", "4", "--calib-windows", "8", "--calib-seqlen", "256",
                     "--save-every", "0", "--out", ck("qat")],
         "generate-quality": ["matquant", "generate", ck("quality"), "--bits", "4", "--prompt", PROMPT, "--no-chat",
@@ -159,21 +171,50 @@ def cmd_run(a) -> int:
 
 
 def cmd_fp32(a) -> int:
-    """The source model's perplexity on the windows `matquant eval --windows EVAL_WINDOWS --seqlen EVAL_SEQLEN`
-    scores."""
+    """The perplexity of the source model (or of `--model`, e.g. an exported GGUF, read by transformers' GGUF
+    loader) on the windows `matquant eval --windows EVAL_WINDOWS --seqlen EVAL_SEQLEN` scores."""
     from matquant.data import token_windows
     from matquant.eval.perplexity import perplexity
     from matquant.format.atomic import atomic_write_json
     from matquant.models import load_model
 
-    model, tok, _ = load_model(MODEL)
+    model, tok, _ = load_model(a.model)
     windows = token_windows(tok, "eval", EVAL_SEQLEN, EVAL_WINDOWS)
     r = perplexity(model, windows, progress=False)
-    row = {"bits": "fp32", "ppl": r.ppl, "nll": r.nll, "tokens": r.tokens, "seqlen": r.seqlen,
-           "params": sum(p.numel() for p in model.parameters())}
+    row = {"bits": "fp32" if a.model == MODEL else Path(a.model).name, "ppl": r.ppl, "nll": r.nll,
+           "tokens": r.tokens, "seqlen": r.seqlen, "params": sum(p.numel() for p in model.parameters())}
     print(row)
     atomic_write_json(a.json, [row])
     return 0
+
+
+def cmd_llama_ppl(a) -> int:
+    """llama.cpp's `llama-perplexity` (binary folder: $LLAMA_CPP_BIN) on each GGUF, over the first LLAMA_PPL_CHARS
+    characters of the embedded eval text, LLAMA_PPL_CTX-token chunks: its final estimate per file."""
+    import re
+
+    from matquant.data.text import get_text
+    from matquant.format.atomic import atomic_write_json
+
+    bin_dir = os.environ.get("LLAMA_CPP_BIN")
+    exe = Path(bin_dir, "llama-perplexity") if bin_dir else None
+    if exe is None or not exe.is_file():
+        raise SystemExit("set LLAMA_CPP_BIN to the folder holding llama.cpp's llama-perplexity binary.")
+    text = Path(a.json).with_suffix(".txt")
+    text.write_text(get_text("eval")[:LLAMA_PPL_CHARS])
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{bin_dir}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    rows = []
+    for g in a.ggufs:
+        out = subprocess.run([str(exe), "-m", g, "-f", str(text), "-c", str(LLAMA_PPL_CTX), "-b", str(LLAMA_PPL_CTX),
+                              "--chunks", str(LLAMA_PPL_CHUNKS), "-t", str(os.cpu_count() or 1)],
+                             capture_output=True, text=True, env=env)
+        m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", out.stdout + out.stderr)
+        rows.append({"gguf": Path(g).name, "ppl": float(m.group(1)) if m else None,
+                     "stderr": float(m.group(2)) if m else None, "rc": out.returncode,
+                     "ctx": LLAMA_PPL_CTX, "chunks": LLAMA_PPL_CHUNKS})
+        print(rows[-1], flush=True)
+    atomic_write_json(a.json, rows)
+    return 0 if all(r["ppl"] is not None for r in rows) else 1
 
 
 def cmd_load(a) -> int:
@@ -205,7 +246,7 @@ def cmd_table(a) -> int:
         print(f"| {r['step']} | {r['rc']} | {r['seconds']} | {r['peak_rss_gib']} | {mb} |")
     fp = json.loads((w / "fp32.json").read_text())[0]["ppl"] if (w / "fp32.json").exists() else None
     print(f"\nfp32: {fp}\n\n| checkpoint | int8 | int6 | int4 | int3 | int2 |\n|---|---|---|---|---|---|")
-    for name in ("rtn", "quality"):
+    for name in ("rtn", "gptq", "matgptq", "quality", "omniquant"):
         f = w / f"eval-{name}.json"
         if not f.exists():
             continue
@@ -228,7 +269,11 @@ def main(argv=None) -> int:
     t = sub.add_parser("table")
     add_work_option(t)
     f = sub.add_parser("fp32")
+    f.add_argument("--model", default=MODEL, help="model source (default: the Gemma-3-270M source); a .gguf file")
     f.add_argument("--json", required=True)
+    lp = sub.add_parser("llama-ppl")
+    lp.add_argument("ggufs", nargs="+")
+    lp.add_argument("--json", required=True)
     lo = sub.add_parser("load")
     lo.add_argument("checkpoint")
     lo.add_argument("--bits", type=int, default=4)
@@ -237,7 +282,8 @@ def main(argv=None) -> int:
         for n, argv_ in steps(work_path("gemma3", work=a.work)).items():
             print(f"{n}: {shlex.join(argv_)}")
         return 0
-    return {"run": cmd_run, "table": cmd_table, "fp32": cmd_fp32, "load": cmd_load}[a.cmd](a)
+    return {"run": cmd_run, "table": cmd_table, "fp32": cmd_fp32, "load": cmd_load, "llama-ppl": cmd_llama_ppl}[
+        a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ Metadata and tokenizer come from either
   no template (a model that came from an HF folder; `--template none` forces it): tensors in the checkpoint's order,
   the non-quantized ones written from the checkpoint (F32 for vectors, F16 for matrices).
 
+Plain tensors are compared with the template and written as llama.cpp's converter stores them: Gemma's RMSNorm
+weights as 1 + w (`gguf_template.norm_offset`).
+
 Each quantized module is written with its own GGML type (`gguf_tensors`; a bits map gives per-tensor types in one
 file); the weight error of every tensor is measured by reading the bytes back with gguf-py's dequantizer.
 
@@ -34,7 +37,7 @@ from matquant.integrations.export_slices import ExportError, as_source, check_ou
 from matquant.nn.memory import release_freed_memory
 from matquant.integrations.gguf_template import (arch_permutes_qk, check_template, could_be_template_of,
                                                  default_template, gguf_arch, gguf_tensor_names,
-                                                 llama_row_permutation)
+                                                 llama_row_permutation, norm_offset)
 from matquant.integrations.gguf_tensors import TensorChoice, choose_type, encode_slice
 from matquant.nn.rotation import online_rotation_refusal
 
@@ -96,7 +99,8 @@ class GGUFExportReport:
 
 @dataclass
 class _Planned:
-    """One tensor of the file: its GGUF name and type, what it is written from (`kind`), its rows permutation."""
+    """One tensor of the file: its GGUF name and type, what it is written from (`kind`), its rows permutation, and
+    the constant added to a plain tensor (`offset`: 1 for a Gemma RMSNorm weight, stored as 1 + w)."""
     name: str
     kind: str                        # "slice" (a quantized module), "plain" (a checkpoint tensor), "copy" (template)
     source: str | None               # HF module / tensor name; None for a template-only tensor
@@ -106,13 +110,22 @@ class _Planned:
     choice: TensorChoice | None = None
     perm: np.ndarray | None = None
     template_index: int | None = None
+    offset: float = 0.0
 
 
-def _close_to_template(tpl: np.ndarray, ours: np.ndarray) -> bool:
-    if tpl.shape != ours.shape:
+def _close_to_template(t, ours: np.ndarray, rows: int = 4096) -> bool:
+    """Does the template tensor `t` (any GGML type) hold `ours` to 1e-3 of its largest magnitude? Dequantized and
+    compared a block of rows at a time: no full-size copies of a large embedding."""
+    if int(np.prod(t.shape)) != ours.size:
         return False
-    scale = float(np.abs(ours).max()) or 1.0
-    return float(np.abs(tpl.astype(np.float32) - ours).max()) <= 1e-3 * scale
+    mat = ours.reshape(-1, ours.shape[-1]) if ours.ndim else ours.reshape(1, 1)
+    data = t.data.reshape(mat.shape[0], -1)  # rows of elements (F32/F16) or of block bytes (quantized)
+    scale = max((float(np.abs(mat[i:i + rows]).max()) for i in range(0, mat.shape[0], rows)), default=0.0) or 1.0
+    for i in range(0, mat.shape[0], rows):
+        tpl = dequantize(data[i:i + rows], t.tensor_type).reshape(mat[i:i + rows].shape)
+        if float(np.abs(tpl.astype(np.float32) - mat[i:i + rows]).max()) > 1e-3 * scale:
+            return False
+    return True
 
 
 def _nbytes(shape: tuple[int, ...], qtype: str) -> int:
@@ -181,8 +194,9 @@ def export_gguf(model, tokenizer, out, template=None, k_quants: bool = False, ov
         return _Planned(g, "slice", hf, choice.qtype, lay.shape, _nbytes(lay.shape, choice.qtype), choice,
                         perm_for(g, lay.shape[0]))
 
-    plan = (_plan_with_template(reader, src, to_gguf, perm_for, slice_entry, tpl_path) if reader is not None else
-            _plan_without_template(src, to_gguf, perm_for, slice_entry))
+    offset_for = lambda hf: norm_offset(arch, hf)  # noqa: E731 - Gemma norms: 1 + w, as llama.cpp's converter
+    plan = (_plan_with_template(reader, src, to_gguf, perm_for, slice_entry, tpl_path, offset_for)
+            if reader is not None else _plan_without_template(src, to_gguf, perm_for, slice_entry, offset_for))
     report = GGUFExportReport(Path(out), template=tpl_path)
     types_used: dict[str, int] = {}
     for p in plan:
@@ -226,9 +240,10 @@ def export_gguf(model, tokenizer, out, template=None, k_quants: bool = False, ov
     return report
 
 
-def _plan_with_template(reader, src, to_gguf, perm_for, slice_entry, tpl_path) -> list[_Planned]:
+def _plan_with_template(reader, src, to_gguf, perm_for, slice_entry, tpl_path, offset_for) -> list[_Planned]:
     """Every template tensor in its order: ours where the checkpoint has it (quantized, or plain and different
-    from the template's), else copied; then an untied output head the template lacks."""
+    from the template's, compared as the GGUF stores it: + `offset_for(name)`), else copied; then an untied output
+    head the template lacks."""
     tpl_names = {t.name for t in reader.tensors}
     hf_of: dict[str, str] = {}
     extra: dict[str, str] = {}  # GGUF name -> plain tensor the template lacks: an untied output head
@@ -254,26 +269,29 @@ def _plan_with_template(reader, src, to_gguf, perm_for, slice_entry, tpl_path) -
             plan.append(slice_entry(t.name, hf, shape))
             continue
         if hf in plain:
-            ours = src.plain(hf).numpy()
+            offset = offset_for(hf)
+            ours = src.plain(hf).numpy() + np.float32(offset) if offset else src.plain(hf).numpy()
             perm = perm_for(t.name, ours.shape[0]) if ours.ndim >= 1 else None
             if perm is not None:
                 ours = ours[perm]
             if int(np.prod(t.shape)) != ours.size:
                 raise ExportError(f"template tensor {t.name} has shape {shape} but the checkpoint's {hf} is "
                                   f"{tuple(ours.shape)}: the template is of another model.")
-            if not _close_to_template(dequantize(t.data, t.tensor_type).reshape(ours.shape), ours):
-                plan.append(_Planned(t.name, "plain", hf, "F32", tuple(ours.shape), ours.size * 4, perm=perm))
+            if not _close_to_template(t, ours):
+                plan.append(_Planned(t.name, "plain", hf, "F32", tuple(ours.shape), ours.size * 4, perm=perm,
+                                     offset=offset))
                 continue
         plan.append(_Planned(t.name, "copy", None, t.tensor_type.name, shape, int(t.data.nbytes), template_index=i))
     for g, hf in extra.items():
         shape = tuple(src.model.state_dict()[hf].shape)
-        plan.append(_Planned(g, "plain", hf, "F32", shape, int(np.prod(shape)) * 4))
+        plan.append(_Planned(g, "plain", hf, "F32", shape, int(np.prod(shape)) * 4, offset=offset_for(hf)))
     return plan
 
 
-def _plan_without_template(src, to_gguf, perm_for, slice_entry) -> list[_Planned]:
+def _plan_without_template(src, to_gguf, perm_for, slice_entry, offset_for) -> list[_Planned]:
     """Every checkpoint tensor in state-dict order under its GGUF name: quantized ones as chosen, plain ones F32
-    (vectors: norms, biases) or F16 (matrices: embedding, untied head), as llama.cpp's converter writes them."""
+    (vectors: norms, biases) or F16 (matrices: embedding, untied head) plus `offset_for(name)`, as llama.cpp's
+    converter writes them."""
     plan = []
     slices, plain = set(src.slice_names), set(src.plain_names)
     tied = getattr(src.config, "tie_word_embeddings", False)
@@ -302,7 +320,7 @@ def _plan_without_template(src, to_gguf, perm_for, slice_entry) -> list[_Planned
         shape = tuple(state[hf].shape)
         qtype = "F32" if len(shape) == 1 else "F16"
         plan.append(_Planned(g, "plain", hf, qtype, shape, int(np.prod(shape)) * (4 if qtype == "F32" else 2),
-                             perm=perm_for(g, shape[0])))
+                             perm=perm_for(g, shape[0]), offset=offset_for(hf)))
     return plan
 
 
@@ -313,6 +331,8 @@ def _tensor_bytes(p: _Planned, src, reader, dense, report: GGUFExportReport) -> 
         return reader.tensors[p.template_index].data
     if p.kind == "plain":
         ours = src.plain(p.source).numpy()
+        if p.offset:
+            ours = ours + np.float32(p.offset)
         if p.perm is not None:
             ours = ours[p.perm]
         report.rewritten.append(p.name)

@@ -4,7 +4,12 @@ come from its architecture.
 
 llama.cpp's converter permutes the rows of attn_q/attn_k for the architectures transformers reverse-permutes on
 load (llama); the export permutes our codes and per-row constants the same way (rows only, so input-dim groups stay
-whole).
+whole). It stores the RMSNorm weights of Gemma, Gemma-2 and Gemma-3 as 1 + w (their norms multiply by 1 + w in
+transformers, whose GGUF loader subtracts the 1 again): `norm_offset`.
+
+The vocabulary check follows the converter's spelling of SentencePiece tokens: a USER_DEFINED token is stored with
+its '\u2581' (SentencePiece's space) written as ' ' ("pre-normalized" for llama.cpp's tokenizer), so such a token
+matches ours when the two are equal with '\u2581' read as a space; every other token must be equal as it is.
 """
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ from matquant.integrations.export_slices import ExportError
 # transformers' model_type -> GGUF general.architecture, where they differ (llama.cpp writes Mistral as llama)
 HF_TO_GGUF_ARCH = {"mistral": "llama", "cohere": "command-r", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
                    "gemma3_text": "gemma3"}
+# GGUF architectures whose RMSNorm computes x * (1 + w): llama.cpp's converter stores w + 1 (not gemma3n, gemma4)
+NORM_PLUS_ONE_ARCHS = ("gemma", "gemma2", "gemma3", "gemma-embedding")
+SPM_SPACE = "\u2581"  # SentencePiece's spelling of a space
 # template metadata -> model config, checked before anything is written
 ARCH_KEYS = {"block_count": "num_hidden_layers", "embedding_length": "hidden_size",
              "feed_forward_length": "intermediate_size", "attention.head_count": "num_attention_heads",
@@ -47,6 +55,21 @@ def arch_permutes_qk(arch: str) -> bool:
         return arch == "llama"
     proc = TENSOR_PROCESSORS.get(arch)
     return proc is not None and issubclass(proc, LlamaTensorProcessor)
+
+
+def norm_offset(arch: str, hf_name: str) -> float:
+    """What llama.cpp's converter adds to the HF tensor `hf_name` of an `arch` model: 1.0 for the RMSNorm weights
+    of the Gemma family (every '...norm.weight', as the converter matches them), else 0.0."""
+    return 1.0 if arch in NORM_PLUS_ONE_ARCHS and hf_name.endswith("norm.weight") else 0.0
+
+
+def same_token(ours: str, theirs: str, theirs_type: int | None) -> bool:
+    """Is the template's token `theirs` (GGUF token type `theirs_type`) the tokenizer's token `ours`? Equal, or a
+    USER_DEFINED template token equal to ours with SentencePiece's '\u2581' read as a space on both sides."""
+    if ours == theirs:
+        return True
+    return (theirs_type == int(gguf.TokenType.USER_DEFINED)
+            and ours.replace(SPM_SPACE, " ") == theirs.replace(SPM_SPACE, " "))
 
 
 def gguf_arch(config) -> str:
@@ -135,11 +158,15 @@ def check_template(reader, config, tokenizer, template: Path) -> str:
         n = len(tokens.data)
         ours = tokenizer.convert_ids_to_tokens(list(range(min(n, len(tokenizer)))))
         theirs = tokens.contents()
-        bad = [i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y]
+        types = reader.fields.get("tokenizer.ggml.token_type")
+        types = types.contents() if types is not None else []
+        bad = [i for i, (x, y) in enumerate(zip(ours, theirs))
+               if x != y and not same_token(x, y, types[i] if i < len(types) else None)]
         if bad or len(tokenizer) > n:
             i = bad[0] if bad else n
+            first = f": {theirs[i]!r} vs ours {ours[i]!r}" if bad else ""
             raise ExportError(f"template {template}'s vocabulary differs from the checkpoint's tokenizer (first at "
-                              f"id {i}; {len(bad)} ids differ, {n} vs {len(tokenizer)} tokens).{hint}")
+                              f"id {i}{first}; {len(bad)} ids differ, {n} vs {len(tokenizer)} tokens).{hint}")
     return arch
 
 
