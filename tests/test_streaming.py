@@ -129,3 +129,20 @@ def test_cli_streams_by_default_and_in_memory_on_request(sharded_src, tmp_path, 
                  "--in-memory"]) == 0
     assert "streamed" not in capsys.readouterr().out
     same_checkpoint(tmp_path / "a", tmp_path / "b")
+
+
+def test_streamed_gpt2_reads_position_embeddings(tmp_path, tiny_tokenizer):
+    """A model with parameters besides the token embedding before block 0 (GPT-2's position embeddings `wpe`):
+    the skeleton reads them, and the streamed checkpoint equals the in-memory one."""
+    import transformers as T
+
+    torch.manual_seed(2)
+    m = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=tiny_tokenizer.vocab_size + 8, n_embd=64, n_layer=2, n_head=4,
+                                       n_positions=64)).eval()
+    m.save_pretrained(tmp_path / "src")
+    tiny_tokenizer.save_pretrained(tmp_path / "src")
+    config = resolve_config("gptq", None)
+    for out, stream in (("s", True), ("m", False)):
+        quantize(str(tmp_path / "src"), config, out=tmp_path / out, calib=CAL, stream=stream, progress=False,
+                 log=lambda *_: 0)
+    same_checkpoint(tmp_path / "s", tmp_path / "m")

@@ -38,19 +38,29 @@ DEFAULT_BLOCKSIZE = 128
 
 
 def inverse_cholesky(H: torch.Tensor, percdamp: float, name: str = "layer") -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp·I)⁻¹, raising the damping ×10 (up to 4 times) if H is singular."""
+    """Upper Cholesky factor of (H + damp·I)⁻¹, raising the damping ×10 (up to 4 times) if H is singular.
+
+    H is used as the work matrix (its diagonal is overwritten): pass a copy you no longer need. At most two more
+    n×n matrices are alive at once (the factor and its inverse), which is what bounds GPTQ's memory on wide layers."""
     if not percdamp >= 0:
         raise ValueError(f"damping must be >= 0, got {percdamp}")
-    diag_mean = torch.diag(H).mean()
-    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    diag = H.diagonal()
+    diag0 = diag.clone()
+    diag_mean = diag0.mean()
     damp = percdamp if percdamp > 0 else 1e-6
     for _ in range(5):
-        L, info = torch.linalg.cholesky_ex(H + damp * diag_mean * eye)
+        diag.copy_(diag0 + damp * diag_mean)
+        L, info = torch.linalg.cholesky_ex(H)
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info == 0 and torch.isfinite(U).all():
                 return U
+            del U
+        else:
+            del L
         damp *= 10
     raise ValueError(f"the Hessian of {name} is singular even with damping {damp / 10:g}·mean(diag): its "
                      "calibration inputs are degenerate. Use more/other calibration text or a larger --damp.")
@@ -188,7 +198,7 @@ def gptq(model, targets: list[str], config, calib=None, progress: bool = True) -
     def q(name, W, H):
         qw, _ = gptq_quantize_weight(W, H, c.master_bits, c.group_size, c.symmetric, param_dtype, c.damp,
                                      c.act_order, c.blocksize, name, c.clip, c.slicing, c.refit, c.clip_lambdas)
-        return with_slice_params(qw, W, H, c.slice_params, c.slicing, c.symmetric, param_dtype)
+        return with_slice_params(qw, W, H, c.slice_params, c.slicing, c.symmetric, param_dtype, c.zero_points)
 
     return hessian_pass(model, targets, calib, q, true_sequential=c.true_sequential, device=c.device,
                         batch_size=c.batch_size, progress=progress, desc=f"GPTQ int{c.master_bits}")

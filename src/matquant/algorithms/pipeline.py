@@ -218,8 +218,9 @@ def quantize_streamed(source: str, config: MethodConfig, out, *, overwrite: bool
     settings = streaming.run_settings(config, src, targets, windows, torch.get_num_threads())
     streaming.open_work(work, settings, log)
     cap = streaming.DEFAULT_CALIB_MEMORY if calib_memory_bytes is None else calib_memory_bytes
-    model._matquant_stream = streaming.BlockStream(model, src, work, hidden_cap_bytes=cap)
-    log(f"streaming {src.describe()}: {len(targets)} layers, one block at a time (work folder {work})")
+    stream = model._matquant_stream = streaming.BlockStream(model, src, work, hidden_cap_bytes=cap)
+    log(f"streaming {src.describe()}: {len(targets)} target layers, {len(stream.blocks)} blocks read one at a time "
+        f"(work folder {work})")
     qweights = config.run(model, targets, windows, progress, **hooks)
     qcfg = quant_config(config, targets, qweights)
     streaming.write_checkpoint(model, src, qweights, tokenizer, out, qcfg, slicing=config.slicing,

@@ -193,8 +193,9 @@ def read_tensor(source, name: str, dtype: torch.dtype = torch.float32) -> torch.
 
 
 def skeleton(source, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The source's model with every parameter on the meta device except those outside the decoder blocks that the
-    capture pass runs before block 0 (the input embedding, tied head included); buffers (rotary tables) are real."""
+    """The source's model with its decoder blocks and its output head on the meta device (a tied head shares the
+    embedding read here); every other parameter (the input embedding, position embeddings such as GPT-2's, the final
+    norm) read from the source, since the capture pass runs them before block 0. Buffers (rotary tables) are real."""
     from accelerate import init_empty_weights
 
     from matquant.format.checkpoint import build_model
@@ -202,10 +203,17 @@ def skeleton(source, dtype: torch.dtype = torch.float32) -> nn.Module:
     with init_empty_weights(include_buffers=False):
         model = build_model(source.config, dtype)
     model.eval()
-    emb = model.get_input_embeddings()
-    name = next(n for n, m in model.named_modules() if m is emb)
-    emb.weight = nn.Parameter(read_tensor(source, f"{name}.weight", dtype), requires_grad=False)
-    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+    prefix, _ = decoder_blocks(model)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    head = model.get_output_embeddings()
+    head_name = next((f"{n}.weight" for n, m in model.named_modules() if m is head), None) if head is not None else None
+    for name, _p in list(model.named_parameters(remove_duplicate=False)):
+        if name.startswith(prefix + ".") or name == head_name:  # (a tied head is tied back below)
+            continue
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        setattr(module, leaf, nn.Parameter(read_tensor(source, name, dtype), requires_grad=False))
+    if tied and hasattr(model, "tie_weights"):
         model.tie_weights()
     return model
 
