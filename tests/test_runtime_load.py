@@ -95,10 +95,18 @@ def test_budget_picks_a_map_that_fits_and_is_measured(ckpt):
     assert matquant.get_bits(m) == info["bits_map"]
     big, _ = matquant.load(ckpt, budget="1GB")
     assert set(matquant.get_bits(big).values()) == {8}
+    from matquant.kernels import lowbit
+
+    if lowbit.available():  # below every layer at int4: int2/int3 where the low-bit format is smaller
+        small, _ = matquant.load(ckpt, budget=f"{lo - 1}B")
+        assert min(small.matquant_budget["bits_map"].values()) < 4
+    else:
+        with pytest.raises(ValueError, match="below the smallest model the packed CPU runtime can hold"):
+            matquant.load(ckpt, budget=f"{lo - 1}B")
     with pytest.raises(ValueError, match="below the smallest model the packed CPU runtime can hold"):
-        matquant.load(ckpt, budget=f"{lo - 1}B")
+        matquant.load(ckpt, budget="1KB")
     with pytest.raises(ValueError, match="average bits is below"):
-        matquant.load(ckpt, budget="3.0")
+        matquant.load(ckpt, budget="1.0")
 
 
 def test_generate_cli_on_a_tiny_checkpoint(ckpt, tiny_model_dir, capsys):
@@ -146,3 +154,32 @@ def test_compiled_decode_gives_the_eager_tokens_and_fixes_the_precision(ckpt):
         matquant.set_bits(m, 2)
     with pytest.raises(ValueError, match="generation_config"):
         compile_decode(torch.nn.Linear(2, 2))
+
+
+def test_budget_below_every_layer_int4_uses_the_low_bit_slices(tmp_path):
+    """With the low-bit kernel, a byte budget between every layer at int2 and every layer at int4 picks a map on
+    (2, 3, 4) whose resident bytes are predicted exactly; above int4 the ladder stays (4, 8)."""
+    import _tiny
+    import transformers as T
+
+    from matquant.kernels import lowbit
+
+    if not lowbit.available():
+        pytest.skip("the low-bit kernel could not be built here")
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=256,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    qcfg = quantize_model(model, "rtn", group_size=64, scope="ffn+attn", slicing="nested")
+    save_checkpoint(model, _tiny.bpe_tokenizer(320, 40), tmp_path / "ck", qcfg)
+    m2, _ = matquant.load(tmp_path / "ck", bits=2, keep_master=False, quantize_embeddings=True)
+    m4, _ = matquant.load(tmp_path / "ck", bits=4, keep_master=False, quantize_embeddings=True)
+    lo, hi = resident_bytes(m2), resident_bytes(m4)
+    assert lo < hi
+    m, _ = matquant.load(tmp_path / "ck", budget=f"{(lo + hi) // 2}B")
+    info = m.matquant_budget
+    assert info["measured_bytes"] == resident_bytes(m) == info["predicted_bytes"] <= (lo + hi) // 2
+    assert set(info["bits_map"].values()) <= {2, 3, 4} and min(info["bits_map"].values()) < 4
+    above, _ = matquant.load(tmp_path / "ck", budget=f"{hi + 1}B")
+    assert set(above.matquant_budget["bits_map"].values()) <= {4, 8}
+    with pytest.raises(ValueError, match="every quantized layer at int2"):
+        matquant.load(tmp_path / "ck", budget=f"{lo - 1}B")
