@@ -53,8 +53,15 @@ def compare(a: Path, b: Path, ignore_keys=()) -> list[str]:
         elif not torch.equal(x.view(torch.uint8) if x.dtype.is_floating_point else x,
                              y.view(torch.uint8) if y.dtype.is_floating_point else y):
             n = int((x != y).sum())
-            diffs.append(f"tensor {name}: {n} of {x.numel()} elements differ")
+            diffs.append(f"tensor {name}: {n} of {x.numel()} elements differ, max |a - b| = {max_abs_diff(x, y):.6g}")
     return diffs
+
+
+def max_abs_diff(x, y) -> float:
+    """Largest elementwise |x - y| (codes as integers, parameters in float64; NaN where either is NaN)."""
+    if x.dtype.is_floating_point:
+        return float((x.double() - y.double()).abs().max())
+    return float((x.long() - y.long()).abs().max())
 
 
 def checkpoints_under(root: Path) -> list[Path]:

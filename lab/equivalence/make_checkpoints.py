@@ -7,17 +7,23 @@ must give bit-identical codes and parameters.
     python lab/equivalence/make_checkpoints.py OUT [--real] [--only NAME_SUBSTRING] [--flags="--in-memory"]
 
 Streamed vs in-memory (issue 26): run it twice from the same tree, once with --flags=--in-memory, and compare.
-`--real-models` adds every method x both slicing modes on real models (e.g. smollm2-135m qwen2.5-coder-0.5b).
+`--real-models` adds every method x both slicing modes on real models (e.g. smollm2-135m qwen2.5-coder-0.5b);
+`--real-calib MODEL=WINDOWSxSEQLEN` gives a model's cases a smaller calibration set (a case's own calibration
+flags win), `--real-modules MODEL=REGEX` restricts a model's targets (e.g. the first and last blocks), `--threads`
+sets their thread count and `--jobs N` runs N cases at a time. Each case's log, wall time, CPU time and peak RSS go
+to OUT/_logs/ and OUT/_runs.jsonl.
 
 Every case names its method explicitly (`--method` or `--recipe`), so the result does not depend on the defaults.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Matryoshka dolls nest inside each other, "
@@ -94,16 +100,51 @@ REAL_METHOD_CASES = {
 
 
 def run_case(out: Path, name: str, flags: list[str]) -> float:
+    """Run one `matquant quantize` case into out/name (skipped when it exists); its log goes to out/_logs/name.log,
+    its wall time, CPU time (user + sys) and peak RSS to out/_runs.jsonl."""
     if (out / name / "config.json").exists():
-        print(f"{name}: exists, skipped")
+        print(f"{name}: exists, skipped", flush=True)
         return 0.0
-    cmd = [sys.executable, "-m", "matquant", "quantize", *flags, *EXTRA, "--out", str(out / name)]
+    cmd = [sys.executable, "-m", "matquant", "quantize", *flags, *EXTRA, "--out", str(out / name), "--overwrite"]
+    logs = out / "_logs"
+    logs.mkdir(exist_ok=True)
     t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
-    if r.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    print(f"{name}: {time.time() - t0:.0f}s", flush=True)
-    return time.time() - t0
+    with open(logs / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONHASHSEED": "0"})
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        tail = (logs / f"{name}.log").read_text(errors="replace")[-3000:]
+        raise SystemExit(f"{name} failed:\n{' '.join(cmd)}\n{tail}")
+    row = {"case": name, "cmd": cmd[1:], "wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+           "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3)}
+    with open(out / "_runs.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"{name}: {wall:.0f}s wall, {row['cpu_s']:.0f}s CPU, {row['peak_rss_gib']:.2f} GiB peak RSS", flush=True)
+    return wall
+
+
+def per_model(pairs: list[str], what: str) -> dict[str, str]:
+    """{model: value} from MODEL=VALUE arguments."""
+    out = {}
+    for item in pairs:
+        model, eq, value = item.partition("=")
+        if not eq or not value:
+            raise SystemExit(f"{what} takes MODEL=VALUE, got {item!r}")
+        out[model] = value
+    return out
+
+
+def calib_flags(spec: str | None) -> list[str]:
+    """--calib-windows/--calib-seqlen flags from 'WINDOWSxSEQLEN' (None: none)."""
+    if not spec:
+        return []
+    windows, _, seqlen = spec.partition("x")
+    if not windows.isdigit() or not seqlen.isdigit():
+        raise SystemExit(f"--real-calib takes MODEL=WINDOWSxSEQLEN, e.g. qwen2.5-coder-0.5b=8x256; got {spec!r}")
+    return ["--calib-windows", windows, "--calib-seqlen", seqlen]
 
 
 def main(argv=None) -> int:
@@ -113,6 +154,13 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, help="run only cases whose name contains this")
     p.add_argument("--flags", default="", help="more flags for every command, e.g. --flags=--in-memory")
     p.add_argument("--real-models", nargs="*", default=[], help="every method x slicing on these models")
+    p.add_argument("--real-calib", nargs="*", default=[], metavar="MODEL=WxS",
+                   help="calibration windows x seqlen for a real model's cases (a case's own flags win)")
+    p.add_argument("--real-modules", nargs="*", default=[], metavar="MODEL=REGEX",
+                   help="quantize only these layers of a real model (--modules)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the real-model cases (default 2)")
+    p.add_argument("--exclude", nargs="*", default=[], metavar="CASE", help="real-model cases not to run")
+    p.add_argument("--jobs", type=int, default=1, help="real-model cases run at a time (default 1)")
     args = p.parse_args(argv)
     EXTRA[:] = args.flags.split()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -130,13 +178,25 @@ def main(argv=None) -> int:
         for name, flags in REAL_CASES.items():
             if not args.only or args.only in name:
                 run_case(args.out, name, flags)
+    calibs, modules = per_model(args.real_calib, "--real-calib"), per_model(args.real_modules, "--real-modules")
+    jobs = []
     for real in args.real_models:
-        for name, flags in REAL_METHOD_CASES.items():
-            for slicing in ("paper", "nested"):
+        common = [*calib_flags(calibs.get(real)), *(["--modules", modules[real]] if real in modules else [])]
+        for slicing in ("paper", "nested"):  # every method once before the second slicing mode
+            for name, flags in REAL_METHOD_CASES.items():
                 case = f"{real}_{name}_{slicing}"
-                if not args.only or args.only in case:
-                    run_case(args.out, case, [*flags, "--model", real, "--slicing", slicing, "--threads", "2"])
-    return 0
+                if (not args.only or args.only in case) and case not in args.exclude:
+                    jobs.append((case, [*common, *flags, "--model", real, "--slicing", slicing,
+                                        "--threads", str(args.threads)]))
+    failed = 0
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # a failed case is reported; the others still run
+        for fut in [pool.submit(run_case, args.out, *job) for job in jobs]:
+            try:
+                fut.result()
+            except SystemExit as e:
+                print(e, file=sys.stderr, flush=True)
+                failed += 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
