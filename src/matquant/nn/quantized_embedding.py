@@ -21,7 +21,6 @@ embeddings are no longer the checkpoint's; reload with `quantize_embeddings=Fals
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 HEAD_CHUNK_ROWS = 8192  # vocabulary rows dequantized at a time by the many-rows head path

@@ -105,7 +105,6 @@ def refit_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
     new = [[scales.clone(), zeros.clone(), 0] for _ in problems]
     for r0 in range(0, out_f, chunk):
         r1 = min(out_f, r0 + chunk)
-        n = r1 - r0
         w = W[r0:r1].double()
         Hw = w @ H  # [n, in]
         q = codes[r0:r1]
