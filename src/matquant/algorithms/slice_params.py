@@ -40,8 +40,9 @@ DEFAULT_ZERO_POINTS = "master"
 def check_zero_points(zero_points: str) -> str:
     if zero_points not in ZERO_POINTS:
         raise ValueError(f"unknown zero_points {zero_points!r}; choose one of {', '.join(ZERO_POINTS)} (master: the "
-                         "master's zero points on its integer grid, its compressed-tensors/vLLM export is exact; "
-                         "integer: also the int4 slice's own; free: fractional zero points).")
+                         "master's own zero points on its integer grid (--slice-params own), its compressed-tensors/"
+                         "vLLM export is exact; integer: also a shared master pair and the int4 slice's own; free: "
+                         "fractional zero points).")
     return zero_points
 
 

@@ -18,6 +18,15 @@ def _number_list(s: str, kind, example: str) -> list:
     return vals
 
 
+def byte_size(text: str) -> int:
+    from matquant.mixnmatch.budget import parse_budget
+
+    b = parse_budget(text)
+    if b.kind != "bytes":
+        raise argparse.ArgumentTypeError(f"{text!r} needs a unit, e.g. 2GB or 500MiB.")
+    return int(b.value)
+
+
 def int_list(s: str) -> list[int]:
     vals = _number_list(s, int, "integers like 8,4,2")
     bad = [v for v in vals if not 1 <= v <= 8]

@@ -4,7 +4,7 @@ checkpoint, or the perplexity of a full-precision model; the whole model loaded,
 from __future__ import annotations
 
 from matquant.commands.common import add_eval_args, eval_windows, int_list, load_bits_map, mode_list
-from matquant.commands.quantize import byte_size
+from matquant.commands.common import byte_size
 from matquant.experiments.streamed_eval import FIT_FRACTION
 from matquant.eval.zeroshot import CPU_DEFAULT_LIMIT
 from matquant.eval.zeroshot_tasks import DEFAULT_TASKS

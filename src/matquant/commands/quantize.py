@@ -8,7 +8,7 @@ import sys
 from matquant.algorithms import METHOD_CONFIGS, Calibration, MethodConfig, config_class
 from matquant.algorithms.configs.base import LAYOUT, METHOD, PIPELINE, RUNTIME, dest_of, flag_of
 from matquant.algorithms.recipes import DEFAULT_RECIPE, RECIPES, resolve_config
-from matquant.commands.common import float_list, int_list
+from matquant.commands.common import byte_size, float_list, int_list
 from matquant.models.loading import DEFAULT_MODEL
 
 PARSERS = {"int_list": int_list, "float_list": float_list}
@@ -157,15 +157,6 @@ def register(sub) -> None:
                         "exceed SIZE (default 2GiB)")
     add_quant_args(p)
     p.set_defaults(func=run)
-
-
-def byte_size(text: str) -> int:
-    from matquant.mixnmatch.budget import parse_budget
-
-    b = parse_budget(text)
-    if b.kind != "bytes":
-        raise argparse.ArgumentTypeError(f"{text!r} needs a unit, e.g. 2GB or 500MiB.")
-    return int(b.value)
 
 
 def run(args) -> int:
