@@ -120,3 +120,32 @@ def test_cli_refit_with_another_method_is_an_error():
     args = build_parser().parse_args(["quantize", "--out", "x", "--method", "rtn", "--refit"])
     with pytest.raises(ValueError, match="--refit applies to --method gptq or matgptq, not rtn"):
         config_from_args(args)
+
+
+def test_refit_wide_layer_after_set_num_threads():
+    """More than 128 groups per row (2G > 256: Llama-2-7B's down_proj has G = 172) after torch.set_num_threads(2),
+    as `--threads 2` does: torch 2.13's batched LU solve fails there on CPU ("Pivots given to lu_solve ..."), so the
+    refit and the integer-zero fit must not use it; both still return finite, never-worse parameters."""
+    from matquant.quant.integer_zero import integer_zero_params, on_grid
+    g = torch.Generator().manual_seed(5)
+    gs, G = 16, 136
+    inn = gs * G
+    W = torch.randn(3, inn, generator=g)
+    X = torch.randn(3000, inn, generator=g)
+    H = X.T @ X
+    s, z = minmax_params(W, 8, gs, False, torch.float16)
+    q = quantize_codes(W, s, z, 8)
+    before = QuantizedWeight(q, s.half(), z.half(), 8, gs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        s2, z2, frac = refit_params(W, H, q, s.float(), z.float(), master_bits=8, group_size=gs, slicing="nested",
+                                    slices=BITS, lambdas=LAM, chunk=2)
+        s4, z4 = integer_zero_params(W, H, q, s.float(), z.float(), master_bits=8, bits=4, group_size=gs,
+                                     slicing="nested", chunk=2)
+    finally:
+        torch.set_num_threads(threads)
+    after = QuantizedWeight(q, s2.half(), z2.half(), 8, gs)
+    assert torch.isfinite(s2).all() and torch.isfinite(z2).all() and frac > 0
+    assert (_error(W, H, after) <= _error(W, H, before) * (1 + 1e-9)).all()
+    assert torch.isfinite(s4).all() and on_grid(z4, 8, 4, "nested").all()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from matquant.quant.minmax import param_limits
-from matquant.quant.refit import DAMP, fixed_zero_system, hessian_blocks, slice_system
+from matquant.quant.refit import DAMP, fixed_zero_system, hessian_blocks, rows_per_batch, slice_system, solve_damped
 from matquant.quant.slicing import codes_to_master_units, slice_master
 
 # the slice widths an integer-zero engine serves asymmetric: vLLM's compressed-tensors WNA16 kernels take uint4 and
@@ -72,9 +72,7 @@ def grid_storable(master_bits: int, bits: int, mode: str, param_dtype: torch.dty
 def _solve_alpha(Kaa, Kat, ba, bt, Ktt, z, alpha, smin):
     """The least-squares α [n, G] for fixed zeros z (damped toward `alpha`, like quant/refit.py), floored at smin."""
     K, b = fixed_zero_system(Kaa, Kat, ba, bt, Ktt, z)
-    A = K + torch.diag_embed(DAMP * torch.diagonal(K, dim1=1, dim2=2).clamp_min(0) + 1e-30)
-    step = torch.linalg.solve_ex(A, (b - (K @ alpha.unsqueeze(2))[:, :, 0]).unsqueeze(2))[0][:, :, 0]
-    out = (alpha + step).clamp_min(smin)
+    out = (alpha + solve_damped(K, b - (K @ alpha.unsqueeze(2))[:, :, 0])).clamp_min(smin)
     return torch.where(torch.isfinite(out), out, alpha)
 
 
@@ -159,7 +157,7 @@ def _independent_groups(W, codes, alpha0, zeros0, master_bits, bits, group_size,
 @torch.no_grad()
 def integer_zero_params(W: torch.Tensor, H: torch.Tensor | None, codes: torch.Tensor, scales: torch.Tensor,
                         zeros: torch.Tensor, *, master_bits: int, bits: int, group_size: int, slicing: str,
-                        param_dtype: torch.dtype = torch.float16, budget: int = 1 << 24
+                        param_dtype: torch.dtype = torch.float16, chunk: int | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scales, zeros) of the `bits`-bit slice with every zero on its integer-zero grid (`zero_grid`), for the given
     master codes; same shapes and dtypes as `scales`/`zeros`, values storable in `param_dtype`.
@@ -181,7 +179,7 @@ def integer_zero_params(W: torch.Tensor, H: torch.Tensor | None, codes: torch.Te
     smin, _ = param_limits(param_dtype)
     H = H.double()
     Hb, T = hessian_blocks(H, group_size)
-    chunk = max(1, min(256, budget // (4 * G * G)))  # rows per system batch ([n, 2G, 2G] float64)
+    chunk = chunk or rows_per_batch(G, in_f)  # rows per system batch (memory-bounded)
     new_s, new_z = scales.clone(), zeros.clone()
     for r0 in range(0, out_f, chunk):
         r1 = min(out_f, r0 + chunk)

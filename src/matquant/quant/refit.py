@@ -27,6 +27,41 @@ from matquant.quant.minmax import param_limits
 from matquant.quant.slicing import slice_master
 
 DAMP = 1e-6  # Levenberg damping, relative to each diagonal entry of the row's system
+DAMP_TRIES = 4  # damping ×100 per retry for the rows whose system is not numerically positive definite
+SYSTEM_BYTES = 1 << 29  # work memory of one batch of rows: the [n, G, in] product of slice_system dominates
+
+
+def rows_per_batch(n_groups: int, in_features: int, budget: int = SYSTEM_BYTES) -> int:
+    """How many rows' systems to build at once: the float64 [n, G, in] product in `slice_system` and the
+    [n, 2G, 2G] system (with its factor) within `budget` bytes (a 4096-row × 11008-input layer at G = 172 would
+    otherwise hold several GB per batch)."""
+    per_row = 8 * (n_groups * in_features + 3 * (2 * n_groups) ** 2)
+    return max(1, min(256, budget // per_row))
+
+
+def solve_damped(K: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """x [n, m] solving (K + D)x = rhs per row for symmetric positive semi-definite K [n, m, m] and rhs [n, m],
+    D = DAMP·diag(K) (Levenberg damping, plus a tiny floor so an all-zero row/column is solvable).
+
+    By Cholesky, not LU: K is a Gram matrix, and torch 2.13's batched LU solve on CPU fails outright after
+    `torch.set_num_threads(n)` ("Pivots given to lu_solve must all be greater or equal to 1", measured in
+    docs/benchmarks.md). A row whose factorisation fails gets ×100 the damping, up to DAMP_TRIES times; a row
+    that still fails gets x = 0 (callers treat x as a step from their current values, so that row keeps them)."""
+    diag = torch.diagonal(K, dim1=1, dim2=2).clamp_min(0)
+    x = torch.zeros_like(rhs)
+    todo = torch.arange(K.shape[0], device=K.device)
+    damp = DAMP
+    for _ in range(DAMP_TRIES + 1):
+        A = K[todo] + torch.diag_embed(damp * diag[todo] + 1e-30)
+        L, info = torch.linalg.cholesky_ex(A)
+        good = info == 0
+        if good.any():
+            x[todo[good]] = torch.cholesky_solve(rhs[todo[good]].unsqueeze(2), L[good])[:, :, 0]
+        todo = todo[~good]
+        if todo.numel() == 0:
+            break
+        damp *= 100
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
 def hessian_blocks(H: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +114,7 @@ def _error(K: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def refit_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  *, master_bits: int, group_size: int, slicing: str, slices=None, lambdas=None,
-                 symmetric: bool = False, param_dtype: torch.dtype = torch.float16, chunk: int = 256,
+                 symmetric: bool = False, param_dtype: torch.dtype = torch.float16, chunk: int | None = None,
                  separate: bool = False):
     """(scales, zeros, fraction of rows changed) minimising Σ_r λ_r ‖(W − Ŵ_r)X‖² over r in `slices` for the given
     codes.
@@ -89,6 +124,7 @@ def refit_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
     `slices`/`lambdas`: the slices whose error is fitted and their weights (default: the master alone, λ = 1).
     `separate`: fit every slice of `slices` on its own error instead (λ unused) and return {r: (scales, zeros,
     fraction)}; the products with H that do not depend on the slice are computed once.
+    `chunk`: rows per batch of systems (default: `rows_per_batch`, memory-bounded).
     """
     out_f, in_f = W.shape
     gs = group_size
@@ -103,6 +139,7 @@ def refit_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
     smin, zmax = param_limits(param_dtype)
     problems = [((r,), (1.0,)) for r in bits] if separate else [(bits, lam)]
     new = [[scales.clone(), zeros.clone(), 0] for _ in problems]
+    chunk = chunk or rows_per_batch(G, in_f)
     for r0 in range(0, out_f, chunk):
         r1 = min(out_f, r0 + chunk)
         w = W[r0:r1].double()
@@ -119,10 +156,7 @@ def refit_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
                 K = torch.cat([torch.cat([Kaa, Kat], 2), torch.cat([Kat.transpose(1, 2), Ktt], 2)], 1)
                 b = torch.cat([ba, bt], 1)
                 p0 = torch.cat([s0, s0 * z0], 1)
-            diag = torch.diagonal(K, dim1=1, dim2=2)
-            A = K + torch.diag_embed(DAMP * diag.clamp_min(0) + 1e-30)
-            step = torch.linalg.solve_ex(A, (b - (K @ p0.unsqueeze(2))[:, :, 0]).unsqueeze(2))[0][:, :, 0]
-            p = p0 + step
+            p = p0 + solve_damped(K, b - (K @ p0.unsqueeze(2))[:, :, 0])
             s1 = p[:, :G].clamp_min(smin).to(param_dtype).double()
             z1 = z0 if symmetric else (p[:, G:] / s1).clamp(-zmax, zmax).to(param_dtype).double()
             p1 = s1 if symmetric else torch.cat([s1, s1 * z1], 1)
