@@ -245,3 +245,16 @@ def test_post_pass_needs_calibration_and_a_known_value():
         quantize_model(_tiny(), "rtn", group_size=32, scope="ffn", progress=False, slice_params="own")
     with pytest.raises(ValueError, match="unknown slice_params"):
         quantize_model(_tiny(), "rtn", group_size=32, scope="ffn", calib=CALIB, progress=False, slice_params="mine")
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "matgptq"])
+def test_zero_points_integer_refused_where_it_cannot_hold(method):
+    """An explicit --zero-points integer that the layout cannot honour is one clear error at config time, not a
+    silently free pair (symmetric: no zero point to move; bfloat16: the nested int4 grid 7.5 + 16k is not storable)."""
+    from matquant.algorithms.recipes import resolve_config
+    with pytest.raises(ValueError, match="symmetric"):
+        resolve_config(method, zero_points="integer", symmetric=True)
+    with pytest.raises(ValueError, match="bfloat16"):
+        resolve_config(method, zero_points="integer", param_dtype="bfloat16")
+    assert resolve_config(method, zero_points="integer").zero_points == "integer"
+    assert resolve_config(method, param_dtype="bfloat16").zero_points == "master"  # the master's grid is storable

@@ -37,12 +37,26 @@ ZERO_POINTS = ("master", "integer", "free")
 DEFAULT_ZERO_POINTS = "master"
 
 
-def check_zero_points(zero_points: str) -> str:
+def check_zero_points(zero_points: str, *, symmetric: bool = False, param_dtype: str = "float16",
+                      master_bits: int = 8, slicing: str = "nested") -> str:
+    """`zero_points` if it is known and can be honoured with the quantizer's layout; else one clear ValueError.
+    'integer' asks for more than the master's pair (the int4 slice's own pair, a shared master pair): a symmetric
+    quantizer has no zero point to move, and bfloat16 cannot store every point of a slice's grid."""
     if zero_points not in ZERO_POINTS:
         raise ValueError(f"unknown zero_points {zero_points!r}; choose one of {', '.join(ZERO_POINTS)} (master: the "
                          "master's own zero points on its integer grid (--slice-params own), its compressed-tensors/"
                          "vLLM export is exact; integer: also a shared master pair and the int4 slice's own; free: "
                          "fractional zero points).")
+    if zero_points == "integer":
+        if symmetric:
+            raise ValueError("--zero-points integer does not apply to a symmetric quantizer (its zero point is fixed "
+                             "at the mid-point); drop --symmetric or use --zero-points master/free.")
+        dtype = getattr(torch, param_dtype) if isinstance(param_dtype, str) else param_dtype
+        bad = [r for r in INTEGER_ZERO_BITS if r <= master_bits and not grid_storable(master_bits, r, slicing, dtype)]
+        if bad:
+            raise ValueError(f"--zero-points integer: the int{bad[0]} slice's integer zero points are not storable in "
+                             f"{str(dtype).split('.')[-1]} with {slicing} slicing; use --param-dtype float16 or "
+                             "float32, or --zero-points master.")
     return zero_points
 
 

@@ -39,4 +39,5 @@ class GPTQConfig(MethodConfig):
 
         super().validate_method()
         check_gptq_clip_lambdas(self.clip_lambdas, self.clip, self.master_bits)
-        check_zero_points(self.zero_points)
+        check_zero_points(self.zero_points, symmetric=self.symmetric, param_dtype=self.param_dtype,
+                          master_bits=self.master_bits, slicing=self.slicing)

@@ -36,7 +36,8 @@ class MatGPTQConfig(GPTQConfig):
 
         check_group_params(self.group_params, self.clip)
         check_slice_params(self.slice_params)
-        check_zero_points(self.zero_points)
+        check_zero_points(self.zero_points, symmetric=self.symmetric, param_dtype=self.param_dtype,
+                          master_bits=self.master_bits, slicing=self.slicing)
         if self.error_feedback not in ERROR_FEEDBACK:
             raise ValueError(f"error_feedback must be one of {', '.join(ERROR_FEEDBACK)}, got "
                              f"{self.error_feedback!r}.")

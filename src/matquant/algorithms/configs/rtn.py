@@ -23,4 +23,5 @@ class RTNConfig(MethodConfig):
         from matquant.algorithms.slice_params import check_zero_points
 
         super().validate_method()
-        check_zero_points(self.zero_points)
+        check_zero_points(self.zero_points, symmetric=self.symmetric, param_dtype=self.param_dtype,
+                          master_bits=self.master_bits, slicing=self.slicing)
