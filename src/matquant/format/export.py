@@ -34,6 +34,16 @@ def plain_model_skeleton(config, dtype: torch.dtype):
         return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
 
 
+def save_plain_config(plain, folder, dtype: torch.dtype) -> None:
+    """config.json (dtype and architecture of the stock model `plain`) and, for a generative model,
+    generation_config.json into `folder`: what every exported transformers folder starts with."""
+    plain.config.dtype = str(dtype).split(".")[1]
+    plain.config.architectures = [plain.__class__.__name__]
+    plain.config.save_pretrained(folder)
+    if plain.can_generate():
+        plain.generation_config.save_pretrained(folder)
+
+
 def dense_tensor_getter(model_or_source):
     """(names, get): every tensor of the dequantized model by name, fetched one at a time from an export source
     (`dense_weight(module)` / `plain(name)`), or from a model in memory."""
@@ -63,11 +73,7 @@ def export_dequantized(model, tokenizer, out_dir, dtype: torch.dtype = torch.flo
     if missing or unexpected:
         raise RuntimeError(f"export mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        plain.config.dtype = str(dtype).split(".")[1]
-        plain.config.architectures = [plain.__class__.__name__]
-        plain.config.save_pretrained(tmp)
-        if plain.can_generate():
-            plain.generation_config.save_pretrained(tmp)
+        save_plain_config(plain, tmp, dtype)
         writer = ShardWriter(tmp, max_shard_bytes or 2**62, metadata={"format": "pt"})
         try:
             for k in target:

@@ -108,7 +108,7 @@ def export_compressed_tensors(model, tokenizer, out, dtype: torch.dtype = torch.
     through ShardWriter (`max_shard_bytes`: HF shards of at most that size; None: sharded like a sharded checkpoint
     source, else one model.safetensors), measure against the slice by that compressor's own decompress.
     `fit`: how the integer-zero grid is fitted where it cannot hold the slice exactly (ZERO_FITS)."""
-    from matquant.format.export import plain_model_skeleton
+    from matquant.format.export import plain_model_skeleton, save_plain_config
     from matquant.format.shards import ShardWriter
 
     src = as_source(model, tokenizer)
@@ -154,11 +154,7 @@ def export_compressed_tensors(model, tokenizer, out, dtype: torch.dtype = torch.
         max_shard_bytes = src.out_shard_bytes()
     qbytes = qnum = 0
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        plain.config.dtype = str(dtype).split(".")[1]
-        plain.config.architectures = [plain.__class__.__name__]
-        plain.config.save_pretrained(tmp)
-        if plain.can_generate():
-            plain.generation_config.save_pretrained(tmp)
+        save_plain_config(plain, tmp, dtype)
         compressor.update_config(str(tmp))
         writer = ShardWriter(tmp, max_shard_bytes or 2**62, metadata={"format": "pt"})
         try:
