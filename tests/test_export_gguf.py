@@ -227,6 +227,30 @@ def test_k_quants_where_rows_allow_and_fallback_is_reported(tiny_setup, tmp_path
     _compare(model, _read_back(tmp_path / "k.gguf"), rep)
 
 
+@pytest.mark.parametrize("bits, qtype", [(4, "Q4_K"), (2, "Q2_K")])
+def test_k_quants_keep_the_slice_codes(tiny_setup, tmp_path, bits, qtype):
+    """--k-quants at int4/int2: where rows divide 256 the tensor is the slice's OWN codes under the K-quant's fitted
+    sub-block scales and mins (4.5 / 2.625 bits per weight), read back by gguf-py as those values; at least as close
+    to the slice as the naive fit (per sub-block least squares, rounded) of the same codes."""
+    from matquant.integrations.export_slices import module_slice
+    from matquant.quant.kquant import dequantize_kquant, initial_kquant
+
+    template, ckpts, _ = tiny_setup
+    model, tok, _ = load_for_export(ckpts["nested-g64"], bits)
+    out = tmp_path / "k.gguf"
+    rep = export_gguf(model, tok, out, template=template, k_quants=True)
+    t = {x.name: x for x in rep.tensors}["blk.0.ffn_down.weight"]
+    assert t.qtype == qtype and "same codes" in t.note
+    st = module_slice("model.layers.0.mlp.down_proj", model.get_submodule("model.layers.0.mlp.down_proj"))
+    v = st.reference.numpy()
+    stored = next(x for x in gguf.GGUFReader(str(out)).tensors if x.name == "blk.0.ffn_down.weight")
+    assert 8 * int(stored.n_bytes) / int(stored.n_elements) == {"Q4_K": 4.5, "Q2_K": 2.625}[qtype]
+    got = dequantize(stored.data, getattr(T, qtype)).reshape(v.shape)
+    naive = dequantize_kquant(initial_kquant(qtype, st.codes.numpy(), v))
+    assert ((got - v) ** 2).sum() <= ((naive - v) ** 2).sum() * (1 + 1e-6)
+    assert np.sqrt(((got - v) ** 2).mean() / (v ** 2).mean()) < (0.05 if bits == 4 else 0.15)
+
+
 # ---------------------------------------------------------------- bad input: one clear error, nothing left
 
 def _left(d):

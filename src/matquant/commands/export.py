@@ -30,8 +30,9 @@ def register(sub) -> None:
                         "other model, or with 'none', metadata and tokenizer are written from the checkpoint's "
                         "config and tokenizer: llama and qwen2 models)")
     p.add_argument("--k-quants", action="store_true",
-                   help="gguf: write 6/3/2-bit slices as Q6_K/Q3_K/Q2_K (nearest, smaller) where the rows are "
-                        "divisible by 256, instead of Q8_0 (nearest) / Q4_1 (exact)")
+                   help="gguf: where the rows are divisible by 256, write 2/4/5-bit slices as Q2_K/Q4_K/Q5_K (the "
+                        "slice's own codes, sub-block scales and mins fitted to its values) and 3/6-bit slices as "
+                        "Q3_K/Q6_K (nearest), smaller than Q4_1/Q5_1 (exact) / Q8_0 (docs/export.md)")
     p.add_argument("--pack-bits", type=int, default=None, metavar="N",
                    help="compressed-tensors: store r-bit slices in N-bit codes (N > r shrinks the integer-zero-point "
                         "error; 4 and 8 are the widths vLLM's WNA16 kernels take)")

@@ -4,8 +4,12 @@ GGUF export; the file itself is written by `gguf_export`):
   levels of the slice <= 16 (r <= 4; `extra` r <= 3)  -> Q4_1, exact (d = A, m = B per 32-block; fp16 rounding)
   levels <= 32 (r = 5; `extra` r = 4)                  -> Q5_1, exact
   otherwise (r = 6, 7, 8)                              -> Q8_0, nearest (per-32 scale fitted to the slice)
-  --k-quants: r = 6 -> Q6_K, r = 3 -> Q3_K, r = 2 -> Q2_K, nearest, only for tensors whose rows (input width) are
-              divisible by 256; the others keep the exact/nearest type above (reported).
+  --k-quants, only for tensors whose rows (input width) are divisible by 256 (the others keep the type above,
+  reported):
+      r = 2 -> Q2_K, r = 4 -> Q4_K, r = 5 -> Q5_K: the slice's OWN codes, the K-quant's quantized sub-block scales
+              and mins fitted to the slice's values (quant/kquant.py): 2.625 / 4.5 / 5.5 bits per weight instead
+              of Q4_1's 5.0 / Q5_1's 6.0, at a small measured cost against the slice (docs/export.md);
+      r = 6 -> Q6_K, r = 3 -> Q3_K: nearest (codes re-chosen: these K-quants are symmetric, our codes are not).
 
 Exact types need the group size to be a multiple of 32 (a group is a whole number of blocks sharing d, m).
 """
@@ -17,8 +21,10 @@ import numpy as np
 
 from matquant.integrations import gguf_blocks as gb
 from matquant.integrations.export_slices import ExportError, SliceLayout, SliceTensor
+from matquant.quant.kquant import encode_kquant, fit_kquant
 
-K_QUANT_FOR_BITS = {6: "Q6_K", 3: "Q3_K", 2: "Q2_K"}
+K_QUANT_FOR_BITS = {6: "Q6_K", 5: "Q5_K", 4: "Q4_K", 3: "Q3_K", 2: "Q2_K"}
+SAME_CODE_K_QUANTS = ("Q2_K", "Q4_K", "Q5_K")  # affine like our slices: the codes are kept, the parameters fitted
 NEAREST_ENCODERS = {"Q8_0": gb.encode_q8_0, "Q6_K": gb.encode_q6_k, "Q3_K": gb.encode_q3_k}  # from the values alone
 
 
@@ -35,7 +41,9 @@ def choose_type(st: SliceTensor | SliceLayout, k_quants: bool = False) -> Tensor
     note = ""
     if k_quants and st.bits in K_QUANT_FOR_BITS and st.levels == 2**st.bits:
         if cols % gb.QK_K == 0 and st.group_size % 16 == 0:
-            return TensorChoice(K_QUANT_FOR_BITS[st.bits], exact=False)
+            qtype = K_QUANT_FOR_BITS[st.bits]
+            return TensorChoice(qtype, exact=False, note="same codes, fitted scales" if qtype in SAME_CODE_K_QUANTS
+                                else "")
         note = (f"{K_QUANT_FOR_BITS[st.bits]} needs rows divisible by 256 (and groups of 16); this tensor's rows "
                 f"are {cols} wide, written as ")
     if st.levels <= 32:
@@ -61,7 +69,6 @@ def encode_slice(st: SliceTensor, qtype: str, perm: np.ndarray | None = None) ->
         return (gb.encode_q4_1 if qtype == "Q4_1" else gb.encode_q5_1)(codes, d, m)
     if qtype in NEAREST_ENCODERS:
         return NEAREST_ENCODERS[qtype](values)
-    if qtype == "Q2_K":
-        ga, gbb = np.repeat(a, st.group_size, axis=1), np.repeat(b, st.group_size, axis=1)
-        return gb.encode_q2_k(values, ga, gbb)
+    if qtype in SAME_CODE_K_QUANTS:  # the slice's codes, the format's parameters fitted to its values
+        return encode_kquant(fit_kquant(qtype, codes, values))
     raise ExportError(f"no GGUF encoder for {qtype}")
