@@ -340,11 +340,22 @@ def _naive_affine(M, f: KQuantFormat):
     return d, dmin, _ints_from(a, d, 0, f.sc_hi), _ints_from(b, dmin, 0, f.m_hi)
 
 
+def _signs(v: np.ndarray) -> tuple[float, ...]:
+    """The signs of the super scale worth scanning for sub-block values v: with every v of one sign the other sign
+    can only give all-zero integers (a slice's scales a = α·2^s are all positive), so it is skipped."""
+    if (v >= 0).all():
+        return (1.0,)
+    if (v <= 0).all():
+        return (-1.0,)
+    return (1.0, -1.0)
+
+
 def _fit_affine(M, f: KQuantFormat, iters: int):
     best = _naive_affine(M, f)
     best_e = _affine_error(M, best[0] * best[2], best[1] * best[3])
-    for sign_d in (1.0, -1.0):
-        for sign_m in (1.0, -1.0):
+    a, b = _subblock_ls(M)
+    for sign_d in _signs(a):
+        for sign_m in _signs(b):
             d, dmin, sc, m = _affine_start(M, f, sign_d, sign_m)
             for it in range(iters + 1):
                 if it:
