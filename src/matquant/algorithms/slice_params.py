@@ -27,6 +27,7 @@ from matquant.algorithms.hessian_pass import hessian_pass
 from matquant.quant.clip_search import DEFAULT_SERVED
 from matquant.quant.integer_zero import INTEGER_ZERO_BITS, grid_storable, integer_zero_params
 from matquant.quant.minmax import QuantizedWeight
+from matquant.quant.slicing import DEFAULT_SLICING
 from matquant.quant.refit import refit_params
 
 SLICE_PARAMS = ("shared", "own")
@@ -38,7 +39,7 @@ DEFAULT_ZERO_POINTS = "master"
 
 
 def check_zero_points(zero_points: str, *, symmetric: bool = False, param_dtype: str = "float16",
-                      master_bits: int = 8, slicing: str = "nested") -> str:
+                      master_bits: int = 8, slicing: str = DEFAULT_SLICING) -> str:
     """`zero_points` if it is known and can be honoured with the quantizer's layout; else one clear ValueError.
     'integer' asks for more than the master's pair (the int4 slice's own pair, a shared master pair): a symmetric
     quantizer has no zero point to move, and bfloat16 cannot store every point of a slice's grid."""
