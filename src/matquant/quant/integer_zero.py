@@ -35,6 +35,7 @@ from matquant.quant.slicing import codes_to_master_units, slice_master
 INTEGER_ZERO_BITS = (4, 8)
 SWEEPS = 2  # coordinate-descent passes over a row's groups
 NEIGHBOURS = (-1, 0, 1)  # grid points tried around a group's current one in each pass
+DESCENT_ROWS = 256  # rows per batch of the descent ([rows, 2G, 2G] float64 systems: 242 MB at G = 172)
 
 
 def zero_grid(master_bits: int, bits: int, mode: str) -> tuple[float, int, int]:
@@ -179,13 +180,19 @@ def integer_zero_params(W: torch.Tensor, H: torch.Tensor | None, codes: torch.Te
     smin, _ = param_limits(param_dtype)
     H = H.double()
     Hb, T = hessian_blocks(H, group_size)
-    chunk = chunk or rows_per_batch(G, in_f)  # rows per system batch (memory-bounded)
+    # the systems are built a few rows at a time (their [rows, G, in] product is the memory bound) and solved and
+    # descended in batches of up to DESCENT_ROWS rows (the descent's loop over groups costs per batch, not per row)
+    build = chunk or rows_per_batch(G, in_f)
+    chunk = chunk or max(build, min(DESCENT_ROWS, out_f))
     new_s, new_z = scales.clone(), zeros.clone()
     for r0 in range(0, out_f, chunk):
         r1 = min(out_f, r0 + chunk)
-        w = W[r0:r1].double()
-        Kaa, Kat, ba, bt, Ktt = slice_system(codes[r0:r1], Hb, w @ H, T, master_bits=master_bits, slices=(bits,),
-                                             lambdas=(1.0,), slicing=slicing)
+        parts = [slice_system(codes[i:min(r1, i + build)], Hb, W[i:min(r1, i + build)].double() @ H, T,
+                              master_bits=master_bits, slices=(bits,), lambdas=(1.0,), slicing=slicing)
+                 for i in range(r0, r1, build)]
+        Kaa, Kat, ba, bt = (torch.cat([p_[j] for p_ in parts]) for j in range(4))
+        Ktt = parts[0][4][:1].expand(r1 - r0, G, G)
+        del parts
         K = torch.cat([torch.cat([Kaa, Kat], 2), torch.cat([Kat.transpose(1, 2), Ktt], 2)], 1)
         b = torch.cat([ba, bt], 1)
         a_free = scales[r0:r1].double().to(param_dtype).double()
