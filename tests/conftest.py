@@ -84,3 +84,16 @@ def real_model():
 
     model, tok, src = load_model("smollm2-135m")
     return model, tok
+
+
+def tiny_rtn_checkpoint(tmp_path_factory, name: str):
+    """A saved RTN checkpoint (FFN+attn, group 32, nested) of the tiny Llama with a small BPE tokenizer: what the
+    runtime-loading tests read."""
+    from matquant.algorithms import quantize_model
+    from matquant.format.checkpoint import save_checkpoint
+
+    model = tiny_model("llama")
+    qcfg = quantize_model(model, "rtn", group_size=32, scope="ffn+attn", slicing="nested")
+    d = tmp_path_factory.mktemp(name) / "ckpt"
+    save_checkpoint(model, _tiny.bpe_tokenizer(320, 40), d, qcfg)
+    return d

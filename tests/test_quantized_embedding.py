@@ -12,7 +12,7 @@ from matquant.kernels import cpu_packed
 from matquant.nn import quantized_embedding as qe
 from matquant.nn.memory import embedding_resident_bytes, resident_bytes, resident_bytes_by_part
 
-from conftest import tiny_model
+from conftest import tiny_model, tiny_rtn_checkpoint
 
 # the head runs its activations in bf16 (8 significant bits): measured on random data the error is well under
 # 1 % of the output's largest magnitude; 2 % leaves margin for accumulation-order differences
@@ -112,13 +112,7 @@ def test_gemma3_scaled_embedding_keeps_its_scale():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    import _tiny
-
-    model = tiny_model("llama")
-    qcfg = quantize_model(model, "rtn", group_size=32, scope="ffn+attn", slicing="nested")
-    d = tmp_path_factory.mktemp("qe") / "ckpt"
-    save_checkpoint(model, _tiny.bpe_tokenizer(320, 40), d, qcfg)
-    return d
+    return tiny_rtn_checkpoint(tmp_path_factory, "qe")
 
 
 @pytest.mark.skipif(not cpu_packed.available(), reason="torch has no CPU int4 kernel")

@@ -12,20 +12,14 @@ from matquant.format.checkpoint import save_checkpoint
 from matquant.kernels import cpu_packed
 from matquant.nn.memory import quantized_resident_bytes, resident_bytes
 
-from conftest import tiny_model
+from conftest import tiny_rtn_checkpoint
 
 pytestmark = pytest.mark.skipif(not cpu_packed.available(), reason="torch has no CPU int4 kernel")
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    import _tiny
-
-    model = tiny_model("llama")
-    qcfg = quantize_model(model, "rtn", group_size=32, scope="ffn+attn", slicing="nested")
-    d = tmp_path_factory.mktemp("rt") / "ckpt"
-    save_checkpoint(model, _tiny.bpe_tokenizer(320, 40), d, qcfg)
-    return d
+    return tiny_rtn_checkpoint(tmp_path_factory, "rt")
 
 
 IDS = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(0))
