@@ -27,8 +27,8 @@ from matquant.algorithms.hessian_pass import hessian_pass
 from matquant.quant.clip_search import DEFAULT_SERVED
 from matquant.quant.integer_zero import INTEGER_ZERO_BITS, grid_storable, integer_zero_params
 from matquant.quant.minmax import QuantizedWeight
-from matquant.quant.slicing import DEFAULT_SLICING
 from matquant.quant.refit import refit_params
+from matquant.quant.slicing import DEFAULT_SLICING
 
 SLICE_PARAMS = ("shared", "own")
 DEFAULT_SLICE_PARAMS = "shared"  # the paper's: every slice reads its codes with the master's (α, z)
